@@ -1,0 +1,223 @@
+"""The one place that chooses a backend for an op.
+
+Backends declare what they support as data (:data:`BACKENDS`); each op registers one
+implementation per backend with :func:`implement`, optionally narrowing devices and dtypes
+or adding a size limit. :func:`call` walks :data:`PRIORITY` and runs the first
+implementation that can run for the inputs' device and dtypes. ``KDFAST_BACKEND=<name>``
+(read at import) or ``with kdfast.use_backend(name):`` forces one backend; a forced
+backend that cannot run raises ``RuntimeError`` listing the reasons.
+
+The choice is made in Python from the device and dtype, before any tracing: under
+``torch.compile`` the chosen backend is baked into the graph (Dynamo guards on the forced
+backend), so switching backends after compiling triggers a recompile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from kdfast import _extension
+
+HALF_AND_FLOAT = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+
+
+def _triton_status() -> tuple[str | None, frozenset[str]]:
+    """(reason triton cannot run or None, devices it runs on)."""
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install
+        return f"triton not importable ({type(exc).__name__}: {exc})", frozenset()
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return None, frozenset({"cpu", "cuda"})
+    return None, frozenset({"cuda"})
+
+
+@dataclass(frozen=True)
+class Backend:
+    """What a backend supports, as data. ``devices=None`` means any device."""
+
+    name: str
+    devices: frozenset[str] | None
+    dtypes: frozenset[torch.dtype]
+    unavailable: str | None  # why it cannot run at all in this process, or None
+    description: str
+
+
+def _make_backends() -> dict[str, Backend]:
+    triton_reason, triton_devices = _triton_status()
+    cuda_reason = _extension.cuda_unavailable_reason()
+    return {
+        "cuda": Backend(
+            "cuda", frozenset({"cuda"}), HALF_AND_FLOAT, cuda_reason, "raw CUDA kernels (kdfast._C)"
+        ),
+        "triton": Backend(
+            "triton", triton_devices, HALF_AND_FLOAT, triton_reason, "Triton GPU kernels"
+        ),
+        "cpp": Backend(
+            "cpp",
+            frozenset({"cpu", "cuda"}),
+            HALF_AND_FLOAT,
+            _extension.unavailable_reason(),
+            "compiled C++ (CPU kernels; device-generic ATen code)",
+        ),
+        "reference": Backend(
+            "reference", None, HALF_AND_FLOAT, None, "plain differentiable PyTorch (the spec)"
+        ),
+    }
+
+
+BACKENDS: dict[str, Backend] = _make_backends()
+PRIORITY: tuple[str, ...] = ("cuda", "triton", "cpp", "reference")
+#: device types that have kdfast kernels; elsewhere (mps, xpu, ROCm) the reference runs.
+KERNEL_DEVICES = frozenset({"cpu", "cuda"})
+
+
+@dataclass(frozen=True)
+class Impl:
+    """One op's implementation on one backend, with optional narrower capabilities."""
+
+    fn: Callable
+    devices: frozenset[str] | None = None
+    dtypes: frozenset[torch.dtype] | None = None
+    limit: Callable[..., str | None] | None = field(default=None, compare=False)
+
+
+_IMPLS: dict[str, dict[str, Impl]] = {}
+_forced: str | None = None
+_warned_devices: set[str] = set()
+
+
+def implement(
+    op: str,
+    backend: str,
+    fn: Callable,
+    *,
+    devices=None,
+    dtypes=None,
+    limit: Callable[..., str | None] | None = None,
+) -> None:
+    """Register ``fn`` as ``op`` on ``backend``.
+
+    ``limit(*args, **kwargs)`` may return a reason the inputs are out of range.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; known: {list(BACKENDS)}")
+    _IMPLS.setdefault(op, {})[backend] = Impl(
+        fn,
+        None if devices is None else frozenset(devices),
+        None if dtypes is None else frozenset(dtypes),
+        limit,
+    )
+
+
+def ops() -> list[str]:
+    """Names of every registered op."""
+    return sorted(_IMPLS)
+
+
+def _rejection(op: str, name: str, device: str, dtypes, args, kwargs) -> str | None:
+    backend = BACKENDS[name]
+    if backend.unavailable is not None:
+        return backend.unavailable
+    impl = _IMPLS.get(op, {}).get(name)
+    if impl is None:
+        return f"no {name} implementation of {op}"
+    if torch.version.hip is not None and name != "reference" and device == "cuda":
+        return "ROCm is not tested"
+    for devs in (backend.devices, impl.devices):
+        if devs is not None and device not in devs:
+            return f"device {device!r} not supported (supports {sorted(devs)})"
+    for dts in (backend.dtypes, impl.dtypes):
+        bad = [d for d in dtypes if dts is not None and d not in dts]
+        if bad:
+            return f"dtype {bad[0]} not supported"
+    if impl.limit is not None and args is not None:
+        return impl.limit(*args, **kwargs)
+    return None
+
+
+def explain(op: str, device: str, dtype: torch.dtype, args=None, kwargs=None):
+    """[(backend, reason or None)] in priority order, for ``op`` on ``device``/``dtype``."""
+    return [(name, _rejection(op, name, device, (dtype,), args, kwargs or {})) for name in PRIORITY]
+
+
+def select(op: str, *args, **kwargs) -> tuple[str, Callable]:
+    """(backend name, implementation) that will run ``op`` for these arguments."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    device = tensors[0].device.type if tensors else "cpu"
+    dtypes = tuple({t.dtype for t in tensors if t.is_floating_point()})
+    if _forced is not None:
+        reason = _rejection(op, _forced, device, dtypes, args, kwargs)
+        if reason is not None:
+            others = "; ".join(
+                f"{n}: {r or 'ok'}" for n, r in explain(op, device, dtypes[0], args, kwargs)
+            )
+            raise RuntimeError(
+                f"kdfast backend {_forced!r} was forced but cannot run {op} on {device} "
+                f"with dtypes {list(dtypes)}: {reason}. All backends: {others}"
+            )
+        return _forced, _IMPLS[op][_forced].fn
+    if device not in KERNEL_DEVICES and device not in _warned_devices:
+        _warned_devices.add(device)
+        warnings.warn(
+            f"kdfast has no kernels for device {device!r}; using the reference backend",
+            stacklevel=3,
+        )
+    for name in PRIORITY:
+        if _rejection(op, name, device, dtypes, args, kwargs) is None:
+            return name, _IMPLS[op][name].fn
+    raise RuntimeError(f"no kdfast backend can run {op} on {device}")  # reference always can
+
+
+def call(op: str, *args, **kwargs):
+    """Run ``op`` on the first backend that can (or the forced one)."""
+    return select(op, *args, **kwargs)[1](*args, **kwargs)
+
+
+def forced_backend() -> str | None:
+    return _forced
+
+
+def set_backend(name: str | None) -> None:
+    """Force ``name`` for every op (``None``: automatic choice). Process-wide."""
+    global _forced
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"unknown kdfast backend {name!r}; choose from {list(BACKENDS)}")
+    _forced = name
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Force backend ``name`` inside a ``with`` block (``None``: automatic choice).
+
+    Example::
+
+        with kdfast.use_backend("reference"):
+            loss = kdfast.functional.rkd_angle(s, t)
+    """
+    previous = _forced
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def _backend_from_environment() -> None:
+    name = os.environ.get("KDFAST_BACKEND") or None
+    if name is not None and name not in BACKENDS:
+        warnings.warn(
+            f"KDFAST_BACKEND={name!r} is not a kdfast backend ({list(BACKENDS)}); ignored",
+            stacklevel=2,
+        )
+        name = None
+    set_backend(name)
+
+
+_backend_from_environment()

@@ -1,0 +1,133 @@
+"""Input validation shared by every public function.
+
+Errors name the argument and the shapes seen. Public functions validate once, then
+hand plain 2-D (rows, features) tensors to whichever backend the dispatcher picks;
+backends assume validated input.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(name: str, x: object) -> Tensor:
+    """Raise TypeError unless ``x`` is a floating-point tensor of a supported dtype."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype} "
+            f"(shape {tuple(x.shape)})"
+        )
+    return x
+
+
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """promote_types(*dtypes, float32): the dtype a loss computes and returns in (SPEC 0)."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def check_same_device(**named: Tensor | None) -> torch.device:
+    """Raise ValueError unless every given tensor lives on one device; return it."""
+    items = [(k, v) for k, v in named.items() if v is not None]
+    device = items[0][1].device
+    for _, v in items[1:]:
+        if v.device != device:
+            seen = ", ".join(f"{n} on {t.device}" for n, t in items)
+            raise ValueError(f"all tensors must be on one device, got {seen}")
+    return device
+
+
+def check_rank(name: str, x: Tensor, min_rank: int) -> None:
+    if x.dim() < min_rank:
+        raise ValueError(f"{name} must have at least {min_rank} dims, got shape {tuple(x.shape)}")
+
+
+def as_rows(name: str, x: Tensor) -> Tensor:
+    """View logits (B, C) or (N, C, *) as (rows, C), class dimension last (SPEC 0)."""
+    check_rank(name, x, 2)
+    if x.dim() == 2:
+        return x
+    return x.movedim(1, -1).reshape(-1, x.shape[1])
+
+
+def check_logit_pair(student: Tensor, teacher: Tensor, names=("student_logits", "teacher_logits")):
+    """Validate a (student, teacher) logit pair and return both as (rows, C)."""
+    sn, tn = names
+    check_tensor(sn, student)
+    check_tensor(tn, teacher)
+    check_same_device(**{sn: student, tn: teacher})
+    check_rank(sn, student, 2)
+    check_rank(tn, teacher, 2)
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"{sn} and {tn} must have the same shape, got {tuple(student.shape)} "
+            f"and {tuple(teacher.shape)}"
+        )
+    s, t = as_rows(sn, student), as_rows(tn, teacher)
+    if s.shape[0] == 0 or s.shape[1] == 0:
+        raise ValueError(f"{sn} must be non-empty, got shape {tuple(student.shape)}")
+    return s, t
+
+
+def check_mask(mask: Tensor | None, rows: int, device: torch.device) -> Tensor | None:
+    """Validate an optional boolean row mask of shape (rows,)."""
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"mask must be a bool tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must have dtype torch.bool, got {mask.dtype}")
+    if mask.device != device:
+        raise ValueError(f"mask is on {mask.device} but the logits are on {device}")
+    if mask.dim() == 0 or mask.numel() != rows:
+        raise ValueError(
+            f"mask must have {rows} entries (one per row), got shape {tuple(mask.shape)}"
+        )
+    return mask.reshape(rows)
+
+
+def check_feature_pair(student: Tensor, teacher: Tensor, min_rows: int, what: str):
+    """Validate relational features and flatten each to (N, -1); N must be >= min_rows."""
+    check_tensor("student", student)
+    check_tensor("teacher", teacher)
+    check_same_device(student=student, teacher=teacher)
+    check_rank("student", student, 2)
+    check_rank("teacher", teacher, 2)
+    if student.shape[0] != teacher.shape[0]:
+        raise ValueError(
+            f"student and teacher must have the same batch size, got shapes "
+            f"{tuple(student.shape)} and {tuple(teacher.shape)}"
+        )
+    if student.shape[0] < min_rows:
+        raise ValueError(
+            f"{what} needs at least {min_rows} samples, got student shape {tuple(student.shape)}"
+        )
+    s, t = student.flatten(1), teacher.flatten(1)
+    for name, x, orig in (("student", s, student), ("teacher", t, teacher)):
+        if x.shape[1] == 0:
+            raise ValueError(f"{name} has no features, got shape {tuple(orig.shape)}")
+    return s, t
+
+
+def check_choice(name: str, value: object, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {sorted(map(repr, choices))}, got {value!r}")
+
+
+def check_real(name: str, value: object) -> float:
+    """A finite-or-not real Python number (bool excluded), as float; TypeError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
+def check_positive(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")

@@ -1,0 +1,158 @@
+"""Functional KD losses (``torch.nn.functional`` style).
+
+Each function validates its inputs once (errors name the argument and the shapes), views
+logits as (rows, C), then hands them to the backend chosen by :mod:`kdfast._dispatch`.
+Argument order is ``(student, teacher)`` everywhere. Losses compute in
+``promote_types(student, teacher, float32)`` and return that dtype. A teacher that
+``requires_grad`` is differentiated exactly as written (online / mutual distillation).
+See SPEC.md for the exact definitions.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+import kdfast.reference  # noqa: F401  (registers the reference backend)
+from kdfast import _dispatch
+from kdfast._validation import (
+    check_choice,
+    check_feature_pair,
+    check_logit_pair,
+    check_mask,
+    check_positive,
+    check_real,
+    check_same_device,
+    check_tensor,
+)
+
+KD_REDUCTIONS = ("batchmean", "sum", "mean", "none")
+KD_TEACHER_KINDS = ("logits", "probs", "log_probs")
+DIST_ACTIVATIONS = ("softmax", "sigmoid")
+VKD_NORMALIZATIONS = ("standardize", "batch_standardize", "whiten", None)
+
+
+def kd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 1.0,
+    reduction: str = "batchmean",
+    mask: Tensor | None = None,
+    teacher: str = "logits",
+) -> Tensor:
+    """Hinton KD: ``T^2 * KL(p_t || p_s)`` with ``p = softmax(z / T)`` over the class dim.
+
+    Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network", 2015 (SPEC 3).
+
+    Args:
+        student_logits: (B, C) or (N, C, *) logits (class dim 1).
+        teacher_logits: same shape; logits, or cached probabilities / log-probabilities at
+            temperature T when ``teacher`` is "probs" / "log_probs".
+        temperature: T > 0.
+        reduction: "batchmean" (sum / rows, default), "sum", "mean" (sum / (rows * C), as
+            ``F.kl_div``) or "none" (a (rows,) vector of T^2 * per-row KL).
+        mask: optional bool (rows,) keeping rows (False = padding); means are over kept rows.
+        teacher: what ``teacher_logits`` holds: "logits", "probs" or "log_probs".
+
+    Returns:
+        A scalar (or (rows,) for "none") in promote_types(student, teacher, float32).
+    """
+    s, t = check_logit_pair(student_logits, teacher_logits)
+    check_positive("temperature", temperature)
+    check_choice("reduction", reduction, KD_REDUCTIONS)
+    check_choice("teacher", teacher, KD_TEACHER_KINDS)
+    mask = check_mask(mask, s.shape[0], s.device)
+    return _dispatch.call("kd_loss", s, t, float(temperature), reduction, mask, teacher)
+
+
+def per_sample_kl(
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0
+) -> Tensor:
+    """Per-row ``KL(p_t || p_s)`` at temperature T, without the T^2 factor (SPEC 3).
+
+    Feeds SSD-KD priorities. Inputs (B, C) or (N, C, *); returns (rows,).
+    """
+    s, t = check_logit_pair(student_logits, teacher_logits)
+    check_positive("temperature", temperature)
+    return _dispatch.call("per_sample_kl", s, t, float(temperature))
+
+
+def dist_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    beta: float = 1.0,
+    gamma: float = 1.0,
+    tau: float = 1.0,
+    tau_squared: bool = True,
+    activation: str = "softmax",
+    mask: Tensor | None = None,
+) -> Tensor:
+    """DIST: ``beta * tau^2 * inter + gamma * tau^2 * intra`` (SPEC 2).
+
+    Huang et al., "Knowledge Distillation from A Stronger Teacher", NeurIPS 2022
+    (hunto/DIST_KD). inter = 1 - mean Pearson correlation per sample (across classes),
+    intra = 1 - mean Pearson correlation per class (across the batch), on softmax(z / tau)
+    (or element-wise sigmoid with ``activation="sigmoid"``, the detection variant).
+    ``tau_squared=False`` drops the tau^2 factor. Inputs (B, C) or (N, C, *); ``mask`` is a
+    bool (rows,) keeping rows. Returns a scalar.
+    """
+    s, t = check_logit_pair(student_logits, teacher_logits)
+    check_positive("tau", tau)
+    beta, gamma = check_real("beta", beta), check_real("gamma", gamma)
+    check_choice("activation", activation, DIST_ACTIVATIONS)
+    if not isinstance(tau_squared, bool):
+        raise TypeError(f"tau_squared must be a bool, got {type(tau_squared).__name__}")
+    mask = check_mask(mask, s.shape[0], s.device)
+    return _dispatch.call(
+        "dist_loss", s, t, float(beta), float(gamma), float(tau), tau_squared, activation, mask
+    )
+
+
+def rkd_distance(student: Tensor, teacher: Tensor) -> Tensor:
+    """RKD distance loss (SPEC 1.2): SmoothL1 between mean-normalised pairwise distances.
+
+    Park et al., "Relational Knowledge Distillation", CVPR 2019 (lenscloth/RKD).
+    student (N, Ds, *) and teacher (N, Dt, *) are flattened to (N, -1); N >= 2.
+    """
+    s, t = check_feature_pair(student, teacher, 2, "rkd_distance")
+    return _dispatch.call("rkd_distance", s, t)
+
+
+def rkd_angle(student: Tensor, teacher: Tensor) -> Tensor:
+    """RKD angle loss (SPEC 1.3): SmoothL1 between all N^3 triplet angle cosines.
+
+    Park et al., CVPR 2019. student (N, Ds, *), teacher (N, Dt, *), flattened; N >= 3.
+    """
+    s, t = check_feature_pair(student, teacher, 3, "rkd_angle")
+    return _dispatch.call("rkd_angle", s, t)
+
+
+def vkd_loss(
+    projected_student: Tensor, teacher: Tensor, normalize: str | None = "standardize"
+) -> Tensor:
+    """VkD representation loss (SPEC 4): SmoothL1 mean between the projected student and the
+    normalised teacher features.
+
+    Miles, Elezi, Deng, "VkD: Improving Knowledge Distillation using Orthogonal
+    Projections", CVPR 2024 (roymiles/VkD). Both inputs (B, Dt). ``normalize``:
+    "standardize" (per-sample LayerNorm of the teacher, default), "batch_standardize"
+    (per-channel over the batch, both sides, B >= 2), "whiten" (ZCA of the teacher over the
+    batch, B >= 2) or None.
+    """
+    check_tensor("projected_student", projected_student)
+    check_tensor("teacher", teacher)
+    check_same_device(projected_student=projected_student, teacher=teacher)
+    check_choice("normalize", normalize, VKD_NORMALIZATIONS)
+    if projected_student.dim() != 2 or projected_student.shape != teacher.shape:
+        raise ValueError(
+            "projected_student and teacher must both be (B, D) with equal shapes, got "
+            f"{tuple(projected_student.shape)} and {tuple(teacher.shape)}"
+        )
+    b, d = teacher.shape
+    if b == 0 or d == 0:
+        raise ValueError(f"teacher must be non-empty, got shape {tuple(teacher.shape)}")
+    if normalize in ("batch_standardize", "whiten") and b < 2:
+        raise ValueError(f"normalize={normalize!r} needs a batch of at least 2, got shape {(b, d)}")
+    return _dispatch.call("vkd_loss", projected_student, teacher, normalize)
+
+
+__all__ = ["kd_loss", "per_sample_kl", "dist_loss", "rkd_distance", "rkd_angle", "vkd_loss"]

@@ -1,0 +1,55 @@
+"""Error measures and tolerances of SPEC.md section 7, for tests and benchmarks.
+
+* relative error = ||x - x_ref||_F / ||x_ref||_F (norm-wise);
+* truth for half/float32 inputs = the float64 computation on the same rounded inputs;
+* float64 kernel parity: loss <= 1e-9, gradient <= 1e-7;
+* half/float32: within 1e-5 of the truth, or within 2x the error of PyTorch's own reference
+  evaluated in that dtype, whichever is larger.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+#: SPEC 7 tolerances keyed by input dtype: (loss, gradient) relative error vs the truth.
+TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (1e-9, 1e-7),
+    torch.float32: (1e-5, 1e-5),
+    torch.bfloat16: (1e-5, 1e-5),
+    torch.float16: (1e-5, 1e-5),
+}
+
+
+def rel_error(x: Tensor, ref: Tensor) -> float:
+    """Norm-wise relative error ||x - ref||_F / ||ref||_F, computed in float64.
+
+    When ``ref`` is exactly zero the absolute error ||x||_F is returned.
+    """
+    x64, r64 = x.detach().to(torch.float64), ref.detach().to(torch.float64)
+    if x64.shape != r64.shape:
+        raise ValueError(f"shapes differ: {tuple(x.shape)} vs {tuple(ref.shape)}")
+    denom = torch.linalg.vector_norm(r64)
+    num = torch.linalg.vector_norm(x64 - r64)
+    if denom == 0:
+        return float(num)
+    return float(num / denom)
+
+
+def tolerance(dtype: torch.dtype, kind: str = "loss", pytorch_error: float | None = None) -> float:
+    """SPEC 7 tolerance for ``kind`` in {"loss", "grad"} at input ``dtype``.
+
+    For half and float32 inputs pass ``pytorch_error`` (PyTorch's reference evaluated in
+    that dtype, against the truth) to get max(1e-5, 2 * pytorch_error).
+    """
+    loss_tol, grad_tol = TOLERANCES[dtype]
+    tol = loss_tol if kind == "loss" else grad_tol
+    if dtype != torch.float64 and pytorch_error is not None:
+        tol = max(tol, 2.0 * pytorch_error)
+    return tol
+
+
+def assert_rel_close(x: Tensor, ref: Tensor, tol: float, what: str = "value") -> None:
+    """Assert rel_error(x, ref) <= tol with a message giving the figure."""
+    err = rel_error(x, ref)
+    assert err <= tol, f"{what}: relative error {err:.3e} > tolerance {tol:.1e}"

@@ -1,0 +1,53 @@
+"""Shared fixtures: which backends must run here, and the report header.
+
+Compiled backends are never skipped silently: when the extension should have been built
+(KDFAST_NO_EXT unset) but cannot be loaded, the tests that need it fail with the reason.
+Triton tests run only under TRITON_INTERPRET=1 (a dedicated CI stage) or on a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import kdfast
+from kdfast import _dispatch, _extension
+
+NO_EXT = os.environ.get("KDFAST_NO_EXT") == "1"
+
+
+def pytest_report_header(config):
+    build = _extension.build_info()
+    return [
+        f"kdfast {kdfast.__version__} from {os.path.dirname(kdfast.__file__)}",
+        f"kdfast._C: {'loaded' if build['cpp'] else 'NOT loaded: ' + str(build['reason'])}; "
+        f"CUDA sources: {build['cuda']}; torch {torch.__version__}",
+    ]
+
+
+def compiled_backends(device: str = "cpu") -> list[str]:
+    """Compiled backends that must be tested on ``device`` in this run."""
+    names = []
+    if not NO_EXT:
+        names.append("cpp")
+    triton = _dispatch.BACKENDS["triton"]
+    if triton.unavailable is None and device in (triton.devices or ()):
+        names.append("triton")
+    return names
+
+
+def require_backend(name: str) -> None:
+    """Fail (not skip) when a backend that this run must test cannot run."""
+    reason = _dispatch.BACKENDS[name].unavailable
+    if reason is not None:
+        pytest.fail(f"backend {name!r} must be tested in this run but is unavailable: {reason}")
+
+
+@pytest.fixture(autouse=True)
+def _restore_backend():
+    """No test leaks a forced backend into the next one."""
+    previous = _dispatch.forced_backend()
+    yield
+    _dispatch.set_backend(previous)
