@@ -1,0 +1,177 @@
+"""Hinton KD and DeiT distillation as ``nn.Module`` drop-ins (SPEC 3)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdfast import functional as KF
+from kdfast._validation import check_choice, check_logit_pair, check_positive
+
+DEIT_DISTILLATION_TYPES = ("none", "soft", "hard")
+
+
+class KDLoss(nn.Module):
+    """Hinton KD: ``T^2 * KL(p_t || p_s)`` with ``p = softmax(z / T)`` (SPEC 3).
+
+    Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network", 2015.
+
+    Args:
+        temperature: T > 0. Default 1.
+        reduction: "batchmean" (default: sum / rows, the mathematically correct KL mean),
+            "sum", "mean" (sum / (rows * C), as ``F.kl_div``) or "none" (a (rows,) vector of
+            T^2 * per-row KL; ``F.kl_div``'s "none" is element-wise instead).
+        teacher: what the teacher tensor holds: "logits" (default), or cached "probs" /
+            "log_probs" already at temperature T.
+
+    Shapes:
+        student, teacher: (B, C) or (N, C, *) (class dim 1; N * prod(*) rows).
+        mask: optional bool (rows,); False rows drop out, means are over kept rows (an
+        all-False mask gives NaN for "batchmean" and "mean", 0 for "sum").
+        Output: scalar, or (rows,) for "none", in promote_types(student, teacher, float32).
+
+    Example::
+
+        >>> loss = KDLoss(temperature=4.0)(student_logits, teacher_logits.detach())
+    """
+
+    def __init__(
+        self, temperature: float = 1.0, reduction: str = "batchmean", teacher: str = "logits"
+    ) -> None:
+        super().__init__()
+        check_positive("temperature", temperature)
+        check_choice("reduction", reduction, KF.KD_REDUCTIONS)
+        check_choice("teacher", teacher, KF.KD_TEACHER_KINDS)
+        self.temperature = float(temperature)
+        self.reduction = reduction
+        self.teacher = teacher
+
+    def forward(self, student: Tensor, teacher: Tensor, mask: Tensor | None = None) -> Tensor:
+        return KF.kd_loss(student, teacher, self.temperature, self.reduction, mask, self.teacher)
+
+    def extra_repr(self) -> str:
+        return (
+            f"temperature={self.temperature}, reduction={self.reduction!r}, "
+            f"teacher={self.teacher!r}"
+        )
+
+
+class DeiTDistillationLoss(nn.Module):
+    """DeiT's distillation loss (Touvron et al., "Training data-efficient image transformers
+    & distillation through attention", ICML 2021; facebookresearch/deit ``losses.py``).
+
+    ``total = (1 - alpha) * base_criterion(cls_logits, labels) + alpha * L_kd`` with
+    * "soft": ``L_kd = T^2 * sum KL(p_t || p_s) / (B * C)`` (DeiT divides by numel, 1/C of
+      batchmean), p = softmax(z / tau) of the distillation head and of the teacher;
+    * "hard": ``L_kd = cross_entropy(dist_logits, teacher_logits.argmax(1))`` (no label
+      smoothing; ties go to the lowest class index);
+    * "none": the base loss alone.
+
+    Args:
+        base_criterion: callable ``(cls_logits, labels) -> loss`` (e.g. CE with mixup targets).
+        teacher: module or callable run on ``inputs`` under ``torch.no_grad``; may be None
+            when every call passes ``teacher_logits``. A module is registered as a submodule,
+            as in DeiT (its parameters appear in this module's ``parameters()``).
+        distillation_type: "none" (default), "soft" or "hard".
+        alpha: weight of the distillation term, in [0, 1]. Default 0.5.
+        tau: temperature > 0 of the soft loss. Default 1.
+
+    Forward ``(inputs, outputs, labels, teacher_logits=None)``:
+        outputs: (B, C) cls logits, or a tuple (cls_logits, dist_logits) of (B, C) tensors
+        (required unless the type is "none"). teacher_logits: optional precomputed (B, C)
+        teacher logits, used instead of running the teacher; used as given (a tensor that
+        requires grad is differentiated, SPEC 0; DeiT's frozen teacher is ``.detach()``).
+        Returns a scalar.
+    """
+
+    def __init__(
+        self,
+        base_criterion: Callable[[Tensor, Tensor], Tensor],
+        teacher: Callable[[Tensor], Tensor] | None,
+        distillation_type: str = "none",
+        alpha: float = 0.5,
+        tau: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if not callable(base_criterion):
+            raise TypeError(f"base_criterion must be callable, got {type(base_criterion).__name__}")
+        if teacher is not None and not callable(teacher):
+            raise TypeError(f"teacher must be callable or None, got {type(teacher).__name__}")
+        check_choice("distillation_type", distillation_type, DEIT_DISTILLATION_TYPES)
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0 <= alpha <= 1:
+            raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
+        check_positive("tau", tau)
+        self.base_criterion = base_criterion
+        self.teacher = teacher
+        self.distillation_type = distillation_type
+        self.alpha = float(alpha)
+        self.tau = float(tau)
+
+    def forward(
+        self,
+        inputs: Tensor,
+        outputs: Tensor | Sequence[Tensor],
+        labels: Tensor,
+        teacher_logits: Tensor | None = None,
+    ) -> Tensor:
+        cls_logits, dist_logits = _split_heads(outputs)
+        base_loss = self.base_criterion(cls_logits, labels)
+        if self.distillation_type == "none":
+            return base_loss
+        if dist_logits is None:
+            raise ValueError(
+                f"outputs must be a tuple (cls_logits, dist_logits) when "
+                f"distillation_type={self.distillation_type!r}, got a tensor of shape "
+                f"{tuple(cls_logits.shape)}"
+            )
+        if teacher_logits is None:
+            if self.teacher is None:
+                raise ValueError("teacher_logits must be given when the loss has no teacher")
+            with torch.no_grad():  # DeiT: no backprop through the teacher
+                teacher_logits = self.teacher(inputs)
+        check_logit_pair(dist_logits, teacher_logits, names=("dist_logits", "teacher_logits"))
+        if self.distillation_type == "soft":
+            # kd_loss "mean" = T^2 * sum KL / numel: DeiT's F.kl_div(..., "sum") * T^2 / numel.
+            distillation_loss = KF.kd_loss(dist_logits, teacher_logits, self.tau, "mean")
+        else:
+            distillation_loss = F.cross_entropy(dist_logits, teacher_logits.argmax(dim=1))
+        return (1 - self.alpha) * base_loss + self.alpha * distillation_loss
+
+    def extra_repr(self) -> str:
+        return f"distillation_type={self.distillation_type!r}, alpha={self.alpha}, tau={self.tau}"
+
+
+def _split_heads(outputs: Tensor | Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
+    """(cls_logits, dist_logits or None) from a tensor or a (cls, dist) pair."""
+    if isinstance(outputs, Tensor):
+        return outputs, None
+    if not isinstance(outputs, (tuple, list)) or len(outputs) != 2:
+        raise TypeError(
+            "outputs must be a tensor or a pair (cls_logits, dist_logits), got "
+            f"{type(outputs).__name__}"
+            + (f" of length {len(outputs)}" if isinstance(outputs, (tuple, list)) else "")
+        )
+    return outputs[0], outputs[1]
+
+
+def deit_inference_logits(outputs: Tensor | Sequence[Tensor]) -> Tensor:
+    """Prediction logits of a distilled ViT: the mean of its two heads (DeiT, SPEC 3).
+
+    ``outputs`` is (cls_logits, dist_logits), each (B, C); a plain tensor (a model without
+    a distillation head) is returned unchanged.
+    """
+    cls_logits, dist_logits = _split_heads(outputs)
+    if dist_logits is None:
+        return cls_logits
+    if cls_logits.shape != dist_logits.shape:
+        raise ValueError(
+            f"cls_logits and dist_logits must have the same shape, got "
+            f"{tuple(cls_logits.shape)} and {tuple(dist_logits.shape)}"
+        )
+    return (cls_logits + dist_logits) / 2
+
+
+__all__ = ["KDLoss", "DeiTDistillationLoss", "deit_inference_logits"]

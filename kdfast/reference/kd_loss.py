@@ -1,0 +1,91 @@
+"""Reference Hinton KD: ``T^2 * KL(p_t || p_s)`` with ``p = softmax(z / T)`` (SPEC 3).
+
+Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network", 2015.
+
+Inputs arrive validated from :mod:`kdfast.functional`: 2-D (rows, C), one device, original
+dtypes (student and teacher may differ, may be half, may be non-contiguous). Everything is
+computed in ``compute_dtype(s, t)`` and returned in it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kdfast._validation import compute_dtype
+
+
+def _row_kl(s: Tensor, t: Tensor, temperature: float, teacher: str) -> Tensor:
+    """Per-row KL(p_t || p_s) at temperature T, shape (rows,), in compute_dtype(s, t).
+
+    ``teacher`` says what ``t`` holds: "logits" (tempered here), or "probs" / "log_probs"
+    already at temperature T (cached teacher outputs, used as given).
+    """
+    dtype = compute_dtype(s, t)
+    log_ps = F.log_softmax(s.to(dtype) / temperature, dim=1)
+    t = t.to(dtype)
+    if teacher == "probs":
+        # xlogy gives 0 * log 0 = 0: exact zeros in cached probabilities are legitimate.
+        return (torch.special.xlogy(t, t) - t * log_ps).sum(dim=1)
+    # -inf teacher logits / log-probs give NaN, as Inf inputs must propagate (SPEC 0);
+    # pass probabilities to express exact zeros.
+    log_pt = F.log_softmax(t / temperature, dim=1) if teacher == "logits" else t
+    return (log_pt.exp() * (log_pt - log_ps)).sum(dim=1)
+
+
+def per_sample_kl(s: Tensor, t: Tensor, temperature: float) -> Tensor:
+    """Per-row KL(p_t || p_s) at temperature T, without the T^2 factor.
+
+    Args:
+        s: (rows, C) student logits.
+        t: (rows, C) teacher logits.
+        temperature: T > 0.
+
+    Returns:
+        (rows,) in compute_dtype(s, t).
+    """
+    return _row_kl(s, t, temperature, "logits")
+
+
+def kd_loss(
+    s: Tensor,
+    t: Tensor,
+    temperature: float,
+    reduction: str,
+    mask: Tensor | None,
+    teacher: str,
+) -> Tensor:
+    """``T^2 * KL(p_t || p_s)`` reduced over rows.
+
+    Args:
+        s: (rows, C) student logits.
+        t: (rows, C) teacher logits, or probabilities / log-probabilities at temperature T
+            when ``teacher`` is "probs" / "log_probs".
+        temperature: T > 0.
+        reduction: "batchmean" (sum / kept rows), "sum", "mean" (sum / (kept rows * C), as
+            ``F.kl_div``) or "none" ((rows,) vector of T^2 * per-row KL).
+        mask: optional bool (rows,); False rows drop out (their "none" entry is 0, their
+            values never reach the loss). An all-False mask gives 0 for "sum", zeros for
+            "none" and NaN for "batchmean" and "mean" (the mean of no rows, like
+            ``torch.mean`` of an empty tensor).
+        teacher: "logits", "probs" or "log_probs".
+
+    Returns:
+        A scalar, or (rows,) for "none", in compute_dtype(s, t).
+    """
+    row_loss = temperature**2 * _row_kl(s, t, temperature, teacher)
+    if mask is None:
+        kept = row_loss.shape[0]
+    else:
+        # torch.where (not multiplication) so a NaN/Inf in a padding row cannot leak in.
+        row_loss = torch.where(mask, row_loss, 0.0)
+        kept = mask.sum().to(row_loss.dtype)
+    if reduction == "none":
+        return row_loss
+    total = row_loss.sum()
+    if reduction == "sum":
+        return total
+    if reduction == "batchmean":
+        return total / kept
+    return total / (kept * s.shape[1])  # "mean"

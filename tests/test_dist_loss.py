@@ -1,0 +1,283 @@
+"""DIST (SPEC 2): dist_loss and DISTLoss on the reference backend."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kdfast
+from kdfast import functional as KF
+from kdfast.losses.dist import DISTLoss
+
+F64 = torch.float64
+ZS = [[1.0, 2.0, 3.0], [0.0, 0.0, 1.0]]
+ZT = [[3.0, 2.0, 1.0], [1.0, 0.0, 0.0]]
+
+
+@pytest.fixture(autouse=True)
+def reference_backend():
+    with kdfast.use_backend("reference"):
+        yield
+
+
+def rand(*shape, seed=0, dtype=F64, scale=2.0):
+    g = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(*shape, generator=g, dtype=F64)).to(dtype)
+
+
+def rel(x, ref) -> float:
+    return float((x - ref).detach().norm() / ref.detach().norm())
+
+
+def official_dist(z_s, z_t, beta=1.0, gamma=1.0, tau=1.0, use_sigmoid=False):
+    """hunto/DIST_KD, transcribed (classification DIST with the detection sigmoid option)."""
+
+    def cosine_similarity(a, b, eps=1e-8):
+        return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+
+    def pearson_correlation(a, b, eps=1e-8):
+        return cosine_similarity(a - a.mean(1).unsqueeze(1), b - b.mean(1).unsqueeze(1), eps)
+
+    def inter_class_relation(y_s, y_t):
+        return 1 - pearson_correlation(y_s, y_t).mean()
+
+    def intra_class_relation(y_s, y_t):
+        return inter_class_relation(y_s.transpose(0, 1), y_t.transpose(0, 1))
+
+    if use_sigmoid:
+        y_s, y_t = (z_s / tau).sigmoid(), (z_t / tau).sigmoid()
+    else:
+        y_s, y_t = (z_s / tau).softmax(dim=1), (z_t / tau).softmax(dim=1)
+    inter_loss = tau**2 * inter_class_relation(y_s, y_t)
+    intra_loss = tau**2 * intra_class_relation(y_s, y_t)
+    return beta * inter_loss + gamma * intra_loss
+
+
+# --- SPEC worked examples ------------------------------------------------------------
+
+
+def close(x: torch.Tensor, expected: float, tol: float = 1e-12) -> bool:
+    return x.dtype == F64 and x.shape == () and abs(x.item() - expected) <= tol * abs(expected)
+
+
+def test_spec_example():
+    zs, zt = torch.tensor(ZS, dtype=F64), torch.tensor(ZT, dtype=F64)
+    assert close(KF.dist_loss(zs, zt), 3.016884608267537)
+    assert close(KF.dist_loss(zs, zt, gamma=0.0), 1.683546300550451)  # inter alone
+    assert close(KF.dist_loss(zs, zt, beta=0.0), 1.333338307717086)  # intra alone
+    assert close(KF.dist_loss(zs, zt, tau=4.0), 49.25133969135766)
+
+
+def test_spec_example_identical():
+    zt = torch.tensor(ZT, dtype=F64)
+    assert close(KF.dist_loss(zt, zt.clone()), 7.574169520463414e-06)
+
+
+def test_spec_example_single_row():
+    zs, zt = torch.tensor([[1.0, 2.0, 3.0]], dtype=F64), torch.tensor([[3.0, 1.0, 2.0]], dtype=F64)
+    assert close(KF.dist_loss(zs, zt), 2.499999971784846)
+    assert KF.dist_loss(zs, zt, beta=0.0).item() == 1.0  # intra exactly 1
+
+
+# --- against the official code ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("tau", [1.0, 4.0])
+@pytest.mark.parametrize("sigmoid", [False, True])
+@pytest.mark.parametrize(("beta", "gamma"), [(1.0, 1.0), (2.0, 0.5)])
+def test_matches_official(tau, sigmoid, beta, gamma):
+    zs, zt = rand(9, 7, seed=1), rand(9, 7, seed=2)
+    activation = "sigmoid" if sigmoid else "softmax"
+    got = KF.dist_loss(zs, zt, beta, gamma, tau, activation=activation)
+    assert rel(got, official_dist(zs, zt, beta, gamma, tau, sigmoid)) <= 1e-12
+
+
+def test_tau_squared_false_drops_the_factor():
+    zs, zt = rand(5, 6, seed=3), rand(5, 6, seed=4)
+    with_factor = KF.dist_loss(zs, zt, tau=4.0)
+    without = KF.dist_loss(zs, zt, tau=4.0, tau_squared=False)
+    assert rel(16.0 * without, with_factor) <= 1e-14
+    assert rel(KF.dist_loss(zs, zt, tau=1.0, tau_squared=False), KF.dist_loss(zs, zt)) == 0
+
+
+# --- invariants and edge cases ------------------------------------------------------------
+
+
+def test_softmax_invariant_to_row_shift_sigmoid_not():
+    zs, zt = rand(6, 5, seed=5), rand(6, 5, seed=6)
+    shift = rand(6, 1, seed=7, scale=10.0)
+    base = KF.dist_loss(zs, zt, tau=2.0)
+    assert rel(KF.dist_loss(zs + shift, zt - shift, tau=2.0), base) <= 1e-12
+    sig = KF.dist_loss(zs, zt, activation="sigmoid")
+    assert rel(KF.dist_loss(zs + shift, zt, activation="sigmoid"), sig) > 1e-3
+
+
+def test_single_row_intra_has_zero_gradient():
+    zs, zt = rand(1, 5, seed=8).requires_grad_(), rand(1, 5, seed=9).requires_grad_()
+    intra = KF.dist_loss(zs, zt, beta=0.0, gamma=1.0)
+    assert intra.item() == 1.0
+    intra.backward()
+    assert torch.all(zs.grad == 0) and torch.all(zt.grad == 0)
+
+
+def test_uniform_teacher_row_contributes_one_to_inter():
+    zs = rand(4, 5, seed=10)
+    zt = rand(4, 5, seed=11)
+    zt[2] = 3.0  # uniform teacher probabilities in row 2
+    assert KF.dist_loss(zs[2:3], zt[2:3], gamma=0.0).item() == 1.0
+    others = torch.tensor([0, 1, 3])
+    inter_all = KF.dist_loss(zs, zt, gamma=0.0)
+    inter_others = KF.dist_loss(zs[others], zt[others], gamma=0.0)
+    assert rel(4 * inter_all, 1 + 3 * inter_others) <= 1e-14
+
+
+def test_nchw_equals_permuted_rows():
+    zs, zt = rand(2, 4, 3, 5, seed=12), rand(2, 4, 3, 5, seed=13)
+    s2, t2 = (x.permute(0, 2, 3, 1).reshape(-1, 4) for x in (zs, zt))
+    for activation in ("softmax", "sigmoid"):
+        got = KF.dist_loss(zs, zt, activation=activation)
+        assert rel(got, KF.dist_loss(s2, t2, activation=activation)) <= 1e-14
+
+
+def test_non_contiguous_inputs():
+    zs, zt = rand(6, 4, seed=14), rand(6, 4, seed=15)
+    zs_nc = zs.t().contiguous().t()
+    assert not zs_nc.is_contiguous()
+    assert rel(KF.dist_loss(zs_nc, zt[::1]), KF.dist_loss(zs, zt)) <= 1e-15
+
+
+# --- masks ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("activation", ["softmax", "sigmoid"])
+def test_mask_equals_dropping_rows(activation):
+    zs, zt = rand(7, 5, seed=16), rand(7, 5, seed=17)
+    mask = torch.tensor([True, False, True, True, False, True, True])
+    got = KF.dist_loss(zs, zt, 1.0, 2.0, 3.0, activation=activation, mask=mask)
+    want = official_dist(zs[mask], zt[mask], 1.0, 2.0, 3.0, activation == "sigmoid")
+    assert rel(got, want) <= 1e-12
+    everything = torch.ones(7, dtype=torch.bool)
+    assert rel(KF.dist_loss(zs, zt, mask=everything), KF.dist_loss(zs, zt)) <= 1e-14
+
+
+def test_mask_blocks_nan_padding_rows():
+    zs, zt = rand(4, 3, seed=18), rand(4, 3, seed=19)
+    zs[1] = float("nan")
+    zt[3, 2] = float("inf")
+    mask = torch.tensor([True, False, True, False])
+    got = KF.dist_loss(zs, zt, mask=mask)
+    assert rel(got, official_dist(zs[mask], zt[mask])) <= 1e-12
+
+
+def test_all_false_mask_gives_nan():
+    zs, zt = rand(3, 4), rand(3, 4, seed=1)
+    assert torch.isnan(KF.dist_loss(zs, zt, mask=torch.zeros(3, dtype=torch.bool)))
+
+
+# --- dtypes ---------------------------------------------------------------------------
+
+
+def test_mixed_half_student_float_teacher_returns_float32():
+    zs, zt = rand(6, 5, seed=20, dtype=torch.float16), rand(6, 5, seed=21, dtype=torch.float32)
+    for activation in ("softmax", "sigmoid"):
+        loss = KF.dist_loss(zs, zt, activation=activation)
+        assert loss.dtype == torch.float32
+        truth = KF.dist_loss(zs.double(), zt.double(), activation=activation)
+        assert rel(loss.double(), truth) <= 1e-5
+    assert KF.dist_loss(zs.bfloat16(), zt.bfloat16()).dtype == torch.float32
+
+
+def test_float64_stays_float64():
+    zs, zt = rand(3, 4), rand(3, 4, seed=1)
+    assert KF.dist_loss(zs, zt).dtype == F64
+    assert KF.dist_loss(zs.half(), zt).dtype == F64
+
+
+# --- gradients ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("activation", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("tau_squared", [True, False])
+@pytest.mark.parametrize("masked", [False, True])
+def test_gradcheck(activation, tau_squared, masked):
+    zs, zt = rand(5, 4, seed=22).requires_grad_(), rand(5, 4, seed=23).requires_grad_()
+    mask = torch.tensor([True, True, False, True, False]) if masked else None
+
+    def f(zs, zt):
+        return KF.dist_loss(zs, zt, 1.0, 0.7, 2.0, tau_squared, activation, mask)
+
+    assert torch.autograd.gradcheck(f, (zs, zt))
+
+
+def test_masked_rows_get_zero_gradient():
+    zs, zt = rand(5, 3, seed=24).requires_grad_(), rand(5, 3, seed=25).requires_grad_()
+    mask = torch.tensor([True, False, True, True, False])
+    KF.dist_loss(zs, zt, mask=mask).backward()
+    assert torch.all(zs.grad[~mask] == 0) and torch.all(zt.grad[~mask] == 0)
+
+
+def test_traces_with_fullgraph():
+    zs, zt = rand(5, 4, seed=26), rand(5, 4, seed=27)
+    mask = torch.tensor([True, False, True, True, True])
+    torch._dynamo.reset()
+    fn = torch.compile(KF.dist_loss, fullgraph=True, backend="eager")
+    for activation in ("softmax", "sigmoid"):
+        got = fn(zs, zt, 1.0, 1.0, 2.0, True, activation, mask)
+        assert rel(got, KF.dist_loss(zs, zt, 1.0, 1.0, 2.0, True, activation, mask)) <= 1e-15
+
+
+# --- module ---------------------------------------------------------------------------
+
+
+def test_module_matches_functional():
+    zs, zt = rand(6, 5, seed=28), rand(6, 5, seed=29)
+    mask = torch.tensor([True, True, False, True, True, True])
+    module = DISTLoss(beta=2.0, gamma=0.5, tau=4.0, tau_squared=False, activation="sigmoid")
+    want = KF.dist_loss(zs, zt, 2.0, 0.5, 4.0, False, "sigmoid", mask)
+    assert rel(module(zs, zt, mask), want) <= 1e-15
+    assert rel(DISTLoss()(zs, zt), official_dist(zs, zt)) <= 1e-12
+    assert "activation='sigmoid'" in repr(module)
+
+
+# --- bad inputs -----------------------------------------------------------------------
+
+
+def test_bad_tensors_raise():
+    z = rand(3, 4)
+    with pytest.raises(ValueError, match=r"student_logits.*at least 2 dims.*\(4,\)"):
+        KF.dist_loss(z[0], z[0])
+    with pytest.raises(ValueError, match=r"same shape.*\(3, 4\).*\(2, 4\)"):
+        KF.dist_loss(z, z[:2])
+    with pytest.raises(TypeError, match="student_logits.*torch.int32"):
+        KF.dist_loss(z.int(), z)
+    with pytest.raises(TypeError, match="teacher_logits.*complex"):
+        KF.dist_loss(z, z.to(torch.complex64))
+
+
+def test_bad_options_raise():
+    z = rand(3, 4)
+    for bad in (0.0, -2, "1"):
+        with pytest.raises(ValueError, match="tau"):
+            KF.dist_loss(z, z, tau=bad)
+        with pytest.raises(ValueError, match="tau"):
+            DISTLoss(tau=bad)
+    with pytest.raises(ValueError, match="activation.*'relu'"):
+        KF.dist_loss(z, z, activation="relu")
+    with pytest.raises(ValueError, match="activation"):
+        DISTLoss(activation="tanh")
+    with pytest.raises(TypeError, match="tau_squared"):
+        KF.dist_loss(z, z, tau_squared=1)
+    with pytest.raises(TypeError, match="tau_squared"):
+        DISTLoss(tau_squared="yes")
+    with pytest.raises(TypeError, match="beta"):
+        DISTLoss(beta="1")
+    with pytest.raises(TypeError, match="gamma"):
+        DISTLoss(gamma=None)
+
+
+def test_bad_masks_raise():
+    z = rand(3, 4)
+    with pytest.raises(TypeError, match="mask.*torch.int64"):
+        KF.dist_loss(z, z, mask=torch.ones(3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"mask must have 3 entries.*\(2,\)"):
+        KF.dist_loss(z, z, mask=torch.ones(2, dtype=torch.bool))
