@@ -1,0 +1,77 @@
+"""RKD loss modules: Park, Kim, Lu, Cho, "Relational Knowledge Distillation", CVPR 2019
+(official code: lenscloth/RKD). SPEC section 1.
+
+Recipes: the official metric-learning scripts use distance_weight = 1, angle_weight = 2 (the
+defaults here) on the embeddings; the common classification recipe applies RKD to the
+penultimate pooled feature with weights 25 and 50, added to cross-entropy.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor, nn
+
+from kdfast import functional
+
+
+class RKDDistanceLoss(nn.Module):
+    """Distance-wise RKD: SmoothL1 between mean-normalised pairwise distances (SPEC 1.2).
+
+    forward(student (N, Ds, *), teacher (N, Dt, *)) -> scalar; inputs are flattened to
+    (N, -1), N >= 2. Invariant to translating or scaling either set.
+    """
+
+    def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
+        return functional.rkd_distance(student, teacher)
+
+
+class RKDAngleLoss(nn.Module):
+    """Angle-wise RKD: SmoothL1 between the cosines of all N^3 triplet angles (SPEC 1.3).
+
+    forward(student (N, Ds, *), teacher (N, Dt, *)) -> scalar; N >= 3.
+    """
+
+    def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
+        return functional.rkd_angle(student, teacher)
+
+
+def _check_weight(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+    return float(value)
+
+
+class RKDLoss(nn.Module):
+    """RKD: distance_weight * L_D + angle_weight * L_A (Park et al., CVPR 2019; SPEC 1.4).
+
+    Args:
+        distance_weight: weight of the distance term (default 1.0, the metric-learning
+            recipe; 25 in the classification recipe). 0 skips the term.
+        angle_weight: weight of the angle term (default 2.0; 50 for classification). 0 skips
+            the term, and then a batch of N = 2 is accepted (an angle needs 3 points).
+
+    forward(student (N, Ds, *), teacher (N, Dt, *)) -> scalar in
+    promote_types(student, teacher, float32). The teacher is differentiated when it
+    requires grad (SPEC 0).
+    """
+
+    def __init__(self, distance_weight: float = 1.0, angle_weight: float = 2.0) -> None:
+        super().__init__()
+        self.distance_weight = _check_weight("distance_weight", distance_weight)
+        self.angle_weight = _check_weight("angle_weight", angle_weight)
+        if self.distance_weight == 0 and self.angle_weight == 0:
+            raise ValueError("RKDLoss needs distance_weight or angle_weight > 0, got both 0")
+
+    def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
+        terms = []
+        if self.distance_weight != 0:
+            terms.append(self.distance_weight * functional.rkd_distance(student, teacher))
+        if self.angle_weight != 0:
+            terms.append(self.angle_weight * functional.rkd_angle(student, teacher))
+        return terms[0] if len(terms) == 1 else terms[0] + terms[1]
+
+    def extra_repr(self) -> str:
+        return f"distance_weight={self.distance_weight}, angle_weight={self.angle_weight}"

@@ -1,0 +1,51 @@
+"""Reference RKD angle loss (SPEC 1.3): Park et al., "Relational Knowledge Distillation",
+CVPR 2019 (lenscloth/RKD).
+
+The official difference-based formula, evaluated in promote_types(s, t, float32) without an
+upcast: normalising the differences x_j - x_i before the inner products keeps it accurate
+(about 4e-7 relative in float32 on clustered features, SPEC 1.5), and it is the baseline the
+kernels are benchmarked against. It needs O(N^2 D + N^3) memory.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kdfast._validation import compute_dtype
+
+
+def angles(x: Tensor) -> Tensor:
+    """A_ijk = <e_ij, e_ik> with e_ij = normalize(x_j - x_i): (N, N, N), vertex i first.
+
+    ``F.normalize`` maps a zero difference (a duplicate row, or j = i) to the zero vector,
+    so every angle through it is exactly 0. Its backward there is finite: the norm's
+    gradient at 0 is 0 and the clamp contributes 1 / 1e-12 per unit of upstream gradient
+    (huge, as in the official code, but NaN-free).
+
+    Args:
+        x: (N, D) features; the computation runs in ``x.dtype``. On CUDA, float32 matmuls
+            follow the global TF32 setting, as in the official code.
+    """
+    diff = x.unsqueeze(0) - x.unsqueeze(1)  # diff[i, j] = x_j - x_i
+    e = F.normalize(diff, p=2.0, dim=2)
+    return torch.bmm(e, e.transpose(1, 2))
+
+
+def rkd_angle(s: Tensor, t: Tensor) -> Tensor:
+    """RKD angle loss: mean over all N^3 triplets of SmoothL1(A^s_ijk - A^t_ijk) (SPEC 1.3).
+
+    Degenerate entries (j = i or k = i: 0 on both sides; j = k != i: 1 on both sides) stay
+    in the denominator, as in the official code. The teacher side is differentiated when
+    ``t`` requires grad (the official code runs it under no_grad).
+
+    Args:
+        s: (N, Ds) student features, N >= 3 (validated by :mod:`kdfast.functional`).
+        t: (N, Dt) teacher features.
+
+    Returns:
+        Scalar in promote_types(s, t, float32), also the dtype of the computation.
+    """
+    dtype = compute_dtype(s, t)
+    return F.smooth_l1_loss(angles(s.to(dtype)), angles(t.to(dtype)), beta=1.0)
