@@ -1,0 +1,58 @@
+// Module init of kdfast._C and the schemas of every compiled op. Schemas are declared
+// here, kernels in csrc/cpu/<op>.cpp (CPU key) and csrc/cuda/<op>.cu (CUDA key); fake
+// (meta) implementations and autograd are registered from Python (kdfast/ops/<op>.py).
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <sstream>
+#include <string>
+#include <vector>
+
+#ifndef KDFAST_TORCH_VERSION
+#define KDFAST_TORCH_VERSION "unknown"
+#endif
+#ifndef KDFAST_CUDA_ARCHS
+#define KDFAST_CUDA_ARCHS ""
+#endif
+
+TORCH_LIBRARY_FRAGMENT(kdfast, m) {
+  m.def("rkd_distance_cpp(Tensor student, Tensor teacher) -> Tensor");
+  m.def(
+      "rkd_distance_cpp_backward(Tensor grad, Tensor student, Tensor teacher, bool student_grad, "
+      "bool teacher_grad) -> (Tensor, Tensor)");
+#ifdef WITH_CUDA
+  m.def("rkd_distance_cuda(Tensor student, Tensor teacher) -> Tensor");
+  m.def(
+      "rkd_distance_cuda_backward(Tensor grad, Tensor student, Tensor teacher, bool student_grad, "
+      "bool teacher_grad) -> (Tensor, Tensor)");
+#endif
+}
+
+namespace {
+
+bool built_with_cuda() {
+#ifdef WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+std::vector<std::string> cuda_archs() {
+  std::vector<std::string> archs;
+  std::stringstream stream(KDFAST_CUDA_ARCHS);
+  std::string arch;
+  while (std::getline(stream, arch, ';')) {
+    if (!arch.empty()) archs.push_back(arch);
+  }
+  return archs;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "kdfast compiled kernels; ops are registered under torch.ops.kdfast";
+  m.attr("torch_version") = KDFAST_TORCH_VERSION;
+  m.def("built_with_cuda", &built_with_cuda, "whether CUDA sources were compiled");
+  m.def("cuda_archs", &cuda_archs, "CUDA architectures compiled for (TORCH_CUDA_ARCH_LIST)");
+}

@@ -1,0 +1,75 @@
+#include "rkd_distance_op.h"
+
+namespace kdfast::rkd {
+namespace {
+
+// One side (student or teacher): centred rows, their float64 Gram matrix, the pair
+// distances and their off-diagonal mean. float64 accumulation for every input dtype:
+// products of float32 values are exact in float64 (SPEC 1.5), and it is never TF32.
+struct Side {
+  at::Tensor centred, gram, dist, mean;
+};
+
+Side make_side(const at::Tensor& x, PairForward forward) {
+  const int64_t n = x.size(0);
+  const at::Tensor x64 = x.to(at::kDouble);
+  Side side;
+  side.centred = x64 - x64.mean(0, /*keepdim=*/true);
+  side.gram = at::mm(side.centred, side.centred.t()).contiguous();
+  side.dist = at::empty_like(side.gram);
+  forward(side.gram, side.dist);
+  side.mean = side.dist.sum() / static_cast<double>(n * (n - 1));
+  return side;
+}
+
+at::ScalarType loss_dtype(const at::Tensor& s, const at::Tensor& t) {
+  return at::promote_types(at::promote_types(s.scalar_type(), t.scalar_type()), at::kFloat);
+}
+
+// d(psi)/d(features) for one side, given g = dL/dpsi (N x N, symmetric).
+at::Tensor side_backward(const Side& side, const at::Tensor& grad_psi, at::ScalarType dtype,
+                         PairBackward backward) {
+  const int64_t n = side.gram.size(0);
+  // psi = D / mu with mu the off-diagonal mean: the gradient also flows through mu.
+  const at::Tensor through_mean =
+      (grad_psi * side.dist).sum() / (side.mean * side.mean * static_cast<double>(n * (n - 1)));
+  at::Tensor grad_dist = grad_psi / side.mean - through_mean;
+  grad_dist.fill_diagonal_(0);
+  at::Tensor grad_d2 = at::empty_like(grad_dist);
+  backward(side.gram, grad_dist.contiguous(), grad_d2);
+  // D2_ij = G_ii + G_jj - 2 G_ij and G = Xc Xc^T give dXc = 4 (rowsum(h) Xc - h Xc).
+  at::Tensor grad_centred =
+      4.0 * (grad_d2.sum(1, /*keepdim=*/true) * side.centred - at::mm(grad_d2, side.centred));
+  return (grad_centred - grad_centred.mean(0, /*keepdim=*/true)).to(dtype);
+}
+
+}  // namespace
+
+at::Tensor distance_loss(const at::Tensor& student, const at::Tensor& teacher,
+                         PairForward forward) {
+  const Side s = make_side(student, forward);
+  const Side t = make_side(teacher, forward);
+  const at::Tensor diff = s.dist / s.mean - t.dist / t.mean;
+  const at::Tensor abs = diff.abs();
+  const at::Tensor smooth_l1 = at::where(abs < 1.0, 0.5 * diff * diff, abs - 0.5);
+  return smooth_l1.mean().to(loss_dtype(student, teacher));
+}
+
+std::tuple<at::Tensor, at::Tensor> distance_loss_backward(
+    const at::Tensor& grad, const at::Tensor& student, const at::Tensor& teacher,
+    bool student_grad, bool teacher_grad, PairForward forward, PairBackward backward) {
+  const int64_t n = student.size(0);
+  const Side s = make_side(student, forward);
+  const Side t = make_side(teacher, forward);
+  const at::Tensor diff = s.dist / s.mean - t.dist / t.mean;
+  // SmoothL1 (beta = 1)' = clamp(x, -1, 1); the mean over N^2 entries.
+  const at::Tensor grad_psi =
+      diff.clamp(-1.0, 1.0) * (grad.to(at::kDouble) / static_cast<double>(n * n));
+  at::Tensor grad_s = student_grad ? side_backward(s, grad_psi, student.scalar_type(), backward)
+                                   : at::empty({0}, student.options());
+  at::Tensor grad_t = teacher_grad ? side_backward(t, -grad_psi, teacher.scalar_type(), backward)
+                                   : at::empty({0}, teacher.options());
+  return {grad_s, grad_t};
+}
+
+}  // namespace kdfast::rkd
