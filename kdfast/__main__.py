@@ -1,0 +1,3 @@
+from kdfast.info import main
+
+raise SystemExit(main())

@@ -1,0 +1,168 @@
+"""Benchmark cases: what to run, at which sizes, and how much memory a baseline needs.
+
+A case's ``setup(size, device, dtype)`` returns ``(forward, params)``: ``forward()`` computes
+the loss through the public kdfast API (so the dispatcher picks the backend) and
+``params`` are the tensors that receive gradients. The harness runs it as three
+implementations: "kdfast" (automatic backend), "reference" (forced reference backend,
+eager: the official formula) and "compiled" (``torch.compile`` of the reference).
+Kernel issues add their cases here; ``benchmarks/`` exposes the same cases to
+pytest-benchmark.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+import kdfast
+
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class Case:
+    """A benchmark case.
+
+    Attributes:
+        name: short id used on the command line and in JSON.
+        title: what is measured, with the meaning of the size tuple.
+        op: the dispatcher op whose backend is reported.
+        sizes: size tuples per suite ("smoke", "quick", "full").
+        setup: (size, device, dtype) -> (forward, params).
+        reference_bytes: size -> estimated peak bytes of the eager reference, used to skip
+            baselines predicted to exceed 60% of RAM (compiled assumed the same).
+    """
+
+    name: str
+    title: str
+    op: str
+    sizes: dict[str, list[tuple[int, ...]]]
+    setup: Callable
+    reference_bytes: Callable[[tuple[int, ...]], int] = field(default=lambda size: 0)
+
+
+def _randn(*shape, device, dtype, seed, grad=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    return x.requires_grad_(grad)
+
+
+def _logit_pair(size, device, dtype):
+    b, c = size
+    s = _randn(b, c, device=device, dtype=dtype, seed=0, grad=True)
+    t = _randn(b, c, device=device, dtype=dtype, seed=1)
+    return s, t
+
+
+def _feature_pair(size, device, dtype):
+    n, ds, dt = size
+    s = _randn(n, ds, device=device, dtype=dtype, seed=0, grad=True)
+    t = _randn(n, dt, device=device, dtype=dtype, seed=1)
+    return s, t
+
+
+def setup_kd(size, device, dtype):
+    s, t = _logit_pair(size, device, dtype)
+    loss = kdfast.losses.KDLoss(temperature=4.0)
+    return (lambda: loss(s, t)), [s]
+
+
+def setup_dist(size, device, dtype):
+    s, t = _logit_pair(size, device, dtype)
+    loss = kdfast.losses.DISTLoss()
+    return (lambda: loss(s, t)), [s]
+
+
+def setup_rkd(size, device, dtype):
+    s, t = _feature_pair(size, device, dtype)
+    loss = kdfast.losses.RKDLoss()
+    return (lambda: loss(s, t)), [s]
+
+
+def setup_rkd_distance(size, device, dtype):
+    s, t = _feature_pair(size, device, dtype)
+    return (lambda: kdfast.functional.rkd_distance(s, t)), [s]
+
+
+def setup_vkd(size, device, dtype):
+    b, ds, dt = size
+    s, t = _feature_pair(size, device, dtype)
+    param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    loss = kdfast.losses.VkDLoss(ds, dt).to(device=device, dtype=param_dtype)
+    return (lambda: loss(s, t)), [s, *loss.parameters()]
+
+
+def setup_expm(size, device, dtype):
+    batch, n = size
+    a = _randn(batch, n, n, device=device, dtype=dtype, seed=0) / n**0.5
+    a = (a - a.mT).requires_grad_(True)
+    return (lambda: kdfast.linalg.expm(a, skew=True)), [a]
+
+
+def _logit_bytes(size):
+    b, c = size
+    return 12 * b * c * 4  # about a dozen (B, C) float32 temporaries
+
+
+def _rkd_bytes(size):
+    n, ds, dt = size
+    # difference tensors (N, N, D) and their normalised copies, angle tensors (N, N, N), x2 sides
+    return 4 * (4 * n * n * (ds + dt) + 6 * n**3)
+
+
+CASES: list[Case] = [
+    Case(
+        "kd",
+        "KDLoss T=4 (B, C)",
+        "kd_loss",
+        {"smoke": [(64, 100)], "quick": [(256, 1000), (4096, 32000)], "full": [(8192, 128000)]},
+        setup_kd,
+        _logit_bytes,
+    ),
+    Case(
+        "dist",
+        "DISTLoss (B, C)",
+        "dist_loss",
+        {"smoke": [(64, 100)], "quick": [(256, 1000), (4096, 32000)], "full": [(8192, 128000)]},
+        setup_dist,
+        _logit_bytes,
+    ),
+    Case(
+        "rkd_distance",
+        "rkd_distance (N, Ds, Dt)",
+        "rkd_distance",
+        {"smoke": [(16, 32, 32)], "quick": [(128, 512, 512), (1024, 2048, 2048)], "full": []},
+        setup_rkd_distance,
+        lambda size: 4 * 4 * size[0] ** 2 * (size[1] + size[2]),
+    ),
+    Case(
+        "rkd",
+        "RKDLoss distance+angle (N, Ds, Dt)",
+        "rkd_angle",
+        {
+            "smoke": [(16, 32, 32)],
+            "quick": [(128, 512, 512), (256, 2048, 2048)],
+            "full": [(1024, 2048, 2048), (4096, 4096, 4096)],
+        },
+        setup_rkd,
+        _rkd_bytes,
+    ),
+    Case(
+        "vkd",
+        "VkDLoss standardize (B, Ds, Dt)",
+        "vkd_loss",
+        {"smoke": [(16, 8, 24)], "quick": [(256, 192, 768)], "full": [(256, 384, 3024)]},
+        setup_vkd,
+    ),
+    Case(
+        "expm",
+        "expm skew (batch, n)",
+        "expm",
+        {"smoke": [(4, 8)], "quick": [(1024, 32), (1, 768)], "full": [(1, 3024)]},
+        setup_expm,
+    ),
+]
+
+BY_NAME = {case.name: case for case in CASES}

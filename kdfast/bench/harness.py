@@ -1,0 +1,180 @@
+"""Measures one (case, size, implementation) in a fresh process.
+
+Time: median and spread of ``repeats`` timed runs after warm-up, for "forward",
+"backward" (forward untimed) and "forward+backward". Memory: the process's peak
+resident-set increase during the timed runs, measured after import, input creation and
+warm-up (Linux: VmHWM reset through /proc/self/clear_refs; CUDA: max_memory_allocated).
+Error: relative error (SPEC 7) of the loss and the gradient against the float64
+reference on the same inputs (kdfast's own float64 result where the reference is skipped).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import kdfast
+from kdfast.bench.cases import BY_NAME
+from kdfast.testing import rel_error
+
+IMPLEMENTATIONS = ("kdfast", "reference", "compiled")
+MODES = ("forward", "backward", "forward+backward")
+
+
+def _rss_bytes(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _build(case_name, size, impl, device, dtype):
+    case = BY_NAME[case_name]
+    backend = None if impl == "kdfast" else "reference"
+    with kdfast.use_backend(backend):
+        forward, params = case.setup(tuple(size), device, dtype)
+    if impl == "compiled":
+        inner = forward
+
+        def forward():
+            with kdfast.use_backend("reference"):
+                return compiled_inner()
+
+        compiled_inner = torch.compile(inner)
+    return forward, params, backend
+
+
+def _grads(forward, params, backend):
+    for p in params:
+        p.grad = None
+    with kdfast.use_backend(backend):
+        loss = forward()
+    loss.sum().backward()
+    return loss.detach(), params[0].grad.detach().clone()
+
+
+def measure(case_name, size, impl, mode, repeats, device="cpu", dtype=torch.float32) -> dict:
+    """Run in the current process (call through :func:`measure_in_subprocess`)."""
+    torch.manual_seed(0)
+    forward, params, backend = _build(case_name, size, impl, device, dtype)
+
+    def run_once() -> float:
+        for p in params:
+            p.grad = None
+        with kdfast.use_backend(backend):
+            if mode == "forward":
+                _sync(device)
+                start = time.perf_counter()
+                with torch.no_grad():
+                    forward()
+                _sync(device)
+                return time.perf_counter() - start
+            loss = forward().sum()
+            _sync(device)
+            start = time.perf_counter() if mode == "backward" else start_fb
+            loss.backward()
+            _sync(device)
+            return time.perf_counter() - start
+
+    start_fb = 0.0
+
+    def timed() -> float:
+        nonlocal start_fb
+        _sync(device)
+        start_fb = time.perf_counter()
+        return run_once()
+
+    timed()  # warm-up (compiles under torch.compile)
+    timed()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    resettable = _reset_peak()
+    rss_base = _rss_bytes("VmRSS")
+    times = [timed() for _ in range(repeats)]
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = _rss_bytes("VmHWM") - rss_base if resettable else None
+    return {
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        "times_s": times,
+        "peak_bytes": peak,
+        "backend": kdfast._dispatch.select(BY_NAME[case_name].op, params[0])[0]
+        if impl == "kdfast"
+        else impl,
+    }
+
+
+def errors(case_name, size, device="cpu", dtype=torch.float32, truth="reference") -> dict:
+    """Relative error of kdfast's loss and gradient against a float64 computation."""
+    forward, params, _ = _build(case_name, size, "kdfast", device, dtype)
+    loss, grad = _grads(forward, params, None)
+    f64, p64, _ = _build(case_name, size, "kdfast", device, torch.float64)
+    ref_loss, ref_grad = _grads(f64, p64, "reference" if truth == "reference" else None)
+    return {
+        "loss_error": rel_error(loss, ref_loss),
+        "grad_error": rel_error(grad, ref_grad),
+        "truth": f"float64 {truth}",
+    }
+
+
+def measure_in_subprocess(**job) -> dict:
+    """:func:`measure` (or :func:`errors` with job["what"] == "errors") in a fresh process."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "kdfast.bench.harness", json.dumps(job)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"error": " | ".join(tail) or f"exit code {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _main() -> None:
+    job = json.loads(sys.argv[1])
+    dtype = getattr(torch, job.pop("dtype", "float32"))
+    what = job.pop("what", "time")
+    if what == "errors":
+        result = errors(job["case"], job["size"], job.get("device", "cpu"), dtype, job["truth"])
+    else:
+        result = measure(
+            job["case"],
+            job["size"],
+            job["impl"],
+            job["mode"],
+            job["repeats"],
+            job.get("device", "cpu"),
+            dtype,
+        )
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    _main()
