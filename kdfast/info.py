@@ -33,6 +33,20 @@ def backend_table(dtype: torch.dtype = torch.float32) -> list[dict]:
     return rows
 
 
+def _passed_over(row: dict) -> list[str]:
+    """Why each backend ahead of the chosen one was skipped; a reason shared by both
+    devices is printed once, unprefixed."""
+    items = {}
+    for dev in DEVICES:
+        for name, reason in row[f"{dev}_skipped"].items():
+            if _dispatch.PRIORITY.index(name) < _dispatch.PRIORITY.index(row[dev]):
+                items.setdefault((name, reason), []).append(dev)
+    return [
+        f"{name}: {reason}" if len(devs) == len(DEVICES) else f"{devs[0]}/{name}: {reason}"
+        for (name, reason), devs in items.items()
+    ]
+
+
 def _triton_version() -> str:
     try:
         import triton
@@ -79,12 +93,7 @@ def report() -> str:
     width = max(len(r["op"]) for r in rows) + 2
     lines.append(f"  {'op':<{width}}{'cpu':<12}{'cuda':<12}passed over (float32)")
     for row in rows:
-        skipped = "; ".join(
-            f"{dev}/{name}: {reason}"
-            for dev in DEVICES
-            for name, reason in row[f"{dev}_skipped"].items()
-            if _dispatch.PRIORITY.index(name) < _dispatch.PRIORITY.index(row[dev])
-        )
+        skipped = "; ".join(_passed_over(row))
         lines.append(f"  {row['op']:<{width}}{row['cpu']:<12}{row['cuda']:<12}{skipped}")
     return "\n".join(lines)
 

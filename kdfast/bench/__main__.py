@@ -23,6 +23,7 @@ import torch
 import kdfast
 from kdfast.bench.cases import CASES
 from kdfast.bench.harness import IMPLEMENTATIONS, MODES, measure_in_subprocess
+from kdfast.bench.plot import plot
 
 RAM_FRACTION = 0.6
 
@@ -176,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default="bench-results/results.json", help="output JSON path")
+    parser.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
     args = parser.parse_args(argv)
     suite_name = args.suite or "quick"
     repeats = args.repeats or (1 if suite_name == "smoke" else 5)
@@ -203,6 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.json, "w") as f:
         json.dump({"metadata": meta, "suite": suite_name, "rows": rows}, f, indent=1)
     log(f"wrote {args.json}")
+    if args.plots:
+        try:
+            paths = plot(rows, os.path.dirname(os.path.abspath(args.json)), args.device)
+            log("wrote plots: " + ", ".join(paths))
+        except ImportError:
+            log("matplotlib is not installed: plots skipped (pip install matplotlib)")
     return 0
 
 

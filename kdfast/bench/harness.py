@@ -24,6 +24,9 @@ from kdfast.bench.cases import BY_NAME
 from kdfast.testing import rel_error
 
 IMPLEMENTATIONS = ("kdfast", "reference", "compiled")
+#: runs slower than this get one warm-up and at most SLOW_REPEATS timed repeats
+SLOW_RUN_S = 1.0
+SLOW_REPEATS = 3
 MODES = ("forward", "backward", "forward+backward")
 
 
@@ -105,8 +108,11 @@ def measure(case_name, size, impl, mode, repeats, device="cpu", dtype=torch.floa
         start_fb = time.perf_counter()
         return run_once()
 
-    timed()  # warm-up (compiles under torch.compile)
-    timed()
+    first = timed()  # warm-up (compiles under torch.compile)
+    if impl == "compiled" or first < SLOW_RUN_S:
+        first = timed()
+    if first > SLOW_RUN_S:
+        repeats = min(repeats, SLOW_REPEATS)  # keeps the default suite within minutes
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -118,6 +124,7 @@ def measure(case_name, size, impl, mode, repeats, device="cpu", dtype=torch.floa
     else:
         peak = _rss_bytes("VmHWM") - rss_base if resettable else None
     return {
+        "repeats": repeats,
         "median_s": statistics.median(times),
         "min_s": min(times),
         "max_s": max(times),
