@@ -29,7 +29,13 @@ from torch import Tensor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from digits import TinyViT, class_balanced_subset, load_digits, train_teacher  # noqa: E402
+from digits import (  # noqa: E402
+    TinyViT,
+    class_balanced_subset,
+    load_digits,
+    random_shift,
+    train_teacher,
+)
 
 from kdfast.losses import DeiTDistillationLoss, DISTLoss, KDLoss, RKDLoss, VkDLoss  # noqa: E402
 from kdfast.training import DistillBatch, accuracy, distill  # noqa: E402
@@ -102,6 +108,7 @@ def run_method(name, data, teacher, subset, seed, args, log):
         lr=args.lr,
         weight_decay=0.05,
         extra_params=[p for m in extra for p in m.parameters()],
+        augment=random_shift if args.augment else None,
         generator=torch.Generator().manual_seed(seed),
         log=log,
         log_every=max(1, args.epochs // 2),
@@ -163,6 +170,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--dim", type=int, default=32, help="student token width")
+    parser.add_argument(
+        "--no-augment",
+        dest="augment",
+        action="store_false",
+        help="no random 1-pixel shifts of the student's (and teacher's) training images",
+    )
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--out-dir", default=".")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")

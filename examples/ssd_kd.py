@@ -60,6 +60,8 @@ def run_datafree(data, teacher, alpha: float, seed: int, args, log) -> dict:
         torch.optim.Adam(student.parameters(), lr=args.lr),
         generator_lr=args.generator_lr,
         lambda_adv=args.lambda_adv,
+        temperature=args.temperature,
+        bn_layer_weights=[args.first_bn_weight] + [1.0] * (args.bn_layers - 1),
         seed=seed,
     )
     start = time.perf_counter()
@@ -118,7 +120,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--buffer-fraction", type=float, default=0.1)
     parser.add_argument("--lr", type=float, default=1e-3, help="student learning rate")
     parser.add_argument("--generator-lr", type=float, default=1e-3)
-    parser.add_argument("--lambda-adv", type=float, default=1.0)
+    parser.add_argument("--lambda-adv", type=float, default=5.0, help="adversarial KL weight")
+    parser.add_argument("--temperature", type=float, default=4.0, help="KL temperature")
+    parser.add_argument(
+        "--first-bn-weight", type=float, default=10.0, help="L_BN weight of the first layer"
+    )
     parser.add_argument("--student-width", type=int, default=16)
     parser.add_argument("--teacher-epochs", type=int, default=15)
     parser.add_argument("--real-epochs", type=int, default=15)
@@ -180,6 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"digits: {len(data.y_train)} train / {len(data.y_test)} test images")
     teacher = train_teacher(data, seed=0, epochs=args.teacher_epochs)
     teacher.requires_grad_(False)
+    args.bn_layers = sum(isinstance(m, torch.nn.BatchNorm2d) for m in teacher.modules())
     teacher_accuracy = accuracy(teacher, data.x_test, data.y_test)
     results: dict[str, list[dict]] = {name: [] for name in VARIANTS}
     for seed in range(args.seeds):
