@@ -165,7 +165,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--per-class", type=int, default=10, help="student images per class")
-    parser.add_argument("--epochs", type=int, default=150, help="student epochs")
+    parser.add_argument("--epochs", type=int, default=80, help="student epochs")
     parser.add_argument("--teacher-epochs", type=int, default=15)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-3)
