@@ -30,6 +30,8 @@ from torch import Tensor
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from digits import (  # noqa: E402
+    Digits,
+    DigitsCNN,
     TinyViT,
     class_balanced_subset,
     load_digits,
@@ -87,14 +89,19 @@ def make_method(
     return False, lambda b: ce(b.student_out[0], b.labels) + term(b), extra
 
 
-def run_method(name, data, teacher, subset, seed, args, log):
-    """Train one student; returns (test accuracy, seconds, per-epoch losses)."""
+def run_method(
+    name: str,
+    data: Digits,
+    teacher: DigitsCNN,
+    subset: Tensor,
+    seed: int,
+    args: argparse.Namespace,
+    log: Callable[[str], None] | None,
+) -> tuple[float, float, list[float]]:
+    """Train one student on ``data.x_train[subset]``; (test accuracy, seconds, epoch losses)."""
+    token, loss_fn, extra = make_method(name, args.dim, teacher.feature_dim)
     torch.manual_seed(seed)
-    student = TinyViT(dim=args.dim, distillation_token=False)
-    token, loss_fn, extra = make_method(name, student.feature_dim, teacher.feature_dim)
-    if token:
-        torch.manual_seed(seed)
-        student = TinyViT(dim=args.dim, distillation_token=True)
+    student = TinyViT(dim=args.dim, distillation_token=token)
     x, y = data.x_train[subset], data.y_train[subset]
     start = time.perf_counter()
     history = distill(
@@ -117,7 +124,7 @@ def run_method(name, data, teacher, subset, seed, args, log):
     return accuracy(student, data.x_test, data.y_test), seconds, history.epoch_losses
 
 
-def summarise(results: dict) -> dict:
+def summarise(results: dict[str, list[dict]]) -> dict[str, dict]:
     """mean / std (sample std over seeds) of accuracy and mean seconds per method."""
     table = {}
     for name, runs in results.items():
@@ -131,7 +138,7 @@ def summarise(results: dict) -> dict:
     return table
 
 
-def format_table(table: dict) -> str:
+def format_table(table: dict[str, dict]) -> str:
     lines = ["| method | test accuracy (mean +- std) | wall time per run (s) |", "|---|---|---|"]
     for name, row in table.items():
         lines.append(
@@ -141,7 +148,7 @@ def format_table(table: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(table: dict, path: str, title: str) -> None:
+def plot(table: dict[str, dict], path: str, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -24,13 +24,14 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from digits import NUM_CLASSES, DigitsCNN, load_digits, train_teacher  # noqa: E402
+from digits import NUM_CLASSES, Digits, DigitsCNN, load_digits, train_teacher  # noqa: E402
 
 from kdfast.datafree import Generator, SSDKDSynthesizer  # noqa: E402
 from kdfast.sampling import PrioritizedReplayBuffer  # noqa: E402
@@ -43,7 +44,14 @@ def make_student(args: argparse.Namespace) -> DigitsCNN:
     return DigitsCNN(width=args.student_width, batchnorm=False)
 
 
-def run_datafree(data, teacher, alpha: float, seed: int, args, log) -> dict:
+def run_datafree(
+    data: Digits,
+    teacher: DigitsCNN,
+    alpha: float,
+    seed: int,
+    args: argparse.Namespace,
+    log: Callable[[str], None] | None,
+) -> dict:
     """One data-free student; returns its accuracy, time and loss curves."""
     torch.manual_seed(seed)
     student = make_student(args)
@@ -88,7 +96,9 @@ def run_datafree(data, teacher, alpha: float, seed: int, args, log) -> dict:
     }
 
 
-def run_real(data, seed: int, args, log) -> dict:
+def run_real(
+    data: Digits, seed: int, args: argparse.Namespace, log: Callable[[str], None] | None
+) -> dict:
     """The student architecture trained on the real training split with cross-entropy."""
     torch.manual_seed(seed)
     student = make_student(args)
@@ -137,7 +147,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def summarise(results: dict) -> dict:
+def summarise(results: dict[str, list[dict]]) -> dict[str, dict]:
     table = {}
     for name, runs in results.items():
         accs = [r["accuracy"] for r in runs]
@@ -150,7 +160,7 @@ def summarise(results: dict) -> dict:
     return table
 
 
-def plot(results: dict, table: dict, path: str) -> None:
+def plot(results: dict[str, list[dict]], table: dict[str, dict], path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -169,8 +179,7 @@ def plot(results: dict, table: dict, path: str) -> None:
     left.set_ylabel("real test accuracy (%)")
     left.legend(fontsize=8)
     for name in ("ssd_kd", "uniform_replay"):
-        left_runs = results[name]
-        right.plot(left_runs[0]["l_s"], label=f"L_S {name} (seed 0)", lw=0.8)
+        right.plot(results[name][0]["l_s"], label=f"L_S {name} (seed 0)", lw=0.8)
     right.set_xlabel("round")
     right.set_yscale("log")
     right.legend(fontsize=8)
