@@ -6,23 +6,36 @@ Public surface, all reachable after ``import kdfast``:
 * :mod:`kdfast.losses`: KDLoss, DeiTDistillationLoss, DISTLoss, RKDDistanceLoss, RKDAngleLoss,
   RKDLoss, VkDLoss, BNStatisticsLoss
 * :mod:`kdfast.linalg`: expm, expm_frechet
-* :mod:`kdfast.nn`: OrthogonalProjector
+* :mod:`kdfast.nn`: OrthogonalProjector, DistillationTokenHead
 * :mod:`kdfast.sampling`: PrioritizedReplayBuffer and the SSD-KD helpers
+* :mod:`kdfast.training`: distill (a small student-training loop), accuracy
+* :mod:`kdfast.datafree`: SSD-KD data-free distillation (Generator, SSDKDSynthesizer)
 * :func:`use_backend` / :func:`set_backend`: force a backend (see ``python -m kdfast.info``)
 """
 
 __version__ = "0.1.0"
 
-from kdfast import functional, linalg, losses, nn, ops, sampling  # noqa: E402,F401
+from kdfast import (  # noqa: E402,F401
+    datafree,
+    functional,
+    linalg,
+    losses,
+    nn,
+    ops,
+    sampling,
+    training,
+)
 from kdfast._dispatch import set_backend, use_backend  # noqa: E402
 
 __all__ = [
+    "datafree",
     "functional",
     "linalg",
     "losses",
     "nn",
     "sampling",
     "set_backend",
+    "training",
     "use_backend",
     "__version__",
 ]
