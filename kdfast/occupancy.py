@@ -69,7 +69,8 @@ class Occupancy:
         blocks_per_sm: resident blocks per SM (0: the kernel cannot launch).
         warps_per_sm: resident warps per SM.
         occupancy: warps_per_sm / max_warps_per_sm.
-        limiter: "registers", "shared", "warps", "blocks", or why it cannot launch.
+        limiter: "warps", "blocks", "registers" or "shared" (the first binding one), or
+            "cannot launch: <why>".
         by: blocks per SM allowed by each limit.
     """
 
@@ -109,11 +110,11 @@ def occupancy(
         invalid = f"{regs_per_warp * warps} registers/block exceed {lim.max_registers_per_block}"
     elif shared_per_block > lim.max_shared_per_block:
         invalid = f"{shared_per_block} B shared/block exceed {lim.max_shared_per_block}"
-    by = {
-        "registers": (lim.registers_per_sm // regs_per_warp) // warps,
-        "shared": lim.shared_per_sm // shared,
+    by = {  # on a tie the first binding limit is named
         "warps": lim.max_warps_per_sm // warps,
         "blocks": lim.max_blocks_per_sm,
+        "registers": (lim.registers_per_sm // regs_per_warp) // warps,
+        "shared": lim.shared_per_sm // shared,
     }
     if invalid is not None:
         return Occupancy(0, 0, 0.0, f"cannot launch: {invalid}", by)

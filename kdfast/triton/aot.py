@@ -281,15 +281,34 @@ def compile_spec(spec: KernelSpec, arch: int) -> Compiled:
 
 
 def kernel_modules() -> list[Any]:
-    """Every Triton kernel module under kdfast/triton/ (imported; needs Triton)."""
+    """Every Triton kernel module under kdfast/triton/ (imported; needs Triton).
+
+    Under TRITON_INTERPRET=1 ``@triton.jit`` builds interpreter functions, which cannot be
+    compiled: the modules are then imported afresh with the interpreter off (the copies in
+    ``sys.modules``, which the running program uses, are left as they were).
+    """
+    import sys
+
+    from triton import knobs
+
     import kdfast.triton as package
 
     names = [
-        m.name
+        f"{package.__name__}.{m.name}"
         for m in pkgutil.iter_modules(package.__path__)
-        if m.name != "aot" and not m.name.startswith("_")
+        if m.name != "aot"
     ]
-    return [importlib.import_module(f"{package.__name__}.{name}") for name in sorted(names)]
+    if not knobs.runtime.interpret:
+        return [importlib.import_module(n) for n in sorted(names) if "._" not in n]
+    saved = {n: sys.modules.pop(n) for n in names if n in sys.modules}
+    knobs.runtime.interpret = False
+    try:
+        return [importlib.import_module(n) for n in sorted(names) if "._" not in n]
+    finally:
+        knobs.runtime.interpret = True
+        for n in names:
+            sys.modules.pop(n, None)
+        sys.modules.update(saved)
 
 
 def jit_kernels(module: Any) -> dict[str, Any]:
@@ -488,16 +507,32 @@ def nvcc_command(source: str, arch: int, output: str) -> list[str]:
     return cmd + ["-o", output, source]
 
 
+def _unqualified(mangled: str) -> str:
+    """Last name of an Itanium-mangled ``_ZN<len><id>...E`` or ``_Z<len><id>`` name."""
+    m = re.match(r"_ZN?((?:\d+)(?:.*))", mangled)
+    if not m:
+        return mangled
+    rest, name = m.group(1), mangled
+    while rest and rest[0].isdigit():
+        digits = re.match(r"\d+", rest).group(0)
+        size = int(digits)
+        name, rest = rest[len(digits) : len(digits) + size], rest[len(digits) + size :]
+        if not mangled.startswith("_ZN"):
+            break
+    return name
+
+
 def demangle(names: list[str]) -> list[str]:
-    """Unqualified function names of mangled C++ kernel names (c++filt; else as given)."""
+    """Unqualified function names of mangled C++ kernel names (c++filt, else a parser of
+    plain nested names)."""
     filt = shutil.which("c++filt") or shutil.which("cu++filt")
     if filt is None:
-        return names
+        return [_unqualified(n) for n in names]
     out = subprocess.run([filt], input="\n".join(names), capture_output=True, text=True)
     short = []
     for original, full in zip(names, out.stdout.splitlines(), strict=False):
         m = re.search(r"([A-Za-z_]\w*)(?:<.*>)?\(", full)
-        short.append(m.group(1) if m else original)
+        short.append(m.group(1) if m else _unqualified(original))
     return short
 
 

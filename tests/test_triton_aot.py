@@ -1,0 +1,184 @@
+"""Ahead-of-time compilation of every Triton kernel for sm_80 and sm_90 (no GPU needed).
+
+Each ``AOT_SPECS`` entry of every module under kdfast/triton/ is compiled with
+``triton.compile`` for both targets and must compile, stay within its spill budget, keep
+64-bit offsets where it declares them, use warpgroup MMA on sm_90 where its fp16/bf16
+``tl.dot`` shapes allow and never use TF32. A @triton.jit kernel missing from its module's
+``AOT_SPECS`` fails ``test_every_kernel_has_aot_specs``. The checkers themselves are
+tested on toy kernels defined here, so each check is shown to be able to fail.
+Skips only when Triton is not importable.
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+from kdfast.triton import aot  # noqa: E402
+
+
+def _jit(fn):
+    """A compiled-mode @triton.jit kernel, also under TRITON_INTERPRET=1."""
+    return JITFunction(fn)
+
+
+def _add32(x, y, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(y + offs, tl.load(x + offs, mask=mask) * 2, mask=mask)
+
+
+def _add64(x, y, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(y + offs, tl.load(x + offs, mask=mask) * 2, mask=mask)
+
+
+def _matmul(a, b, c, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
+    rm = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    rn = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k in range(0, K, BK):
+        x = tl.load(a + rm[:, None] * K + (k + rk)[None, :])
+        y = tl.load(b + (k + rk)[:, None] * BN + rn[None, :])
+        if IEEE:
+            acc += tl.dot(x, y, input_precision="ieee")
+        else:
+            acc += tl.dot(x, y)
+    tl.store(c + rm[:, None] * BN + rn[None, :], acc.to(c.dtype.element_ty))
+
+
+add32, add64, matmul = _jit(_add32), _jit(_add64), _jit(_matmul)
+ADD_SIG = {"x": "*fp32", "y": "*fp32", "n": "i64", "BLOCK": "constexpr"}
+
+
+def _mm_spec(dtype, bm=64, bn=64, bk=32, warps=4, ieee=True):
+    sig = {"a": f"*{dtype}", "b": f"*{dtype}", "c": f"*{dtype}", "K": "i32"}
+    sig |= {"BM": "constexpr", "BN": "constexpr", "BK": "constexpr", "IEEE": "constexpr"}
+    consts = {"BM": bm, "BN": bn, "BK": bk, "IEEE": ieee}
+    return aot.KernelSpec(matmul, sig, consts, num_warps=warps, num_stages=3, label=dtype)
+
+
+# ------------------------------------------------------------------ the package's kernels
+
+MODULES = aot.kernel_modules()
+SPECS = aot.all_specs()
+
+
+def test_every_kernel_has_aot_specs():
+    for module in MODULES:
+        assert aot.uncovered_kernels(module) == [], (
+            f"{module.__name__}: @triton.jit kernels missing from AOT_SPECS"
+        )
+        for spec in getattr(module, "AOT_SPECS", []):
+            assert isinstance(spec, aot.KernelSpec), module.__name__
+            assert set(spec.constexprs) <= set(spec.signature), spec.name
+            assert all(spec.signature[k] == "constexpr" for k in spec.constexprs), spec.name
+
+
+@pytest.mark.parametrize("arch", aot.TARGETS)
+@pytest.mark.parametrize(
+    "module_spec", SPECS or [None], ids=[s.name for _, s in SPECS] or ["no-kernels-yet"]
+)
+def test_kernel_compiles_within_budgets(module_spec, arch):
+    if module_spec is None:  # no module defines a kernel yet: nothing may be uncovered
+        assert all(not aot.jit_kernels(m) for m in MODULES)
+        return
+    module, spec = module_spec
+    compiled = aot.compile_spec(spec, arch)  # raises on a compile error
+    r = compiled.resources
+    assert spec.spill_budget == 0 or spec.why, f"{spec.name}: nonzero spill budget needs why"
+    assert r.spills <= spec.spill_budget, (
+        f"{module}.{spec.name} sm_{arch}: {r.spills} spill bytes > budget {spec.spill_budget}"
+        f"\n{compiled.ptxas_log}"
+    )
+    if spec.int64_offsets:
+        assert aot.narrow_offsets(compiled.ptx) == [], f"{spec.name}: 32-bit offset arithmetic"
+    if any(t in ("*fp32", "*fp64") for t in spec.signature.values()):
+        assert not aot.uses_tf32(compiled.sass()), f"{spec.name} uses TF32 (SPEC 7)"
+    if arch == 90 and spec.expects_wgmma():
+        assert aot.uses_warpgroup_mma(compiled.sass()), (
+            f"{spec.name}: no warpgroup MMA on sm_90: {aot.mma_instructions(compiled.sass())}"
+        )
+
+
+# ------------------------------------------------------------------ the checkers, on toys
+
+
+def test_discovery_reports_a_kernel_without_specs():
+    module = types.ModuleType(__name__)
+    module.add64 = add64
+    assert aot.uncovered_kernels(module) == ["add64"]
+    module.AOT_SPECS = [aot.KernelSpec(add64, ADD_SIG, {"BLOCK": 256})]
+    assert aot.uncovered_kernels(module) == []
+    assert all(m.__name__.startswith("kdfast.triton.") for m in MODULES)
+
+
+@pytest.mark.parametrize("arch", aot.TARGETS)
+def test_compile_reports_resources(arch):
+    spec = aot.KernelSpec(add64, ADD_SIG, {"BLOCK": 1024}, num_warps=4, label="fp32")
+    compiled = aot.compile_spec(spec, arch)
+    r = compiled.resources
+    assert r.arch == arch and r.threads == 128 and r.name == "_add64[fp32]"
+    assert 0 < r.registers <= 255 and r.spills == 0
+    assert ".entry _add64" in compiled.ptx and compiled.cubin[:4] == b"\x7fELF"
+    assert aot.compile_spec(spec, arch) is compiled  # cached
+
+
+def test_compile_error_raises():
+    spec = aot.KernelSpec(add64, ADD_SIG, {"BLOCK": 1000})  # arange needs a power of 2
+    with pytest.raises(Exception, match="power of 2|arange"):
+        aot.compile_spec(spec, 90)
+
+
+def test_spills_are_measured():
+    # a 128x128 fp16 tile accumulated by 4 warps needs more than 255 registers on sm_90
+    compiled = aot.compile_spec(_mm_spec("fp16", 128, 128, 64, warps=4), 90)
+    assert compiled.resources.spills > 0
+
+
+@pytest.mark.parametrize("arch", aot.TARGETS)
+def test_narrow_offsets_found_in_int32_indexing(arch):
+    wide = aot.compile_spec(aot.KernelSpec(add64, ADD_SIG, {"BLOCK": 1024}), arch)
+    narrow = aot.compile_spec(aot.KernelSpec(add32, ADD_SIG, {"BLOCK": 1024}), arch)
+    assert aot.narrow_offsets(wide.ptx) == []
+    found = aot.narrow_offsets(narrow.ptx)
+    assert found and all(line.startswith(("mul.wide", "cvt")) for line in found)
+
+
+def test_narrow_offsets_on_handwritten_ptx():
+    ptx = """
+    mov.u32 %r1, %ctaid.x;
+    mov.u32 %r2, %tid.x;
+    ld.param.u32 %r3, [k_param_2];
+    mad.lo.s32 %r4, %r1, 1024, %r2;
+    mul.wide.s32 %rd3, %r4, 4;
+    add.s64 %rd4, %rd1, %rd3;
+    ld.global.b32 { %r5 }, [ %rd4 + 0 ];
+    mul.wide.u32 %rd5, %r1, 4096;
+    cvt.u64.u32 %rd6, %r2;
+    add.s64 %rd7, %rd5, %rd6;
+    add.s64 %rd8, %rd2, %rd7;
+    st.global.b32 [ %rd8 + 0 ], { %r5 };
+    """
+    assert aot.narrow_offsets(ptx) == ["mul.wide.s32 %rd3, %r4, 4;"]
+
+
+def test_warpgroup_mma_and_tf32_checkers():
+    half = aot.compile_spec(_mm_spec("fp16"), 90)
+    assert half.resources.spills == 0
+    assert aot.uses_warpgroup_mma(half.sass()) and not aot.uses_tf32(half.sass())
+    assert _mm_spec("fp16").expects_wgmma() and not _mm_spec("fp32").expects_wgmma()
+    ampere = aot.compile_spec(_mm_spec("bf16"), 80)
+    assert not aot.uses_warpgroup_mma(ampere.sass())
+    assert any(op.startswith("HMMA") for op in aot.mma_instructions(ampere.sass()))
+    ieee = aot.compile_spec(_mm_spec("fp32", ieee=True), 90)
+    assert not aot.uses_tf32(ieee.sass()) and not aot.mma_instructions(ieee.sass())
+    tf32 = aot.compile_spec(_mm_spec("fp32", ieee=False), 90)
+    assert aot.uses_tf32(tf32.sass())
