@@ -183,3 +183,15 @@ def test_info_gpu_report(capsys, monkeypatch, cuda_cache):
     if CUDA_READY:
         lines = [line for line in out.splitlines() if "pair_forward_kernel" in line]
         assert len(lines) == 2 and all("on H100" in line or "on A100" in line for line in lines)
+
+
+def test_benchmarks_readme_states_gpu_figures_as_estimates():
+    root = aot.repo_root()
+    if root is None:
+        pytest.skip("not a source checkout (benchmarks/README.md is not installed)")
+    with open(os.path.join(root, "benchmarks", "README.md")) as f:
+        text = f.read()
+    section = text.split("## GPU estimates (not measured)", 1)[1].split("\n## ", 1)[0]
+    assert "estimate" in section and "until a GPU measures" in section
+    for case in CASES:
+        assert f"| {case.name} |" in section, case.name
