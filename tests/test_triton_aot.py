@@ -76,6 +76,9 @@ def test_every_kernel_has_aot_specs():
         assert aot.uncovered_kernels(module) == [], (
             f"{module.__name__}: @triton.jit kernels missing from AOT_SPECS"
         )
+        assert aot.missing_autotune_configs(module) == [], (
+            f"{module.__name__}: autotune candidates missing from AOT_SPECS"
+        )
         for spec in getattr(module, "AOT_SPECS", []):
             assert isinstance(spec, aot.KernelSpec), module.__name__
             assert set(spec.constexprs) <= set(spec.signature), spec.name
@@ -118,6 +121,21 @@ def test_discovery_reports_a_kernel_without_specs():
     module.AOT_SPECS = [aot.KernelSpec(add64, ADD_SIG, {"BLOCK": 256})]
     assert aot.uncovered_kernels(module) == []
     assert all(m.__name__.startswith("kdfast.triton.") for m in MODULES)
+
+
+def test_discovery_reports_missing_autotune_candidates():
+    module = types.ModuleType(__name__)
+    configs = [
+        triton.Config({"BLOCK": b}, num_warps=w, num_stages=2) for b, w in [(256, 4), (1024, 8)]
+    ]
+    module.tuned = triton.autotune(configs=configs, key=["n"])(_jit(_add64))
+    module.AOT_SPECS = [aot.KernelSpec(module.tuned, ADD_SIG, {"BLOCK": 256}, num_warps=4)]
+    assert aot.uncovered_kernels(module) == []
+    (missing,) = aot.missing_autotune_configs(module)
+    assert missing.startswith("tuned:") and "1024" in missing
+    module.AOT_SPECS.append(aot.KernelSpec(module.tuned, ADD_SIG, {"BLOCK": 1024}, num_warps=8))
+    assert aot.missing_autotune_configs(module) == []
+    assert aot.compile_spec(module.AOT_SPECS[1], 90).resources.threads == 256
 
 
 @pytest.mark.parametrize("arch", aot.TARGETS)

@@ -343,6 +343,33 @@ def uncovered_kernels(module: Any) -> list[str]:
     ]
 
 
+def missing_autotune_configs(module: Any) -> list[str]:
+    """Autotune candidates of ``module``'s ``@triton.autotune`` kernels that no spec
+    compiles (same kernel, num_warps, num_stages, and the config's kwargs in constexprs)."""
+    specs = getattr(module, "AOT_SPECS", [])
+    missing = []
+    for name, obj in vars(module).items():
+        configs = getattr(obj, "configs", None)
+        if configs is None or not hasattr(obj, "fn"):
+            continue
+        try:
+            fn = jit_function(obj)
+        except TypeError:
+            continue
+        if fn.fn.__module__ != module.__name__:
+            continue
+        for cfg in configs:
+            if not any(
+                jit_function(s.kernel) is fn
+                and s.num_warps == cfg.num_warps
+                and s.num_stages == cfg.num_stages
+                and all(s.constexprs.get(k) == v for k, v in cfg.kwargs.items())
+                for s in specs
+            ):
+                missing.append(f"{name}: {cfg}")
+    return missing
+
+
 def all_specs() -> list[tuple[str, KernelSpec]]:
     """(module name, spec) for every spec of every kernel module."""
     return [(m.__name__, s) for m in kernel_modules() for s in getattr(m, "AOT_SPECS", [])]
