@@ -39,6 +39,18 @@ def _add64(x, y, n, BLOCK: tl.constexpr):
     tl.store(y + offs, tl.load(x + offs, mask=mask) * 2, mask=mask)
 
 
+def _rows32(x, y, n_cols, stride, BLOCK: tl.constexpr):
+    cols = tl.arange(0, BLOCK)
+    offs = tl.program_id(0) * stride + cols
+    tl.store(y + offs, tl.load(x + offs, mask=cols < n_cols), mask=cols < n_cols)
+
+
+def _rows64(x, y, n_cols, stride, BLOCK: tl.constexpr):
+    cols = tl.arange(0, BLOCK)
+    offs = tl.program_id(0).to(tl.int64) * stride + cols
+    tl.store(y + offs, tl.load(x + offs, mask=cols < n_cols), mask=cols < n_cols)
+
+
 def _matmul(a, b, c, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
     rm = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     rn = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)
@@ -55,7 +67,9 @@ def _matmul(a, b, c, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IE
 
 
 add32, add64, matmul = _jit(_add32), _jit(_add64), _jit(_matmul)
+rows32, rows64 = _jit(_rows32), _jit(_rows64)
 ADD_SIG = {"x": "*fp32", "y": "*fp32", "n": "i64", "BLOCK": "constexpr"}
+ROWS_SIG = {"x": "*fp32", "y": "*fp32", "n_cols": "i32", "stride": "i32", "BLOCK": "constexpr"}
 
 
 def _mm_spec(dtype, bm=64, bn=64, bk=32, warps=4, ieee=True):
@@ -101,8 +115,8 @@ def test_kernel_compiles_within_budgets(module_spec, arch):
         f"{module}.{spec.name} sm_{arch}: {r.spills} spill bytes > budget {spec.spill_budget}"
         f"\n{compiled.ptxas_log}"
     )
-    if spec.int64_offsets:
-        assert aot.narrow_offsets(compiled.ptx) == [], f"{spec.name}: 32-bit offset arithmetic"
+    narrow = aot.narrow_offsets(compiled.ptx, strict=spec.int64_offsets)
+    assert narrow == [], f"{spec.name}: 32-bit offset arithmetic feeds addresses: {narrow}"
     if any(t in ("*fp32", "*fp64") for t in spec.signature.values()):
         assert not aot.uses_tf32(compiled.sass()), f"{spec.name} uses TF32 (SPEC 7)"
     if arch == 90 and spec.expects_wgmma():
@@ -163,11 +177,17 @@ def test_spills_are_measured():
 
 @pytest.mark.parametrize("arch", aot.TARGETS)
 def test_narrow_offsets_found_in_int32_indexing(arch):
-    wide = aot.compile_spec(aot.KernelSpec(add64, ADD_SIG, {"BLOCK": 1024}), arch)
-    narrow = aot.compile_spec(aot.KernelSpec(add32, ADD_SIG, {"BLOCK": 1024}), arch)
-    assert aot.narrow_offsets(wide.ptx) == []
-    found = aot.narrow_offsets(narrow.ptx)
+    def ptx(kernel, sig):
+        return aot.compile_spec(aot.KernelSpec(kernel, sig, {"BLOCK": 1024}), arch).ptx
+
+    # 1-D flat offsets: pid * BLOCK + arange in int32 wraps (strict check, int64_offsets)
+    assert aot.narrow_offsets(ptx(add64, ADD_SIG), strict=True) == []
+    assert aot.narrow_offsets(ptx(add32, ADD_SIG)) == []
+    found = aot.narrow_offsets(ptx(add32, ADD_SIG), strict=True)
     assert found and all(line.startswith(("mul.wide", "cvt")) for line in found)
+    # row * stride in int32 wraps whatever the grid (every spec)
+    assert aot.narrow_offsets(ptx(rows64, ROWS_SIG), strict=True) == []
+    assert aot.narrow_offsets(ptx(rows32, ROWS_SIG)) != []
 
 
 def test_narrow_offsets_on_handwritten_ptx():
@@ -184,8 +204,16 @@ def test_narrow_offsets_on_handwritten_ptx():
     add.s64 %rd7, %rd5, %rd6;
     add.s64 %rd8, %rd2, %rd7;
     st.global.b32 [ %rd8 + 0 ], { %r5 };
+    mul.lo.s32 %r6, %r1, %r3;
+    add.s32 %r7, %r6, %r2;
+    cvt.s64.s32 %rd9, %r7;
+    shl.b64 %rd10, %rd9, 2;
+    add.s64 %rd11, %rd2, %rd10;
+    st.global.b32 [ %rd11 + 0 ], { %r5 };
     """
-    assert aot.narrow_offsets(ptx) == ["mul.wide.s32 %rd3, %r4, 4;"]
+    assert aot.narrow_offsets(ptx) == ["cvt.s64.s32 %rd9, %r7;"]
+    strict = aot.narrow_offsets(ptx, strict=True)
+    assert strict == ["mul.wide.s32 %rd3, %r4, 4;", "cvt.s64.s32 %rd9, %r7;"]
 
 
 def test_warpgroup_mma_and_tf32_checkers():

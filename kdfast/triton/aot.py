@@ -49,9 +49,10 @@ class KernelSpec:
         spill_budget: spill bytes allowed (0 unless ``why`` says otherwise).
         why: the reason a nonzero spill budget is acceptable.
         label: a short human-readable name of the configuration (e.g. "fp32 BLOCK=1024").
-        int64_offsets: the kernel forms global offsets in 64-bit arithmetic; the AOT test
-            checks its PTX with ``narrow_offsets`` (no 32-bit index arithmetic on program
-            ids or sizes feeds an address).
+        int64_offsets: the kernel's flat offsets may exceed 2**31 (e.g. a 1-D grid over
+            numel elements), so no 32-bit index arithmetic on program ids may feed an
+            address: the AOT test checks the PTX with ``narrow_offsets(ptx, strict=True)``.
+            Every spec gets the non-strict check (no int32 ``row * stride``).
         wgmma: whether sm_90 code must use warpgroup MMA (HGMMA); None: required exactly
             when the kernel calls ``tl.dot``, a pointer argument is fp16/bf16 and
             num_warps is a multiple of 4 (set False, with ``why``, for tiles too small).
@@ -200,11 +201,43 @@ def parse_ptxas_log(log: str) -> list[Resources]:
 # ----------------------------------------------------------------------------- Triton
 
 
+_COMPILED_COPIES: dict[int, tuple[Any, Any]] = {}
+
+
+def _compiled_copy(interpreted: Any) -> Any:
+    """A compiled-mode ``JITFunction`` of a TRITON_INTERPRET=1 kernel.
+
+    Under the interpreter ``@triton.jit`` builds interpreter functions, which
+    ``triton.compile`` cannot take. The copy shares the function's code and sees, in a copy
+    of its globals, compiled copies of the interpreter functions it calls. Memoized, so a
+    kernel and its copy keep one identity.
+    """
+    import types
+
+    from triton.runtime.jit import JITFunction
+
+    key = id(interpreted)
+    if key not in _COMPILED_COPIES:
+        fn = interpreted.fn
+        scope = dict(fn.__globals__)
+        copy = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+        copy.__qualname__, copy.__doc__ = fn.__qualname__, fn.__doc__
+        jit = JITFunction(copy, **interpreted.kwargs)
+        _COMPILED_COPIES[key] = (interpreted, jit)  # keeps the key's object alive
+        for name, value in fn.__globals__.items():
+            if type(value).__name__ == "InterpretedFunction":
+                scope[name] = _compiled_copy(value)
+    return _COMPILED_COPIES[key][1]
+
+
 def jit_function(kernel: Any) -> Any:
-    """The ``JITFunction`` inside an autotuner/heuristics wrapper (or the kernel itself)."""
+    """The ``JITFunction`` inside an autotuner/heuristics wrapper (or the kernel itself);
+    under TRITON_INTERPRET=1 a compiled-mode copy of the interpreter function."""
     from triton.runtime.jit import JITFunction
 
     while not isinstance(kernel, JITFunction) and hasattr(kernel, "fn"):
+        if type(kernel).__name__ == "InterpretedFunction":
+            return _compiled_copy(kernel)
         kernel = kernel.fn
     if not isinstance(kernel, JITFunction):
         raise TypeError(f"not a @triton.jit kernel: {kernel!r}")
@@ -281,34 +314,15 @@ def compile_spec(spec: KernelSpec, arch: int) -> Compiled:
 
 
 def kernel_modules() -> list[Any]:
-    """Every Triton kernel module under kdfast/triton/ (imported; needs Triton).
-
-    Under TRITON_INTERPRET=1 ``@triton.jit`` builds interpreter functions, which cannot be
-    compiled: the modules are then imported afresh with the interpreter off (the copies in
-    ``sys.modules``, which the running program uses, are left as they were).
-    """
-    import sys
-
-    from triton import knobs
-
+    """Every Triton kernel module under kdfast/triton/ (imported; needs Triton)."""
     import kdfast.triton as package
 
     names = [
-        f"{package.__name__}.{m.name}"
+        m.name
         for m in pkgutil.iter_modules(package.__path__)
-        if m.name != "aot"
+        if m.name != "aot" and not m.name.startswith("_")
     ]
-    if not knobs.runtime.interpret:
-        return [importlib.import_module(n) for n in sorted(names) if "._" not in n]
-    saved = {n: sys.modules.pop(n) for n in names if n in sys.modules}
-    knobs.runtime.interpret = False
-    try:
-        return [importlib.import_module(n) for n in sorted(names) if "._" not in n]
-    finally:
-        knobs.runtime.interpret = True
-        for n in names:
-            sys.modules.pop(n, None)
-        sys.modules.update(saved)
+    return [importlib.import_module(f"{package.__name__}.{name}") for name in sorted(names)]
 
 
 def jit_kernels(module: Any) -> dict[str, Any]:
@@ -418,32 +432,55 @@ def _ptx_defs(ptx: str) -> dict[str, list[tuple[str, list[str], str]]]:
     return defs
 
 
-def narrow_offsets(ptx: str) -> list[str]:
-    """PTX instructions that widen a 32-bit index computed from unbounded values.
+_PRODUCT32 = re.compile(r"^(?:mul\.lo|mad\.lo|mul24\.lo|mad24\.lo)\.[su]32$|^shl\.b32$")
 
-    A global address is traced back through its 64-bit arithmetic to the points where a
-    32-bit value is widened (``cvt.s64.s32``, ``mul.wide.s32``). Widening a program id
-    or a 32-bit argument itself is safe (the arithmetic after it is 64-bit); widening the
-    result of 32-bit arithmetic on a program id or a 32-bit argument (e.g. ``pid * BLOCK
-    + arange`` in int32) is not: that index wraps past 2**31. Thread indices and constants
-    are bounded. Returns the offending widening instructions (empty: offsets are 64-bit).
-    """
-    defs = _ptx_defs(ptx)
 
-    unbounded: set[str] = set()  # registers derived from program ids or arguments
+def _derived(defs: dict, seeds: set[str], start: Any) -> set[str]:
+    """Registers whose definitions reach a seed register or satisfy ``start`` (fixpoint)."""
+    found = set(seeds)
     changed = True
     while changed:
         changed = False
         for reg, reg_defs in defs.items():
-            if reg in unbounded:
-                continue
-            if any(
-                op.startswith("ld.param")
-                or any(s in unbounded or _UNBOUNDED_SOURCE.fullmatch(s) for s in srcs)
-                for op, srcs, _ in reg_defs
+            if reg not in found and any(
+                start(op, srcs) or any(s in found for s in srcs) for op, srcs, _ in reg_defs
             ):
-                unbounded.add(reg)
+                found.add(reg)
                 changed = True
+    return found
+
+
+def narrow_offsets(ptx: str, strict: bool = False) -> list[str]:
+    """PTX instructions that widen a 32-bit index which may have wrapped past 2**31.
+
+    Each global address is traced back through its 64-bit arithmetic to the points where a
+    32-bit register is widened (``cvt.s64.s32``, ``mul.wide.s32``, ...). Flagged:
+
+    * always: a 32-bit product (``mul.lo``/``mad.lo``/``shl`` by a register) of a kernel
+      argument (a size or stride) or of two program-id-derived values, or arithmetic on
+      one: ``row * stride`` or ``i * n`` in int32, the classic overflow;
+    * ``strict`` (kernels declaring ``int64_offsets``: flat offsets beyond 2**31): also
+      any 32-bit arithmetic on a program id, e.g. ``pid * BLOCK + arange`` in int32.
+
+    Widening a raw program id or argument, and 32-bit indices of thread ids and constants,
+    are safe. Returns the offending widening instructions (empty: the offsets are 64-bit).
+    A multi-dimensional kernel's per-dimension index ``pid * BLOCK + arange`` is bounded
+    by its int32 extent and passes the non-strict check.
+    """
+    defs = _ptx_defs(ptx)
+    narrow = re.compile(r"%r\d+")
+    params = _derived(defs, set(), lambda op, srcs: op.startswith("ld.param"))
+    grid = _derived(defs, set(), lambda op, srcs: any(_UNBOUNDED_SOURCE.fullmatch(s) for s in srcs))
+
+    def is_product(op: str, srcs: list[str]) -> bool:
+        if not _PRODUCT32.match(op):
+            return False
+        factors = [s for s in srcs[:2] if narrow.fullmatch(s)]
+        return any(f in params for f in factors) or (
+            len(factors) == 2 and all(f in grid for f in factors)
+        )
+
+    products = _derived(defs, set(), is_product)
 
     def arithmetic(reg: str, seen: frozenset = frozenset()) -> bool:
         """Defined by arithmetic (not only by moves/loads of a raw value)."""
@@ -455,6 +492,11 @@ def narrow_offsets(ptx: str) -> list[str]:
                 return True
         return False
 
+    def flagged(reg: str) -> bool:
+        if reg in products:
+            return True
+        return strict and (reg in grid or reg in params) and arithmetic(reg)
+
     found: list[str] = []
     seen: set[str] = set()
 
@@ -464,8 +506,7 @@ def narrow_offsets(ptx: str) -> list[str]:
         seen.add(reg)
         for opcode, srcs, line in defs.get(reg, []):
             if _WIDEN.match(opcode):
-                narrow = srcs[0] if srcs else ""
-                if narrow in unbounded and arithmetic(narrow):
+                if any(narrow.fullmatch(s) and flagged(s) for s in srcs[:2]):
                     found.append(line)
             elif not opcode.startswith(("ld.param", "ld.global", "ld.shared")):
                 for src in srcs:
