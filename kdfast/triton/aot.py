@@ -570,6 +570,7 @@ def nvcc_command(source: str, arch: int, output: str) -> list[str]:
     includes = cpp_extension.include_paths(device_type="cuda") + _pip_cuda_include_dirs()
     root = repo_root() or os.path.dirname(os.path.dirname(source))
     cmd = [nvcc() or "nvcc", "--cubin", f"-arch=sm_{arch}", "-O3", "-std=c++20", "-DWITH_CUDA"]
+    cmd += ["-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C"]
     cmd += list(cpp_extension.COMMON_NVCC_FLAGS) + ["-Xptxas", "-v", "-w"]
     cmd += [f"-I{d}" for d in [*includes, os.path.join(root, "csrc")]]
     return cmd + ["-o", output, source]
