@@ -1,9 +1,10 @@
 """Theoretical occupancy of a GPU kernel from a table of per-SM limits (no GPU needed).
 
-The figures follow NVIDIA's CUDA occupancy calculator: registers are allocated per warp in
-units of 256, shared memory per block in units of 128 bytes plus 1 KiB reserved by the
-system per block, and a block's residency is limited by registers, shared memory, warps
-and blocks per SM. Sources: CUDA C++ Programming Guide, "Compute Capabilities" table
+The figures follow NVIDIA's occupancy calculator (the algorithm of the toolkit's
+``cuda_occupancy.h``): registers are allocated per warp in units of 256 within each of the
+SM's 4 sub-partitions, shared memory per block in units of 128 bytes plus 1 KiB reserved by
+the system per block, and a block's residency is limited by registers, shared memory,
+warps and blocks per SM. Sources: CUDA C++ Programming Guide, "Compute Capabilities" table
 (Technical Specifications per Compute Capability, 8.0 and 9.0), the NVIDIA A100 and
 H100 (Hopper) tuning guides, and ``cudaDevAttrReservedSharedMemoryPerBlock`` (1 KiB on
 both). Values are the architecture's; the SM counts are those of A100 SXM4 and H100 SXM5.
@@ -28,6 +29,7 @@ class SMLimits:
         max_registers_per_thread: the most a thread may use.
         max_registers_per_block: the most one block may use.
         register_unit: register allocation unit per warp.
+        sub_partitions: SM sub-partitions (register file split evenly between them).
         shared_per_sm: shared memory of one SM at the largest carve-out, bytes.
         max_shared_per_block: the most one block may use (opt-in), bytes.
         reserved_shared_per_block: shared memory the system reserves per block, bytes.
@@ -43,6 +45,7 @@ class SMLimits:
     max_registers_per_thread: int = 255
     max_registers_per_block: int = 64 * KiB
     register_unit: int = 256
+    sub_partitions: int = 4
     shared_per_sm: int = 228 * KiB
     max_shared_per_block: int = 227 * KiB
     reserved_shared_per_block: int = 1 * KiB
@@ -106,14 +109,16 @@ def occupancy(
         invalid = f"block of {threads_per_block} threads exceeds {lim.max_threads_per_block}"
     elif registers_per_thread > lim.max_registers_per_thread:
         invalid = f"{registers_per_thread} registers/thread exceed {lim.max_registers_per_thread}"
-    elif regs_per_warp * warps > lim.max_registers_per_block:
+    elif regs_per_warp * _round_up(warps, lim.sub_partitions) > lim.max_registers_per_block:
         invalid = f"{regs_per_warp * warps} registers/block exceed {lim.max_registers_per_block}"
     elif shared_per_block > lim.max_shared_per_block:
         invalid = f"{shared_per_block} B shared/block exceed {lim.max_shared_per_block}"
     by = {  # on a tie the first binding limit is named
         "warps": lim.max_warps_per_sm // warps,
         "blocks": lim.max_blocks_per_sm,
-        "registers": (lim.registers_per_sm // regs_per_warp) // warps,
+        "registers": (lim.registers_per_sm // lim.sub_partitions // regs_per_warp)
+        * lim.sub_partitions
+        // warps,
         "shared": lim.shared_per_sm // shared,
     }
     if invalid is not None:

@@ -124,6 +124,7 @@ def test_parse_ptxas_log():
         (90, 256, 64, 0, 4, "registers"),  # 50%
         (90, 128, 128, 0, 4, "registers"),  # 16 warps: 25%
         (90, 128, 255, 0, 2, "registers"),  # 8192 per warp: 8 warps
+        (90, 32, 96, 0, 20, "registers"),  # 3072 per warp: 5 warps in each of 4 partitions
         (90, 128, 16, 100 * 1024, 2, "shared"),  # (100 + 1 reserved) KiB of 228
         (80, 128, 16, 100 * 1024, 1, "shared"),  # of 164
         (80, 128, 16, 48 * 1024, 3, "shared"),  # 49 KiB blocks: 3 in 164
