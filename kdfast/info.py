@@ -106,7 +106,8 @@ def report() -> str:
     return "\n".join(lines)
 
 
-def _kernel_line(kind: str, r, error: str | None = None) -> str:
+def _kernel_line(kind: str, r, error: tuple[str, int, str] | None = None) -> str:
+    """One kernel row: resources and theoretical occupancy, or the compile error."""
     from kdfast.occupancy import LIMITS, occupancy
 
     name, arch = (r.name, r.arch) if error is None else error[:2]
