@@ -111,6 +111,7 @@ def test_kernel_compiles_within_budgets(module_spec, arch):
     compiled = aot.compile_spec(spec, arch)  # raises on a compile error
     r = compiled.resources
     assert spec.spill_budget == 0 or spec.why, f"{spec.name}: nonzero spill budget needs why"
+    assert spec.wgmma is not False or spec.why, f"{spec.name}: wgmma=False needs why"
     assert r.spills <= spec.spill_budget, (
         f"{module}.{spec.name} sm_{arch}: {r.spills} spill bytes > budget {spec.spill_budget}"
         f"\n{compiled.ptxas_log}"

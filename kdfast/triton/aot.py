@@ -94,7 +94,7 @@ class Resources:
         stack: stack frame per thread.
         shared: shared memory per block (static from ptxas plus Triton's dynamic).
         barriers: named barriers used.
-        threads: threads per block (0 when chosen at launch: CUDA kernels).
+        threads: threads per block (CUDA kernels: the source's ``kThreads``, else 0).
     """
 
     name: str
