@@ -10,6 +10,7 @@ See SPEC.md for the exact definitions.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 import kdfast.reference  # noqa: F401  (registers the reference backend)
@@ -24,6 +25,23 @@ from kdfast._validation import (
     check_same_device,
     check_tensor,
 )
+
+
+def _call(op: str, *args):
+    """``_dispatch.call`` with autocast disabled on the inputs' device.
+
+    Under ``torch.autocast`` a loss still computes its statistics in
+    promote_types(student, teacher, float32) (SPEC 0): autocast would otherwise run the
+    reference's matmuls (Gram matrices, angle cosines) in float16 / bfloat16, where RKD on
+    unnormalised features overflows and the angle loss loses 4 digits. Half inputs (e.g. the
+    outputs of autocast layers) are accepted as they are; the loss is float32.
+    """
+    device = args[0].device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        with torch.autocast(device, enabled=False):
+            return _dispatch.call(op, *args)
+    return _dispatch.call(op, *args)
+
 
 KD_REDUCTIONS = ("batchmean", "sum", "mean", "none")
 KD_TEACHER_KINDS = ("logits", "probs", "log_probs")
@@ -61,7 +79,7 @@ def kd_loss(
     check_choice("reduction", reduction, KD_REDUCTIONS)
     check_choice("teacher", teacher, KD_TEACHER_KINDS)
     mask = check_mask(mask, s.shape[0], s.device)
-    return _dispatch.call("kd_loss", s, t, float(temperature), reduction, mask, teacher)
+    return _call("kd_loss", s, t, float(temperature), reduction, mask, teacher)
 
 
 def per_sample_kl(
@@ -73,7 +91,7 @@ def per_sample_kl(
     """
     s, t = check_logit_pair(student_logits, teacher_logits)
     check_positive("temperature", temperature)
-    return _dispatch.call("per_sample_kl", s, t, float(temperature))
+    return _call("per_sample_kl", s, t, float(temperature))
 
 
 def dist_loss(
@@ -102,7 +120,7 @@ def dist_loss(
     if not isinstance(tau_squared, bool):
         raise TypeError(f"tau_squared must be a bool, got {type(tau_squared).__name__}")
     mask = check_mask(mask, s.shape[0], s.device)
-    return _dispatch.call(
+    return _call(
         "dist_loss", s, t, float(beta), float(gamma), float(tau), tau_squared, activation, mask
     )
 
@@ -114,7 +132,7 @@ def rkd_distance(student: Tensor, teacher: Tensor) -> Tensor:
     student (N, Ds, *) and teacher (N, Dt, *) are flattened to (N, -1); N >= 2.
     """
     s, t = check_feature_pair(student, teacher, 2, "rkd_distance")
-    return _dispatch.call("rkd_distance", s, t)
+    return _call("rkd_distance", s, t)
 
 
 def rkd_angle(student: Tensor, teacher: Tensor) -> Tensor:
@@ -123,7 +141,7 @@ def rkd_angle(student: Tensor, teacher: Tensor) -> Tensor:
     Park et al., CVPR 2019. student (N, Ds, *), teacher (N, Dt, *), flattened; N >= 3.
     """
     s, t = check_feature_pair(student, teacher, 3, "rkd_angle")
-    return _dispatch.call("rkd_angle", s, t)
+    return _call("rkd_angle", s, t)
 
 
 def vkd_loss(
@@ -152,7 +170,7 @@ def vkd_loss(
         raise ValueError(f"teacher must be non-empty, got shape {tuple(teacher.shape)}")
     if normalize in ("batch_standardize", "whiten") and b < 2:
         raise ValueError(f"normalize={normalize!r} needs a batch of at least 2, got shape {(b, d)}")
-    return _dispatch.call("vkd_loss", projected_student, teacher, normalize)
+    return _call("vkd_loss", projected_student, teacher, normalize)
 
 
 __all__ = ["kd_loss", "per_sample_kl", "dist_loss", "rkd_distance", "rkd_angle", "vkd_loss"]

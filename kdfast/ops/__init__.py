@@ -5,3 +5,8 @@ and declares them to the dispatcher; ops of backends that are unavailable are sk
 """
 
 from kdfast.ops import expm, rkd_distance  # noqa: F401
+
+# Keep last: derives autocast rules from every op registered above.
+from kdfast.ops import _autocast  # noqa: E402
+
+_autocast.register_all()
