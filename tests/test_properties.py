@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from public_api import OP_BACKENDS, PUBLIC_OPS
 
 import kdfast
+from kdfast import _dispatch
 from kdfast.sampling import PrioritizedReplayBuffer
 from kdfast.testing import rel_error
 
@@ -231,3 +232,25 @@ def test_deterministic_across_processes():
         for _ in range(2)
     ]
     assert runs[0] == runs[1]
+
+
+def test_nondeterministic_kernels_are_skipped_in_deterministic_mode():
+    """A kernel registered nondeterministic=True (atomics) yields to a deterministic one."""
+    op = "_test_determinism_op"
+    _dispatch.implement(op, "reference", lambda x: "reference")
+    _dispatch.implement(op, "cpp", lambda x: "atomic", nondeterministic=True)
+    try:
+        x = torch.zeros(1)
+        expected = "atomic" if _dispatch.BACKENDS["cpp"].unavailable is None else "reference"
+        assert _dispatch.call(op, x) == expected
+        previous = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            assert _dispatch.call(op, x) == "reference"
+            if expected == "atomic":
+                with kdfast.use_backend("cpp"), pytest.raises(RuntimeError, match="atomics"):
+                    _dispatch.call(op, x)
+        finally:
+            torch.use_deterministic_algorithms(previous)
+    finally:
+        del _dispatch._IMPLS[op]
