@@ -122,6 +122,7 @@ def dist_loss_global(
 
     s, t: this rank's validated (rows, C) logits; mask: optional bool (rows,). Equal to
     :func:`kdfast.reference.dist_loss` on the concatenation (rank order), up to rounding.
+    A rank may hold 0 rows.
     """
     from kdfast._validation import compute_dtype
     from kdfast.reference.dist_loss import COSINE_EPS, _pearson
@@ -132,6 +133,8 @@ def dist_loss_global(
         raise ValueError(
             f"dist_loss(gather=True): C must agree across ranks, got [rows, C] = {seen}"
         )
+    if sum(c[0] for c in counts) == 0:
+        raise ValueError("dist_loss(gather=True): the global batch is empty (0 rows on every rank)")
     dtype = compute_dtype(s, t)
     if activation == "sigmoid":
         ys, yt = torch.sigmoid(s.to(dtype) / tau), torch.sigmoid(t.to(dtype) / tau)

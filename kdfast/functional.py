@@ -126,17 +126,21 @@ def dist_loss(
 
     ``gather=True`` (torch.distributed initialised): the loss over the concatenated batch of
     every rank (both terms; the intra-class term from all-reduced per-column moments, no
-    logits are exchanged). Local batches may differ in size but must be non-empty and
-    share C. Gradients follow the DDP convention of :mod:`kdfast.distributed`.
+    logits are exchanged). Local batches may differ in size (even be empty) but must share
+    C; the global batch must be non-empty. Gradients follow the DDP convention of
+    :mod:`kdfast.distributed`.
     """
-    s, t = check_logit_pair(student_logits, teacher_logits)
+    gathered = gather and _distributed.is_distributed(process_group)
+    s, t = check_logit_pair(
+        student_logits, teacher_logits, ("student_logits", "teacher_logits"), gathered
+    )
     check_positive("tau", tau)
     beta, gamma = check_real("beta", beta), check_real("gamma", gamma)
     check_choice("activation", activation, DIST_ACTIVATIONS)
     if not isinstance(tau_squared, bool):
         raise TypeError(f"tau_squared must be a bool, got {type(tau_squared).__name__}")
     mask = check_mask(mask, s.shape[0], s.device)
-    if gather and _distributed.is_distributed(process_group):
+    if gathered:
         with _autocast_off(s.device):
             return _distributed.dist_loss_global(
                 s,

@@ -99,9 +99,13 @@ def _parity_worker(rank: int, world: int, init: str) -> None:
         5,
         5,
     )
-    # an empty rank: RKD pads for the all-gather
-    for make in (lambda g: losses.RKDLoss(gather=g), lambda g: losses.RKDAngleLoss(gather=g)):
-        _check_parity(make, SIZES_WITH_EMPTY[world], rank, world, 5, 3, True, seed=3)
+    # an empty rank: RKD pads for the all-gather, DIST sums nothing
+    for make, width in (
+        (lambda g: losses.RKDLoss(gather=g), 3),
+        (lambda g: losses.RKDAngleLoss(gather=g), 3),
+        (lambda g: losses.DISTLoss(tau=2.0, gather=g), 5),
+    ):
+        _check_parity(make, SIZES_WITH_EMPTY[world], rank, world, 5, width, True, seed=3)
     # gather=False stays local under torch.distributed
     s, t = _batch(4, 3, 10 + rank), _batch(4, 3, 20 + rank)
     assert kdfast.losses.RKDLoss()(s, t) == kdfast.losses.RKDLoss(gather=False)(s, t)
@@ -127,6 +131,8 @@ def _errors_worker(rank: int, world: int, init: str) -> None:
         losses.RKDLoss(gather=True)(s, _batch(3, 2, 1))
     with pytest.raises(ValueError, match="C must agree across ranks"):
         losses.DISTLoss(gather=True)(s, s)
+    with pytest.raises(ValueError, match="global batch is empty"):
+        losses.DISTLoss(gather=True)(one[:0], one[:0])
     # local validation still names the argument
     with pytest.raises(ValueError, match="same batch size"):
         losses.RKDLoss(gather=True)(_batch(3, 4, 0), _batch(2, 4, 0))
