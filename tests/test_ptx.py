@@ -39,7 +39,17 @@ def _kernels(ptx: str) -> dict[str, str]:
 def _ptx(source: str, out: str) -> str:
     from torch.utils.cpp_extension import include_paths
 
-    flags = [f"-I{p}" for p in [*include_paths("cuda"), sysconfig.get_paths()["include"]]]
+    dirs = [*include_paths("cuda"), sysconfig.get_paths()["include"]]
+    nvcc_home = os.path.dirname(os.path.dirname(os.path.realpath(shutil.which("nvcc"))))
+    dirs += [os.path.join(home, "include") for home in (nvcc_home, "/usr/local/cuda")]
+    try:  # pip CUDA headers (cusparse.h, ...) that ATen's CUDA headers include, as setup.py
+        import nvidia
+
+        for root in nvidia.__path__:
+            dirs += sorted(glob.glob(os.path.join(root, "*", "include")))
+    except ImportError:
+        pass
+    flags = [f"-I{d}" for d in dirs if os.path.isdir(d)]
     subprocess.run(
         [
             shutil.which("nvcc"),
