@@ -86,6 +86,10 @@ class Impl:
     devices: frozenset[str] | None = None
     dtypes: frozenset[torch.dtype] | None = None
     limit: Callable[..., str | None] | None = field(default=None, compare=False)
+    #: uses atomics or another run-to-run varying reduction order (GPU kernels): rejected
+    #: while ``torch.use_deterministic_algorithms(True)`` is on, so a deterministic backend
+    #: (ultimately the reference) runs instead.
+    nondeterministic: bool = False
 
 
 _IMPLS: dict[str, dict[str, Impl]] = {}
@@ -101,10 +105,13 @@ def implement(
     devices=None,
     dtypes=None,
     limit: Callable[..., str | None] | None = None,
+    nondeterministic: bool = False,
 ) -> None:
     """Register ``fn`` as ``op`` on ``backend``.
 
     ``limit(*args, **kwargs)`` may return a reason the inputs are out of range.
+    ``nondeterministic=True`` marks a kernel whose results vary run to run (atomics): it is
+    skipped under ``torch.use_deterministic_algorithms(True)``.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; known: {list(BACKENDS)}")
@@ -113,6 +120,7 @@ def implement(
         None if devices is None else frozenset(devices),
         None if dtypes is None else frozenset(dtypes),
         limit,
+        nondeterministic,
     )
 
 
@@ -137,6 +145,8 @@ def _rejection(op: str, name: str, device: str, dtypes, args, kwargs) -> str | N
         bad = [d for d in dtypes if dts is not None and d not in dts]
         if bad:
             return f"dtype {bad[0]} not supported"
+    if impl.nondeterministic and torch.are_deterministic_algorithms_enabled():
+        return "nondeterministic (atomics) and torch.use_deterministic_algorithms(True) is on"
     if impl.limit is not None and args is not None:
         return impl.limit(*args, **kwargs)
     return None

@@ -57,8 +57,16 @@ def as_rows(name: str, x: Tensor) -> Tensor:
     return x.movedim(1, -1).reshape(-1, x.shape[1])
 
 
-def check_logit_pair(student: Tensor, teacher: Tensor, names=("student_logits", "teacher_logits")):
-    """Validate a (student, teacher) logit pair and return both as (rows, C)."""
+def check_logit_pair(
+    student: Tensor,
+    teacher: Tensor,
+    names=("student_logits", "teacher_logits"),
+    allow_no_rows: bool = False,
+):
+    """Validate a (student, teacher) logit pair and return both as (rows, C).
+
+    ``allow_no_rows``: accept 0 rows (a rank's empty share of a gathered batch).
+    """
     sn, tn = names
     check_tensor(sn, student)
     check_tensor(tn, teacher)
@@ -71,7 +79,7 @@ def check_logit_pair(student: Tensor, teacher: Tensor, names=("student_logits", 
             f"and {tuple(teacher.shape)}"
         )
     s, t = as_rows(sn, student), as_rows(tn, teacher)
-    if s.shape[0] == 0 or s.shape[1] == 0:
+    if (s.shape[0] == 0 and not allow_no_rows) or s.shape[1] == 0:
         raise ValueError(f"{sn} must be non-empty, got shape {tuple(student.shape)}")
     return s, t
 

@@ -10,10 +10,14 @@ See SPEC.md for the exact definitions.
 
 from __future__ import annotations
 
+import contextlib
+
+import torch
 from torch import Tensor
 
 import kdfast.reference  # noqa: F401  (registers the reference backend)
 from kdfast import _dispatch
+from kdfast import distributed as _distributed
 from kdfast._validation import (
     check_choice,
     check_feature_pair,
@@ -24,6 +28,28 @@ from kdfast._validation import (
     check_same_device,
     check_tensor,
 )
+
+
+def _autocast_off(device: torch.device):
+    """A context disabling autocast on ``device`` when it is on (else a no-op).
+
+    Under ``torch.autocast`` a loss still computes its statistics in
+    promote_types(student, teacher, float32) (SPEC 0): autocast would otherwise run the
+    reference's matmuls (Gram matrices, angle cosines) in float16 / bfloat16, where RKD on
+    unnormalised features overflows and the angle loss loses 4 digits. Half inputs (e.g. the
+    outputs of autocast layers) are accepted as they are; the loss is float32.
+    """
+    kind = device.type
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+        return torch.autocast(kind, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _call(op: str, *args):
+    """``_dispatch.call`` with autocast disabled on the inputs' device."""
+    with _autocast_off(args[0].device):
+        return _dispatch.call(op, *args)
+
 
 KD_REDUCTIONS = ("batchmean", "sum", "mean", "none")
 KD_TEACHER_KINDS = ("logits", "probs", "log_probs")
@@ -61,7 +87,7 @@ def kd_loss(
     check_choice("reduction", reduction, KD_REDUCTIONS)
     check_choice("teacher", teacher, KD_TEACHER_KINDS)
     mask = check_mask(mask, s.shape[0], s.device)
-    return _dispatch.call("kd_loss", s, t, float(temperature), reduction, mask, teacher)
+    return _call("kd_loss", s, t, float(temperature), reduction, mask, teacher)
 
 
 def per_sample_kl(
@@ -73,7 +99,7 @@ def per_sample_kl(
     """
     s, t = check_logit_pair(student_logits, teacher_logits)
     check_positive("temperature", temperature)
-    return _dispatch.call("per_sample_kl", s, t, float(temperature))
+    return _call("per_sample_kl", s, t, float(temperature))
 
 
 def dist_loss(
@@ -85,6 +111,9 @@ def dist_loss(
     tau_squared: bool = True,
     activation: str = "softmax",
     mask: Tensor | None = None,
+    *,
+    gather: bool = False,
+    process_group=None,
 ) -> Tensor:
     """DIST: ``beta * tau^2 * inter + gamma * tau^2 * intra`` (SPEC 2).
 
@@ -94,36 +123,112 @@ def dist_loss(
     (or element-wise sigmoid with ``activation="sigmoid"``, the detection variant).
     ``tau_squared=False`` drops the tau^2 factor. Inputs (B, C) or (N, C, *); ``mask`` is a
     bool (rows,) keeping rows. Returns a scalar.
+
+    ``gather=True`` (torch.distributed initialised): the loss over the concatenated batch of
+    every rank (both terms; the intra-class term from all-reduced per-column moments, no
+    logits are exchanged). Local batches may differ in size (even be empty) but must share
+    C; the global batch must be non-empty. Gradients follow the DDP convention of
+    :mod:`kdfast.distributed`.
     """
-    s, t = check_logit_pair(student_logits, teacher_logits)
+    gathered = gather and _distributed.is_distributed(process_group)
+    s, t = check_logit_pair(
+        student_logits, teacher_logits, ("student_logits", "teacher_logits"), gathered
+    )
     check_positive("tau", tau)
     beta, gamma = check_real("beta", beta), check_real("gamma", gamma)
     check_choice("activation", activation, DIST_ACTIVATIONS)
     if not isinstance(tau_squared, bool):
         raise TypeError(f"tau_squared must be a bool, got {type(tau_squared).__name__}")
     mask = check_mask(mask, s.shape[0], s.device)
-    return _dispatch.call(
+    if gathered:
+        with _autocast_off(s.device):
+            return _distributed.dist_loss_global(
+                s,
+                t,
+                float(beta),
+                float(gamma),
+                float(tau),
+                tau_squared,
+                activation,
+                mask,
+                process_group,
+            )
+    return _call(
         "dist_loss", s, t, float(beta), float(gamma), float(tau), tau_squared, activation, mask
     )
 
 
-def rkd_distance(student: Tensor, teacher: Tensor) -> Tensor:
+def rkd_distance(
+    student: Tensor, teacher: Tensor, *, gather: bool = False, process_group=None
+) -> Tensor:
     """RKD distance loss (SPEC 1.2): SmoothL1 between mean-normalised pairwise distances.
 
     Park et al., "Relational Knowledge Distillation", CVPR 2019 (lenscloth/RKD).
     student (N, Ds, *) and teacher (N, Dt, *) are flattened to (N, -1); N >= 2.
+
+    ``gather=True`` (torch.distributed initialised): the loss over the concatenated batch of
+    every rank of ``process_group`` (local batches may differ in size, even be empty; N >= 2
+    applies to the global batch). Each rank's input gradient is world_size times the
+    single-process gradient of its slice, so that DDP's averaging gives the gradient of the
+    global loss (:mod:`kdfast.distributed`).
     """
-    s, t = check_feature_pair(student, teacher, 2, "rkd_distance")
-    return _dispatch.call("rkd_distance", s, t)
+    if gather and _distributed.is_distributed(process_group):
+        s, t, _, _ = gather_features(student, teacher, 2, "rkd_distance", process_group)
+    else:
+        s, t = check_feature_pair(student, teacher, 2, "rkd_distance")
+    return _call("rkd_distance", s, t)
 
 
-def rkd_angle(student: Tensor, teacher: Tensor) -> Tensor:
+def rkd_angle(
+    student: Tensor, teacher: Tensor, *, gather: bool = False, process_group=None
+) -> Tensor:
     """RKD angle loss (SPEC 1.3): SmoothL1 between all N^3 triplet angle cosines.
 
     Park et al., CVPR 2019. student (N, Ds, *), teacher (N, Dt, *), flattened; N >= 3.
+
+    ``gather=True``: over the global batch as in :func:`rkd_distance`; each rank evaluates
+    only the angles whose vertex is one of its own rows (N^3 / world_size work), and the
+    partial sums are all-reduced.
     """
+    if gather and _distributed.is_distributed(process_group):
+        s, t, start, stop = gather_features(student, teacher, 3, "rkd_angle", process_group)
+        return rkd_angle_global(s, t, start, stop, process_group)
     s, t = check_feature_pair(student, teacher, 3, "rkd_angle")
-    return _dispatch.call("rkd_angle", s, t)
+    return _call("rkd_angle", s, t)
+
+
+def gather_features(student: Tensor, teacher: Tensor, min_rows: int, what: str, group=None):
+    """Validate local features and all-gather them: (s_all, t_all, start, stop).
+
+    ``[start, stop)`` are this rank's rows in the global batch. Raises ValueError on every
+    rank when the widths differ across ranks or the global batch has fewer than
+    ``min_rows`` rows.
+    """
+    s, t = check_feature_pair(student, teacher, 0, what)
+    shapes = _distributed.shapes_of(s, s.shape[1], t.shape[1], group=group)
+    if len({tuple(shape[1:]) for shape in shapes}) != 1:
+        seen = ", ".join(f"rank {r}: {shape}" for r, shape in enumerate(shapes))
+        raise ValueError(
+            f"{what}(gather=True): student/teacher widths must agree across ranks, got "
+            f"[rows, student width, teacher width] = {seen}"
+        )
+    counts = [shape[0] for shape in shapes]
+    if sum(counts) < min_rows:
+        raise ValueError(
+            f"{what} needs at least {min_rows} samples in the global batch, got "
+            f"{sum(counts)} (local batch sizes {counts})"
+        )
+    rank = _distributed.dist.get_rank(group)
+    start = sum(counts[:rank])
+    s_all = _distributed.gather_rows(s, counts, group)
+    t_all = _distributed.gather_rows(t, counts, group)
+    return s_all, t_all, start, start + counts[rank]
+
+
+def rkd_angle_global(s_all: Tensor, t_all: Tensor, start: int, stop: int, group=None) -> Tensor:
+    """The angle loss of gathered features: this rank's vertices, all-reduced."""
+    partial = _call("rkd_angle_vertices", s_all, t_all, start, stop)
+    return _distributed.all_reduce_sum(partial, group)
 
 
 def vkd_loss(
@@ -152,7 +257,7 @@ def vkd_loss(
         raise ValueError(f"teacher must be non-empty, got shape {tuple(teacher.shape)}")
     if normalize in ("batch_standardize", "whiten") and b < 2:
         raise ValueError(f"normalize={normalize!r} needs a batch of at least 2, got shape {(b, d)}")
-    return _dispatch.call("vkd_loss", projected_student, teacher, normalize)
+    return _call("vkd_loss", projected_student, teacher, normalize)
 
 
 __all__ = ["kd_loss", "per_sample_kl", "dist_loss", "rkd_distance", "rkd_angle", "vkd_loss"]

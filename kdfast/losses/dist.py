@@ -25,6 +25,13 @@ class DISTLoss(nn.Module):
             False matches the segmentation / detection code (no tau factor).
         activation: "softmax" over the class dim (default) or element-wise "sigmoid"
             (detection heads).
+        gather: False (default) computes over the local batch. True, when torch.distributed
+            is initialised, computes over the concatenated batch of every rank: per-column
+            moments are all-reduced (length 5C + 2 in two rounds), no logits are gathered.
+            Each rank's input gradient is world_size times the single-process gradient of
+            its slice, so DDP's averaging gives the global-batch parameter gradients
+            (:mod:`kdfast.distributed`).
+        process_group: the group to reduce over (default: the world).
 
     Shapes:
         student, teacher: (B, C) or (N, C, *) logits, class dim 1; (N, C, *) is treated as
@@ -43,8 +50,15 @@ class DISTLoss(nn.Module):
         tau: float = 1.0,
         tau_squared: bool = True,
         activation: str = "softmax",
+        *,
+        gather: bool = False,
+        process_group=None,
     ) -> None:
         super().__init__()
+        if not isinstance(gather, bool):
+            raise TypeError(f"gather must be a bool, got {type(gather).__name__}")
+        self.gather = gather
+        self.process_group = process_group
         for name, weight in (("beta", beta), ("gamma", gamma)):
             if not isinstance(weight, (int, float)) or isinstance(weight, bool):
                 raise TypeError(f"{name} must be a real number, got {weight!r}")
@@ -68,10 +82,13 @@ class DISTLoss(nn.Module):
             self.tau_squared,
             self.activation,
             mask,
+            gather=self.gather,
+            process_group=self.process_group,
         )
 
     def extra_repr(self) -> str:
         return (
             f"beta={self.beta}, gamma={self.gamma}, tau={self.tau}, "
-            f"tau_squared={self.tau_squared}, activation={self.activation!r}"
+            f"tau_squared={self.tau_squared}, activation={self.activation!r}, "
+            f"gather={self.gather}"
         )

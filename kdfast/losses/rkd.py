@@ -12,28 +12,58 @@ import math
 
 from torch import Tensor, nn
 
-from kdfast import functional
+from kdfast import distributed, functional
+
+_GATHER_DOC = """
+    gather: False (default) computes over the local batch. True, when torch.distributed is
+        initialised, computes over the concatenated batch of every rank (local batch sizes
+        may differ; N limits apply to the global batch); each rank's input gradient is then
+        world_size times the single-process gradient of its slice, so that after DDP's
+        gradient averaging the parameter gradients equal one process on the whole batch
+        (:mod:`kdfast.distributed`). Without torch.distributed it is the local loss.
+    process_group: the group to gather over (default: the world)."""
 
 
-class RKDDistanceLoss(nn.Module):
-    """Distance-wise RKD: SmoothL1 between mean-normalised pairwise distances (SPEC 1.2).
+class _Gathering(nn.Module):
+    def __init__(self, gather: bool = False, process_group=None) -> None:
+        super().__init__()
+        if not isinstance(gather, bool):
+            raise TypeError(f"gather must be a bool, got {type(gather).__name__}")
+        self.gather = gather
+        self.process_group = process_group
+
+    def _kwargs(self) -> dict:
+        return {"gather": self.gather, "process_group": self.process_group}
+
+
+class RKDDistanceLoss(_Gathering):
+    __doc__ = (
+        """Distance-wise RKD: SmoothL1 between mean-normalised pairwise distances (SPEC 1.2).
 
     forward(student (N, Ds, *), teacher (N, Dt, *)) -> scalar; inputs are flattened to
     (N, -1), N >= 2. Invariant to translating or scaling either set.
-    """
+
+    Args:"""
+        + _GATHER_DOC
+    )
 
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
-        return functional.rkd_distance(student, teacher)
+        return functional.rkd_distance(student, teacher, **self._kwargs())
 
 
-class RKDAngleLoss(nn.Module):
-    """Angle-wise RKD: SmoothL1 between the cosines of all N^3 triplet angles (SPEC 1.3).
+class RKDAngleLoss(_Gathering):
+    __doc__ = (
+        """Angle-wise RKD: SmoothL1 between the cosines of all N^3 triplet angles (SPEC 1.3).
 
-    forward(student (N, Ds, *), teacher (N, Dt, *)) -> scalar; N >= 3.
-    """
+    forward(student (N, Ds, *), teacher (N, Dt, *)) -> scalar; N >= 3. With gather=True each
+    rank evaluates the angles at its own vertices (N^3 / world_size work).
+
+    Args:"""
+        + _GATHER_DOC
+    )
 
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
-        return functional.rkd_angle(student, teacher)
+        return functional.rkd_angle(student, teacher, **self._kwargs())
 
 
 def _check_weight(name: str, value: float) -> float:
@@ -44,7 +74,7 @@ def _check_weight(name: str, value: float) -> float:
     return float(value)
 
 
-class RKDLoss(nn.Module):
+class RKDLoss(_Gathering):
     """RKD: distance_weight * L_D + angle_weight * L_A (Park et al., CVPR 2019; SPEC 1.4).
 
     Args:
@@ -52,20 +82,31 @@ class RKDLoss(nn.Module):
             recipe; 25 in the classification recipe). 0 skips the term.
         angle_weight: weight of the angle term (default 2.0; 50 for classification). 0 skips
             the term, and then a batch of N = 2 is accepted (an angle needs 3 points).
+        gather, process_group: as for :class:`RKDDistanceLoss`; the features are gathered
+            once for both terms.
 
     forward(student (N, Ds, *), teacher (N, Dt, *)) -> scalar in
     promote_types(student, teacher, float32). The teacher is differentiated when it
     requires grad (SPEC 0).
     """
 
-    def __init__(self, distance_weight: float = 1.0, angle_weight: float = 2.0) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        distance_weight: float = 1.0,
+        angle_weight: float = 2.0,
+        *,
+        gather: bool = False,
+        process_group=None,
+    ) -> None:
+        super().__init__(gather, process_group)
         self.distance_weight = _check_weight("distance_weight", distance_weight)
         self.angle_weight = _check_weight("angle_weight", angle_weight)
         if self.distance_weight == 0 and self.angle_weight == 0:
             raise ValueError("RKDLoss needs distance_weight or angle_weight > 0, got both 0")
 
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
+        if self.gather and distributed.is_distributed(self.process_group):
+            return self._forward_gathered(student, teacher)
         terms = []
         if self.distance_weight != 0:
             terms.append(self.distance_weight * functional.rkd_distance(student, teacher))
@@ -73,5 +114,21 @@ class RKDLoss(nn.Module):
             terms.append(self.angle_weight * functional.rkd_angle(student, teacher))
         return terms[0] if len(terms) == 1 else terms[0] + terms[1]
 
+    def _forward_gathered(self, student: Tensor, teacher: Tensor) -> Tensor:
+        min_rows = 3 if self.angle_weight != 0 else 2
+        s, t, start, stop = functional.gather_features(
+            student, teacher, min_rows, "RKDLoss", self.process_group
+        )
+        terms = []
+        if self.distance_weight != 0:
+            terms.append(self.distance_weight * functional._call("rkd_distance", s, t))
+        if self.angle_weight != 0:
+            angle = functional.rkd_angle_global(s, t, start, stop, self.process_group)
+            terms.append(self.angle_weight * angle)
+        return terms[0] if len(terms) == 1 else terms[0] + terms[1]
+
     def extra_repr(self) -> str:
-        return f"distance_weight={self.distance_weight}, angle_weight={self.angle_weight}"
+        return (
+            f"distance_weight={self.distance_weight}, angle_weight={self.angle_weight}, "
+            f"gather={self.gather}"
+        )

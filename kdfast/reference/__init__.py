@@ -9,7 +9,7 @@ and return the loss in promote_types(student, teacher, float32).
 from kdfast import _dispatch
 from kdfast.reference.dist_loss import dist_loss
 from kdfast.reference.kd_loss import kd_loss, per_sample_kl
-from kdfast.reference.rkd_angle import rkd_angle
+from kdfast.reference.rkd_angle import rkd_angle, rkd_angle_vertices
 from kdfast.reference.rkd_distance import rkd_distance
 from kdfast.reference.vkd_loss import vkd_loss
 
@@ -19,6 +19,7 @@ REFERENCE_OPS = {
     "dist_loss": dist_loss,
     "rkd_distance": rkd_distance,
     "rkd_angle": rkd_angle,
+    "rkd_angle_vertices": rkd_angle_vertices,
     "vkd_loss": vkd_loss,
 }
 

@@ -49,3 +49,30 @@ def rkd_angle(s: Tensor, t: Tensor) -> Tensor:
     """
     dtype = compute_dtype(s, t)
     return F.smooth_l1_loss(angles(s.to(dtype)), angles(t.to(dtype)), beta=1.0)
+
+
+def rkd_angle_vertices(s: Tensor, t: Tensor, start: int, stop: int) -> Tensor:
+    """The share of the RKD angle loss whose vertex i lies in ``[start, stop)``.
+
+    sum over i in [start, stop), all j, k of SmoothL1(A^s_ijk - A^t_ijk) / N^3: summed over
+    a partition of the vertices it is :func:`rkd_angle`. ``kdfast.functional.rkd_angle``
+    with ``gather=True`` gives each rank its own rows as vertices (N^3 / world_size work).
+
+    Args:
+        s: (N, Ds) student features of the whole (gathered) batch.
+        t: (N, Dt) teacher features.
+        start, stop: vertex range, 0 <= start <= stop <= N (may be empty: gives 0).
+
+    Returns:
+        Scalar in promote_types(s, t, float32).
+    """
+    dtype = compute_dtype(s, t)
+    n = s.shape[0]
+
+    def vertex_angles(x: Tensor) -> Tensor:
+        x = x.to(dtype)
+        e = F.normalize(x.unsqueeze(0) - x[start:stop].unsqueeze(1), p=2.0, dim=2)
+        return torch.bmm(e, e.transpose(1, 2))  # (stop - start, N, N)
+
+    diff = vertex_angles(s) - vertex_angles(t)
+    return F.smooth_l1_loss(diff, torch.zeros_like(diff), beta=1.0, reduction="sum") / n**3

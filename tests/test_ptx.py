@@ -1,0 +1,89 @@
+"""64-bit offsets in the CUDA kernels, checked on their PTX (issue 7).
+
+Compiles every csrc/cuda/*.cu to PTX (nvcc -ptx, compute_80) and checks each kernel body
+for the signature of 32-bit indexing: ``mul.wide.s32`` / ``mul.wide.u32`` turning a 32-bit
+*index register* into a byte offset (``int i = blockIdx.x * blockDim.x + threadIdx.x;
+p[i]``). Kernels that compute their index as int64 (``static_cast<int64_t>(blockIdx.x) *
+blockDim.x + threadIdx.x``) widen only the block offset, with a constant-free multiply of
+two special registers; flagged here is a widening multiply by the element size (a literal
+2, 4 or 8), which is how nvcc forms a byte offset from a 32-bit index.
+
+Slow (several minutes of nvcc per file on a loaded machine) and needs nvcc: run in the CI
+stage that builds CUDA, ``pytest -m slow tests/test_ptx.py``.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sysconfig
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CUDA_SOURCES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+#: a 32-bit index scaled to a byte offset: mul.wide.{s,u}32 %rdN, %rM, <element size>
+NARROW_OFFSET = re.compile(r"mul\.wide\.[su]32\s+%rd\d+,\s*%r\d+,\s*(2|4|8|16);")
+
+
+def _kernels(ptx: str) -> dict[str, str]:
+    bodies = {}
+    for match in re.finditer(r"\.entry\s+(\S+)\((.*?)\n\}", ptx, re.S):
+        bodies[match.group(1)] = match.group(2)
+    return bodies
+
+
+def _ptx(source: str, out: str) -> str:
+    from torch.utils.cpp_extension import include_paths
+
+    dirs = [*include_paths("cuda"), sysconfig.get_paths()["include"]]
+    nvcc_home = os.path.dirname(os.path.dirname(os.path.realpath(shutil.which("nvcc"))))
+    dirs += [os.path.join(home, "include") for home in (nvcc_home, "/usr/local/cuda")]
+    try:  # pip CUDA headers (cusparse.h, ...) that ATen's CUDA headers include, as setup.py
+        import nvidia
+
+        for root in nvidia.__path__:
+            dirs += sorted(glob.glob(os.path.join(root, "*", "include")))
+    except ImportError:
+        pass
+    flags = [f"-I{d}" for d in dirs if os.path.isdir(d)]
+    subprocess.run(
+        [
+            shutil.which("nvcc"),
+            "-ptx",
+            "-arch=compute_80",
+            "-std=c++20",
+            "--expt-relaxed-constexpr",
+            "-DWITH_CUDA",
+            *flags,
+            source,
+            "-o",
+            out,
+        ],
+        check=True,
+        capture_output=True,
+    )
+    with open(out) as f:
+        return f.read()
+
+
+def test_detector_flags_32_bit_indexing():
+    narrow = "mul.wide.s32 \t%rd4, %r5, 8;"
+    wide = "mul.wide.u32 \t%rd1, %r1, %r2;\nshl.b64 \t%rd4, %rd3, 3;"
+    assert NARROW_OFFSET.search(narrow) and not NARROW_OFFSET.search(wide)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
+@pytest.mark.parametrize("source", CUDA_SOURCES, ids=os.path.basename)
+def test_cuda_kernels_use_64_bit_offsets(source, tmp_path):
+    kernels = _kernels(_ptx(source, str(tmp_path / "out.ptx")))
+    assert kernels, f"no kernels found in the PTX of {source}"
+    for name, body in kernels.items():
+        bad = NARROW_OFFSET.findall(body)
+        assert not bad, (
+            f"{os.path.basename(source)}: kernel {name} forms offsets from 32-bit indices"
+        )
