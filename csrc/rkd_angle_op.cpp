@@ -43,7 +43,9 @@ at::Tensor angle_side_backward(const AngleSide& side, const AngleGradAccumulator
   grad_gram.diagonal().add_(acc.w.sum(1) + h.sum(1) + h.sum(0));
   // G = Xc Xc^T: dXc = (dG + dG^T) Xc; then the centring backward.
   at::Tensor grad_centred = at::mm(grad_gram + grad_gram.t(), side.centred);
-  grad_centred = (grad_centred - grad_centred.mean(0, /*keepdim=*/true)) * grad.to(at::kDouble);
+  const double n = static_cast<double>(side.centred.size(0));
+  grad_centred = (grad_centred - grad_centred.mean(0, /*keepdim=*/true)) *
+                 (grad.to(at::kDouble) / (n * n * n));
   return grad_centred.to(dtype);
 }
 

@@ -21,7 +21,7 @@ struct AngleSideMatrices {
 using AnglePairPass = void (*)(const at::Tensor& centred, AngleSideMatrices& side);
 
 // The N x N float64 matrices of one side that the triple loop accumulates (csrc/rkd_angle.h),
-// for the unit upstream gradient (g_ijk = SmoothL1'(A^s - A^t) / N^3, -g on the teacher):
+// for g_ijk = SmoothL1'(A^s - A^t) (-g on the teacher; the caller applies grad / N^3):
 //   m[j, k] = sum_i g r_ij r_ik,  w[i, j] = sum_k g r_ij r_ik,  p[i, j] = sum_k g A_ijk.
 // Undefined tensors when the side needs no gradient.
 struct AngleGradAccumulators {

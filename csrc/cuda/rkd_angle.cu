@@ -73,7 +73,7 @@ __global__ void loss_kernel(Sides v, double* __restrict__ out, int64_t n) {
 }
 
 // w[i, j] = sum_k g r_ij r_ik and p[i, j] = sum_k g A_ijk per side (null: not needed).
-__global__ void row_kernel(Sides v, double scale, double* __restrict__ ws, double* __restrict__ ps,
+__global__ void row_kernel(Sides v, double* __restrict__ ws, double* __restrict__ ps,
                            double* __restrict__ wt, double* __restrict__ pt, int64_t n) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= n * n) return;
@@ -83,7 +83,7 @@ __global__ void row_kernel(Sides v, double scale, double* __restrict__ ws, doubl
     for (int64_t k = 0; k < n; ++k) {
       double cs, ct;
       cosines(v, n, i, j, k, cs, ct);
-      const double g = smooth_l1_grad(cs - ct) * scale;
+      const double g = smooth_l1_grad(cs - ct);
       sws += g * v.rs[idx] * v.rs[i * n + k];
       sps += g * cs;
       swt -= g * v.rt[idx] * v.rt[i * n + k];
@@ -101,7 +101,7 @@ __global__ void row_kernel(Sides v, double scale, double* __restrict__ ws, doubl
 }
 
 // m[j, k] = sum_i g r_ij r_ik per side.
-__global__ void column_kernel(Sides v, double scale, double* __restrict__ ms,
+__global__ void column_kernel(Sides v, double* __restrict__ ms,
                               double* __restrict__ mt, int64_t n) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= n * n) return;
@@ -111,7 +111,7 @@ __global__ void column_kernel(Sides v, double scale, double* __restrict__ ms,
     if (v.rs[i * n + j] == 0.0 && v.rt[i * n + j] == 0.0) continue;
     double cs, ct;
     cosines(v, n, i, j, k, cs, ct);
-    const double g = smooth_l1_grad(cs - ct) * scale;
+    const double g = smooth_l1_grad(cs - ct);
     sms += g * v.rs[i * n + j] * v.rs[i * n + k];
     smt -= g * v.rt[i * n + j] * v.rt[i * n + k];
   }
@@ -153,15 +153,13 @@ at::Tensor triplet_forward_cuda(const AngleSideMatrices& student,
 void triplet_backward_cuda(const AngleSideMatrices& s, const AngleSideMatrices& t,
                            AngleGradAccumulators& student, AngleGradAccumulators& teacher) {
   const int64_t n = s.gram.size(0);
-  const double scale = 1.0 / (static_cast<double>(n) * static_cast<double>(n) *
-                              static_cast<double>(n));
   const Sides v = sides(s, t);
   const auto stream = at::cuda::getCurrentCUDAStream();
-  row_kernel<<<blocks_for(n), kThreads, 0, stream>>>(v, scale, ptr_or_null(student.w),
+  row_kernel<<<blocks_for(n), kThreads, 0, stream>>>(v, ptr_or_null(student.w),
                                                      ptr_or_null(student.p), ptr_or_null(teacher.w),
                                                      ptr_or_null(teacher.p), n);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  column_kernel<<<blocks_for(n), kThreads, 0, stream>>>(v, scale, ptr_or_null(student.m),
+  column_kernel<<<blocks_for(n), kThreads, 0, stream>>>(v, ptr_or_null(student.m),
                                                         ptr_or_null(teacher.m), n);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
