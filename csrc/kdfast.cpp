@@ -20,10 +20,18 @@ TORCH_LIBRARY_FRAGMENT(kdfast, m) {
   m.def(
       "rkd_distance_cpp_backward(Tensor grad, Tensor student, Tensor teacher, bool student_grad, "
       "bool teacher_grad) -> (Tensor, Tensor)");
+  m.def("rkd_angle_cpp(Tensor student, Tensor teacher) -> Tensor");
+  m.def(
+      "rkd_angle_cpp_backward(Tensor grad, Tensor student, Tensor teacher, bool student_grad, "
+      "bool teacher_grad) -> (Tensor, Tensor)");
 #ifdef WITH_CUDA
   m.def("rkd_distance_cuda(Tensor student, Tensor teacher) -> Tensor");
   m.def(
       "rkd_distance_cuda_backward(Tensor grad, Tensor student, Tensor teacher, bool student_grad, "
+      "bool teacher_grad) -> (Tensor, Tensor)");
+  m.def("rkd_angle_cuda(Tensor student, Tensor teacher) -> Tensor");
+  m.def(
+      "rkd_angle_cuda_backward(Tensor grad, Tensor student, Tensor teacher, bool student_grad, "
       "bool teacher_grad) -> (Tensor, Tensor)");
 #endif
 }

@@ -86,6 +86,11 @@ def setup_rkd_distance(size, device, dtype):
     return (lambda: kdfast.functional.rkd_distance(s, t)), [s]
 
 
+def setup_rkd_angle(size, device, dtype):
+    s, t = _feature_pair(size, device, dtype)
+    return (lambda: kdfast.functional.rkd_angle(s, t)), [s]
+
+
 def setup_vkd(size, device, dtype):
     b, ds, dt = size
     s, t = _feature_pair(size, device, dtype)
@@ -147,6 +152,14 @@ CASES: list[Case] = [
             "full": [(1024, 2048, 2048), (4096, 4096, 4096)],
         },
         setup_rkd,
+        _rkd_bytes,
+    ),
+    Case(
+        "rkd_angle",
+        "rkd_angle (N, Ds, Dt)",
+        "rkd_angle",
+        {"smoke": [(16, 32, 32)], "quick": [(128, 512, 512), (256, 2048, 2048)], "full": []},
+        setup_rkd_angle,
         _rkd_bytes,
     ),
     Case(

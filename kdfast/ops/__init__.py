@@ -4,7 +4,7 @@ Importing this package registers fake kernels and autograd for the ops that were
 and declares them to the dispatcher; ops of backends that are unavailable are skipped.
 """
 
-from kdfast.ops import _autocast, expm, rkd_distance  # noqa: F401
+from kdfast.ops import _autocast, expm, rkd_angle, rkd_distance  # noqa: F401
 
 # Keep last: derives autocast rules from every op registered by the imports above.
 _autocast.register_all()

@@ -46,3 +46,5 @@ if _extension.unavailable_reason() is None:
     _register("cpp", "cpu")
     if _extension.cuda_unavailable_reason() is None:
         _register("cuda", "cuda")
+if _dispatch.BACKENDS["triton"].unavailable is None:
+    import kdfast.triton.rkd_distance  # noqa: F401  (registers kdfast::rkd_distance_triton)

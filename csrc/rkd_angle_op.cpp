@@ -1,0 +1,86 @@
+#include "rkd_angle_op.h"
+
+namespace kdfast::rkd {
+namespace {
+
+// One side: centred rows (float64 for every input dtype: products of float32 values are
+// exact in float64, SPEC 1.5; never TF32), their Gram matrix and the inverse pair norms.
+struct AngleSide {
+  at::Tensor centred;
+  AngleSideMatrices m;
+};
+
+AngleSide make_angle_side(const at::Tensor& x, const AngleKernels& kernels) {
+  const at::Tensor x64 = x.to(at::kDouble);
+  AngleSide side;
+  side.centred = (x64 - x64.mean(0, /*keepdim=*/true)).contiguous();
+  side.m.gram = at::mm(side.centred, side.centred.t()).contiguous();
+  side.m.inv_norm = at::empty_like(side.m.gram);
+  side.m.norm_active = at::empty_like(side.m.gram);
+  side.m.d2_fix = at::empty_like(side.m.gram);
+  kernels.pairs(side.centred, side.m);
+  return side;
+}
+
+at::ScalarType angle_loss_dtype(const at::Tensor& s, const at::Tensor& t) {
+  return at::promote_types(at::promote_types(s.scalar_type(), t.scalar_type()), at::kFloat);
+}
+
+AngleGradAccumulators make_accumulators(const at::Tensor& gram, bool needed) {
+  if (!needed) return {};
+  return {at::zeros_like(gram), at::zeros_like(gram), at::zeros_like(gram)};
+}
+
+// dL/dX of one side from its accumulators (csrc/rkd_angle.h), times the upstream gradient.
+at::Tensor angle_side_backward(const AngleSide& side, const AngleGradAccumulators& acc,
+                               const at::Tensor& grad, at::ScalarType dtype) {
+  // Through the cosines' numerators: dG_jk += m, dG_ij -= 2 w, dG_ii += rowsum(w).
+  at::Tensor grad_gram = acc.m - 2.0 * acc.w;
+  // Through the norms: h_ij = dL/dD2_ij = -r_ij^2 p_ij (zero where clamped or degenerate);
+  // D2_ij = G_ii + G_jj - 2 G_ij.
+  const at::Tensor h = -(side.m.inv_norm * side.m.inv_norm) * acc.p * side.m.norm_active;
+  grad_gram -= 2.0 * h;
+  grad_gram.diagonal().add_(acc.w.sum(1) + h.sum(1) + h.sum(0));
+  // G = Xc Xc^T: dXc = (dG + dG^T) Xc; then the centring backward.
+  at::Tensor grad_centred = at::mm(grad_gram + grad_gram.t(), side.centred);
+  const double n = static_cast<double>(side.centred.size(0));
+  grad_centred = (grad_centred - grad_centred.mean(0, /*keepdim=*/true)) *
+                 (grad.to(at::kDouble) / (n * n * n));
+  return grad_centred.to(dtype);
+}
+
+}  // namespace
+
+at::Tensor angle_loss(const at::Tensor& student, const at::Tensor& teacher,
+                      const AngleKernels& kernels) {
+  const int64_t n = student.size(0);
+  const AngleSide s = make_angle_side(student, kernels);
+  const AngleSide t = make_angle_side(teacher, kernels);
+  const at::Tensor partial = kernels.forward(s.m, t.m);
+  const double count = static_cast<double>(n) * static_cast<double>(n) * static_cast<double>(n);
+  return (partial.sum() / count).to(angle_loss_dtype(student, teacher));
+}
+
+std::tuple<at::Tensor, at::Tensor> angle_loss_backward(const at::Tensor& grad,
+                                                       const at::Tensor& student,
+                                                       const at::Tensor& teacher,
+                                                       bool student_grad, bool teacher_grad,
+                                                       const AngleKernels& kernels) {
+  if (!student_grad && !teacher_grad) {
+    return {at::empty({0}, student.options()), at::empty({0}, teacher.options())};
+  }
+  const AngleSide s = make_angle_side(student, kernels);
+  const AngleSide t = make_angle_side(teacher, kernels);
+  AngleGradAccumulators acc_s = make_accumulators(s.m.gram, student_grad);
+  AngleGradAccumulators acc_t = make_accumulators(t.m.gram, teacher_grad);
+  kernels.backward(s.m, t.m, acc_s, acc_t);
+  at::Tensor grad_s = student_grad
+                          ? angle_side_backward(s, acc_s, grad, student.scalar_type())
+                          : at::empty({0}, student.options());
+  at::Tensor grad_t = teacher_grad
+                          ? angle_side_backward(t, acc_t, grad, teacher.scalar_type())
+                          : at::empty({0}, teacher.options());
+  return {grad_s, grad_t};
+}
+
+}  // namespace kdfast::rkd

@@ -1,0 +1,54 @@
+// The RKD angle op on ATen (device-generic): centring, the float64 Gram GEMMs, the pair
+// pass, the assembly of dL/dG and the GEMM back to the features. The streamed triple loops
+// are device kernels (csrc/cpu/rkd_angle.cpp, csrc/cuda/rkd_angle.cu) handed in as
+// functions. Nothing of size N^3 or N^2 D is stored.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+namespace kdfast::rkd {
+
+// One side's N x N float64 contiguous matrices: the Gram matrix of the centred rows; r_ij
+// (csrc/rkd_angle.h), 0 on the diagonal; norm_active = 1.0 where the gradient flows through
+// the norm, else 0.0; d2_fix = D2_ij - (G_ii + G_jj - 2 G_ij) for near pairs, else 0.
+struct AngleSideMatrices {
+  at::Tensor gram, inv_norm, norm_active, d2_fix;
+};
+
+// Fills inv_norm, norm_active and d2_fix from gram and the centred rows (N x D float64).
+using AnglePairPass = void (*)(const at::Tensor& centred, AngleSideMatrices& side);
+
+// The N x N float64 matrices of one side that the triple loop accumulates (csrc/rkd_angle.h),
+// for g_ijk = SmoothL1'(A^s - A^t) (-g on the teacher; the caller applies grad / N^3):
+//   m[j, k] = sum_i g r_ij r_ik,  w[i, j] = sum_k g r_ij r_ik,  p[i, j] = sum_k g A_ijk.
+// Undefined tensors when the side needs no gradient.
+struct AngleGradAccumulators {
+  at::Tensor m, w, p;
+};
+
+// Partial sums (float64, any shape) of SmoothL1(A^s_ijk - A^t_ijk) over all triplets.
+using AngleTripletForward = at::Tensor (*)(const AngleSideMatrices& student,
+                                           const AngleSideMatrices& teacher);
+using AngleTripletBackward = void (*)(const AngleSideMatrices& student,
+                                      const AngleSideMatrices& teacher,
+                                      AngleGradAccumulators& grad_student,
+                                      AngleGradAccumulators& grad_teacher);
+
+struct AngleKernels {
+  AnglePairPass pairs;
+  AngleTripletForward forward;
+  AngleTripletBackward backward;
+};
+
+at::Tensor angle_loss(const at::Tensor& student, const at::Tensor& teacher,
+                      const AngleKernels& kernels);
+
+std::tuple<at::Tensor, at::Tensor> angle_loss_backward(const at::Tensor& grad,
+                                                       const at::Tensor& student,
+                                                       const at::Tensor& teacher,
+                                                       bool student_grad, bool teacher_grad,
+                                                       const AngleKernels& kernels);
+
+}  // namespace kdfast::rkd

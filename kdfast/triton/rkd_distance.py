@@ -1,0 +1,182 @@
+"""Triton per-pair passes of the RKD distance loss (SPEC 1.2, 1.5) and the custom op
+``kdfast::rkd_distance_triton``.
+
+The launcher centres the rows and forms the Gram matrix G with a float64 GEMM through
+torch for every input dtype (SPEC 1.5: never TF32); the kernels work on tiles of pairs
+(i-block, j-block) of G in float64: distances D_ij with the clamp and the degenerate-pair
+rule, and dL/dD2 in the backward. Launchers accept CPU tensors (TRITON_INTERPRET=1).
+Import only when triton is importable.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from kdfast import _dispatch
+from kdfast._validation import compute_dtype
+from kdfast.ops._common import forbid_double_backward, grad_or_empty, scalar_like
+from kdfast.triton.aot import KernelSpec
+
+#: SPEC 1.5: a pair is degenerate when D2 <= 64 u (G_ii + G_jj), u = 2^-53 (float64).
+DEGENERATE = tl.constexpr(64.0 * 2.0**-53)
+#: Distances are clamped below at sqrt(1e-12) = 1e-6 (SPEC 1.1).
+MIN_D2 = tl.constexpr(1e-12)
+BLOCK = 32
+
+
+@triton.jit
+def _pair_distance(g_ptr, n, offs_i, offs_j):
+    """(distance tile, active tile) of pairs (offs_i, offs_j); active: the gradient flows."""
+    mask_i = offs_i < n
+    mask_j = offs_j < n
+    mask = mask_i[:, None] & mask_j[None, :]
+    g_ii = tl.load(g_ptr + offs_i.to(tl.int64) * n + offs_i, mask=mask_i, other=0.0)
+    g_jj = tl.load(g_ptr + offs_j.to(tl.int64) * n + offs_j, mask=mask_j, other=0.0)
+    g_ij = tl.load(g_ptr + offs_i.to(tl.int64)[:, None] * n + offs_j[None, :], mask=mask, other=0.0)
+    diag_sum = g_ii[:, None] + g_jj[None, :]
+    d2 = diag_sum - 2.0 * g_ij
+    degenerate = d2 <= diag_sum * DEGENERATE
+    min_d2 = tl.full(d2.shape, MIN_D2, tl.float64)
+    active = (d2 != d2) | ((~degenerate) & (d2 > min_d2))
+    dist = tl.sqrt(tl.where(active, d2, min_d2))
+    off_diagonal = offs_i[:, None] != offs_j[None, :]
+    return tl.where(off_diagonal, dist, 0.0), active & off_diagonal, mask
+
+
+@triton.jit
+def pair_forward_kernel(g_ptr, dist_ptr, n, BLOCK: tl.constexpr):
+    """dist[i, j] = clamped distance from G (float64, N x N contiguous); 0 on the diagonal."""
+    offs_i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs_j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    dist, active, mask = _pair_distance(g_ptr, n, offs_i, offs_j)
+    tl.store(dist_ptr + offs_i.to(tl.int64)[:, None] * n + offs_j[None, :], dist, mask=mask)
+
+
+@triton.jit
+def pair_backward_kernel(g_ptr, grad_dist_ptr, grad_d2_ptr, n, BLOCK: tl.constexpr):
+    """grad_d2[i, j] = dL/dD2_ij = dL/dD_ij / (2 D_ij) where the gradient flows, else 0."""
+    offs_i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs_j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    dist, active, mask = _pair_distance(g_ptr, n, offs_i, offs_j)
+    offsets = offs_i.to(tl.int64)[:, None] * n + offs_j[None, :]
+    grad_dist = tl.load(grad_dist_ptr + offsets, mask=mask, other=0.0)
+    safe = tl.where(active, dist, 1.0)
+    tl.store(grad_d2_ptr + offsets, tl.where(active, grad_dist / (2.0 * safe), 0.0), mask=mask)
+
+
+_PAIR_SIGNATURE = {"g_ptr": "*fp64", "dist_ptr": "*fp64", "n": "i32", "BLOCK": "constexpr"}
+AOT_SPECS = [
+    KernelSpec(
+        pair_forward_kernel,
+        _PAIR_SIGNATURE,
+        {"BLOCK": BLOCK},
+        label=f"fp64 BLOCK={BLOCK}",
+    ),
+    KernelSpec(
+        pair_backward_kernel,
+        {
+            "g_ptr": "*fp64",
+            "grad_dist_ptr": "*fp64",
+            "grad_d2_ptr": "*fp64",
+            "n": "i32",
+            "BLOCK": "constexpr",
+        },
+        {"BLOCK": BLOCK},
+        label=f"fp64 BLOCK={BLOCK}",
+    ),
+]
+
+
+def _grid(n: int) -> tuple[int, int]:
+    return (triton.cdiv(n, BLOCK), triton.cdiv(n, BLOCK))
+
+
+def centred_gram(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(centred rows, G = Xc Xc^T), both float64 (N x D, N x N contiguous)."""
+    x64 = x.to(torch.float64)
+    centred = x64 - x64.mean(dim=0, keepdim=True)
+    return centred, (centred @ centred.T).contiguous()
+
+
+def pair_distances(gram: Tensor) -> Tensor:
+    """(N, N) float64 clamped distances from the Gram matrix (Triton kernel)."""
+    n = gram.shape[0]
+    dist = torch.empty_like(gram)
+    pair_forward_kernel[_grid(n)](gram, dist, n, BLOCK=BLOCK)
+    return dist
+
+
+def _side(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    centred, gram = centred_gram(x)
+    dist = pair_distances(gram)
+    n = x.shape[0]
+    return centred, gram, dist, dist.sum() / (n * (n - 1))
+
+
+def _smooth_l1_parts(s: Tensor, t: Tensor):
+    _, _, dist_s, mean_s = _side(s)
+    _, _, dist_t, mean_t = _side(t)
+    return dist_s / mean_s - dist_t / mean_t
+
+
+@torch.library.custom_op("kdfast::rkd_distance_triton", mutates_args=())
+def rkd_distance_triton(student: Tensor, teacher: Tensor) -> Tensor:
+    """RKD distance loss (SPEC 1.2) with Triton pair kernels: scalar in
+    promote_types(student, teacher, float32). student (N, Ds), teacher (N, Dt), N >= 2."""
+    diff = _smooth_l1_parts(student, teacher)
+    loss = torch.nn.functional.smooth_l1_loss(diff, torch.zeros_like(diff), beta=1.0)
+    return loss.to(compute_dtype(student, teacher))
+
+
+def _side_backward(x: Tensor, grad_psi: Tensor) -> Tensor:
+    centred, gram, dist, mean = _side(x)
+    n = x.shape[0]
+    through_mean = (grad_psi * dist).sum() / (mean * mean * (n * (n - 1)))
+    grad_dist = grad_psi / mean - through_mean
+    grad_dist.fill_diagonal_(0.0)
+    grad_d2 = torch.empty_like(grad_dist)
+    pair_backward_kernel[_grid(n)](gram, grad_dist.contiguous(), grad_d2, n, BLOCK=BLOCK)
+    grad_centred = 4.0 * (grad_d2.sum(1, keepdim=True) * centred - grad_d2 @ centred)
+    return (grad_centred - grad_centred.mean(dim=0, keepdim=True)).to(x.dtype)
+
+
+@torch.library.custom_op("kdfast::rkd_distance_triton_backward", mutates_args=())
+def rkd_distance_triton_backward(
+    grad: Tensor, student: Tensor, teacher: Tensor, student_grad: bool, teacher_grad: bool
+) -> tuple[Tensor, Tensor]:
+    """(dL/dstudent, dL/dteacher); an empty (0,) tensor for a side that needs none."""
+    n = student.shape[0]
+    diff = _smooth_l1_parts(student, teacher)
+    grad_psi = diff.clamp(-1.0, 1.0) * (grad.to(torch.float64) / (n * n))
+    grad_s = _side_backward(student, grad_psi) if student_grad else student.new_empty((0,))
+    grad_t = _side_backward(teacher, -grad_psi) if teacher_grad else teacher.new_empty((0,))
+    return grad_s, grad_t
+
+
+def _register() -> None:
+    torch.library.register_fake("kdfast::rkd_distance_triton")(
+        lambda student, teacher: scalar_like(student, teacher)
+    )
+
+    @torch.library.register_fake("kdfast::rkd_distance_triton_backward")
+    def _(grad, student, teacher, student_grad, teacher_grad):
+        return grad_or_empty(student, student_grad), grad_or_empty(teacher, teacher_grad)
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def backward(ctx, grad):
+        student, teacher = ctx.saved_tensors
+        need_s, need_t = ctx.needs_input_grad
+        grad_s, grad_t = rkd_distance_triton_backward(grad, student, teacher, need_s, need_t)
+        return (grad_s if need_s else None, grad_t if need_t else None)
+
+    rkd_distance_triton.register_autograd(backward, setup_context=setup_context)
+    forbid_double_backward("kdfast::rkd_distance_triton_backward")
+    _dispatch.implement("rkd_distance", "triton", rkd_distance_triton)
+
+
+_register()
