@@ -4,4 +4,4 @@ Importing this package registers fake kernels and autograd for the ops that were
 and declares them to the dispatcher; ops of backends that are unavailable are skipped.
 """
 
-from kdfast.ops import expm, rkd_distance  # noqa: F401
+from kdfast.ops import dist_loss, expm, kd_loss, rkd_distance  # noqa: F401
