@@ -22,61 +22,70 @@ namespace {
 using rows::exp_approx;
 
 // Per-row values kept between the passes.
-enum RowField { kLseS, kLseT, kMeanS, kMeanT, kSaa, kSbb, kSab, kRowFields };
+// y = exp(z - max) * (1 / sum), bit-identical in both passes: the column centring
+// y - mean_col is exactly 0 for B = 1 and must stay so (it is divided by eps = 1e-8); a
+// float32 lse of extreme logits would also carry an error of 4e-6 into every y.
+enum RowField { kMaxS, kMaxT, kInvSumS, kInvSumT, kMeanS, kMeanT, kSaa, kSbb, kSab, kRowFields };
 // Per-column arrays: means, centred second moments, co-moment (then coefficients).
 enum ColField { kColMeanS, kColMeanT, kColM2S, kColM2T, kColC, kColFields };
 
-// y = softmax(u) (lse from `lse`, when given) or sigmoid(u).
+// y = softmax(u) or sigmoid(u); for softmax, max and 1 / sum into max_inv_sum[0], [2].
 template <typename acc_t>
-KDFAST_INLINE acc_t activate(const acc_t* u, int64_t n, bool sigmoid, acc_t* y) {
+KDFAST_INLINE void activate(const acc_t* u, int64_t n, bool sigmoid, acc_t* y,
+                            acc_t* max_inv_sum) {
   if (sigmoid) {
 #pragma omp simd
     for (int64_t c = 0; c < n; ++c) y[c] = acc_t(1) / (acc_t(1) + exp_approx(-u[c]));
-    return 0;
+    return;
   }
   const rows::Lse<acc_t> l = rows::exp_row(u, n, y);
-  const acc_t inv_sum = acc_t(1) / l.sum;
+  const acc_t inv_sum = static_cast<acc_t>(1.0 / l.sum);
 #pragma omp simd
   for (int64_t c = 0; c < n; ++c) y[c] *= inv_sum;
-  return l.lse();
+  max_inv_sum[0] = l.max;
+  max_inv_sum[2] = inv_sum;
 }
 
 // Pass 1 on one row: activations into ys / yt, row statistics into `stats`, and the
 // Welford update (the block's k-th kept row) of the block's column moments `col`.
 template <typename acc_t>
 KDFAST_INLINE void stats_row_impl(const acc_t* u, const acc_t* v, acc_t* ys, acc_t* yt,
-                                  int64_t n, bool sigmoid, acc_t k, acc_t* stats, acc_t* col) {
-  stats[kLseS] = activate(u, n, sigmoid, ys);
-  stats[kLseT] = activate(v, n, sigmoid, yt);
-  acc_t sum_s = 0, sum_t = 0;
+                                  int64_t n, bool sigmoid, double k, acc_t* stats, double* col) {
+  activate(u, n, sigmoid, ys, stats + kMaxS);
+  activate(v, n, sigmoid, yt, stats + kMaxT);
+  // Row sums in float64: a constant row then has its exact mean and a = 0 exactly (its
+  // Pearson term divides by |a| |b| + 1e-8).
+  double sum_s = 0, sum_t = 0;
 #pragma omp simd reduction(+ : sum_s, sum_t)
-  for (int64_t c = 0; c < n; ++c) sum_s += ys[c], sum_t += yt[c];
-  const acc_t mean_s = sum_s / acc_t(n), mean_t = sum_t / acc_t(n);
-  acc_t saa = 0, sbb = 0, sab = 0;
+  for (int64_t c = 0; c < n; ++c) sum_s += double(ys[c]), sum_t += double(yt[c]);
+  const acc_t mean_s = acc_t(sum_s / double(n)), mean_t = acc_t(sum_t / double(n));
+  double saa = 0, sbb = 0, sab = 0;
 #pragma omp simd reduction(+ : saa, sbb, sab)
   for (int64_t c = 0; c < n; ++c) {
     const acc_t a = ys[c] - mean_s, b = yt[c] - mean_t;
-    saa += a * a, sbb += b * b, sab += a * b;
+    saa += double(a * a), sbb += double(b * b), sab += double(a * b);
   }
   stats[kMeanS] = mean_s, stats[kMeanT] = mean_t;
-  stats[kSaa] = saa, stats[kSbb] = sbb, stats[kSab] = sab;
-  acc_t *ms = col + kColMeanS * n, *mt = col + kColMeanT * n, *m2s = col + kColM2S * n,
-        *m2t = col + kColM2T * n, *cst = col + kColC * n;
-  const acc_t inv_k = acc_t(1) / k;
+  stats[kSaa] = acc_t(saa), stats[kSbb] = acc_t(sbb), stats[kSab] = acc_t(sab);
+  // Column moments in float64 (Welford): columns of few rows are ill-conditioned.
+  double *ms = col + kColMeanS * n, *mt = col + kColMeanT * n, *m2s = col + kColM2S * n,
+         *m2t = col + kColM2T * n, *cst = col + kColC * n;
+  const double inv_k = 1.0 / k;
 #pragma omp simd
   for (int64_t c = 0; c < n; ++c) {
-    const acc_t dx = ys[c] - ms[c], dy = yt[c] - mt[c];
+    const double x = ys[c], y = yt[c];
+    const double dx = x - ms[c], dy = y - mt[c];
     ms[c] += dx * inv_k;
     mt[c] += dy * inv_k;
-    const acc_t ey = yt[c] - mt[c];
-    m2s[c] += dx * (ys[c] - ms[c]);
+    const double ey = y - mt[c];
+    m2s[c] += dx * (x - ms[c]);
     m2t[c] += dy * ey;
     cst[c] += dx * ey;
   }
 }
 
 KDFAST_CLONES void stats_row(const float* u, const float* v, float* ys, float* yt, int64_t n,
-                             bool sigmoid, float k, float* stats, float* col) {
+                             bool sigmoid, double k, float* stats, double* col) {
   stats_row_impl(u, v, ys, yt, n, sigmoid, k, stats, col);
 }
 void stats_row(const double* u, const double* v, double* ys, double* yt, int64_t n,
@@ -99,13 +108,14 @@ KDFAST_INLINE void grad_row_impl(const acc_t* u, const acc_t* v, acc_t* ys, acc_
   for (int side = 0; side < 2; ++side) {
     const acc_t* z = side == 0 ? u : v;
     acc_t* y = side == 0 ? ys : yt;
-    const acc_t lse = stats[side == 0 ? kLseS : kLseT];
+    const acc_t max = stats[side == 0 ? kMaxS : kMaxT];
+    const acc_t inv_sum = stats[side == 0 ? kInvSumS : kInvSumT];
     if (sigmoid) {
 #pragma omp simd
       for (int64_t c = 0; c < n; ++c) y[c] = acc_t(1) / (acc_t(1) + exp_approx(-z[c]));
     } else {
 #pragma omp simd
-      for (int64_t c = 0; c < n; ++c) y[c] = exp_approx(z[c] - lse);
+      for (int64_t c = 0; c < n; ++c) y[c] = exp_approx(z[c] - max) * inv_sum;
     }
   }
   const Pearson<acc_t> r = pearson(stats[kSaa], stats[kSbb], stats[kSab]);
@@ -120,15 +130,16 @@ KDFAST_INLINE void grad_row_impl(const acc_t* u, const acc_t* v, acc_t* ys, acc_
     const acc_t *k_col = side == 0 ? k_a : k_b;
     const acc_t mean_self = side == 0 ? mean_s : mean_t, mean_other = side == 0 ? mean_t : mean_s;
     const acc_t k_row = side == 0 ? r.k_a : r.k_b;
-    acc_t dot = 0;
-#pragma omp simd reduction(+ : dot)
+    double dot_sum = 0;
+#pragma omp simd reduction(+ : dot_sum)
     for (int64_t c = 0; c < n; ++c) {
       const acc_t row_part = (other[c] - mean_other) * r.inv_d - k_row * (y[c] - mean_self);
       const acc_t col_part =
           (other[c] - m_other[c]) * inv_d[c] - k_col[c] * (y[c] - m_self[c]);
       g[c] = w.row * row_part + w.col * col_part;
-      dot += g[c] * y[c];
+      dot_sum += double(g[c] * y[c]);
     }
+    const acc_t dot = acc_t(dot_sum);
     if (sigmoid) {
 #pragma omp simd
       for (int64_t c = 0; c < n; ++c) g[c] = g[c] * y[c] * (acc_t(1) - y[c]) * w.inv_tau;
@@ -170,7 +181,7 @@ double dist_rows(const at::Tensor& s, const at::Tensor& t, const bool* mask, con
   const int64_t blocks = std::min<int64_t>(rows, 2 * at::get_num_threads());
   const int64_t block_rows = (rows + blocks - 1) / blocks;
   std::vector<acc_t> stats(rows * kRowFields, acc_t(0));
-  std::vector<acc_t> col(blocks * kColFields * n, acc_t(0));
+  std::vector<double> col(blocks * kColFields * n, 0.0);
   std::vector<int64_t> count(blocks, 0);
   at::parallel_for(0, blocks, 1, [&](int64_t b_begin, int64_t b_end) {
     std::vector<acc_t> buffers(4 * n);
@@ -180,35 +191,40 @@ double dist_rows(const at::Tensor& s, const at::Tensor& t, const bool* mask, con
         if (!kept_row(i)) continue;
         rows::load_row(s_data + i * s_stride, n, inv_tau, u);
         rows::load_row(t_data + i * t_stride, n, inv_tau, v);
-        stats_row(u, v, ys, yt, n, o.sigmoid, acc_t(++count[b]), stats.data() + i * kRowFields,
+        stats_row(u, v, ys, yt, n, o.sigmoid, double(++count[b]), stats.data() + i * kRowFields,
                   col.data() + b * kColFields * n);
       }
     }
   });
   // Merge the blocks (Chan et al.), then turn the moments into Pearson coefficients.
-  acc_t* c0 = col.data();
-  acc_t total = acc_t(count[0]);
+  double* c0 = col.data();
+  double total = double(count[0]);
   for (int64_t b = 1; b < blocks; ++b) {
     if (count[b] == 0) continue;
-    const acc_t* cb = col.data() + b * kColFields * n;
+    const double* cb = col.data() + b * kColFields * n;
     for (int64_t c = 0; c < n; ++c) {
-      if (total == acc_t(0)) {
+      if (total == 0.0) {
         for (int f = 0; f < kColFields; ++f) c0[f * n + c] = cb[f * n + c];
         continue;
       }
-      merge_moments(total, acc_t(count[b]), c0[kColMeanS * n + c], c0[kColMeanT * n + c],
+      merge_moments(total, double(count[b]), c0[kColMeanS * n + c], c0[kColMeanT * n + c],
                     c0[kColM2S * n + c], c0[kColM2T * n + c], c0[kColC * n + c],
                     cb[kColMeanS * n + c], cb[kColMeanT * n + c], cb[kColM2S * n + c],
                     cb[kColM2T * n + c], cb[kColC * n + c]);
     }
-    total += acc_t(count[b]);
+    total += double(count[b]);
   }
   const int64_t kept = static_cast<int64_t>(total);
+  // Pass-2 column arrays in acc_t: means, then the Pearson coefficients.
+  std::vector<acc_t> coef(kColFields * n);
   double rho_cols = 0.0;
   for (int64_t c = 0; c < n; ++c) {
-    const Pearson<acc_t> p = pearson(c0[kColM2S * n + c], c0[kColM2T * n + c], c0[kColC * n + c]);
-    rho_cols += static_cast<double>(p.rho);
-    c0[kColM2S * n + c] = p.inv_d, c0[kColM2T * n + c] = p.k_a, c0[kColC * n + c] = p.k_b;
+    const Pearson<double> p = pearson(c0[kColM2S * n + c], c0[kColM2T * n + c], c0[kColC * n + c]);
+    rho_cols += p.rho;
+    coef[kColMeanS * n + c] = acc_t(c0[kColMeanS * n + c]);
+    coef[kColMeanT * n + c] = acc_t(c0[kColMeanT * n + c]);
+    coef[kColM2S * n + c] = acc_t(p.inv_d), coef[kColM2T * n + c] = acc_t(p.k_a);
+    coef[kColC * n + c] = acc_t(p.k_b);
   }
   double rho_rows = 0.0;
   for (int64_t i = 0; i < rows; ++i) {
@@ -239,7 +255,7 @@ double dist_rows(const at::Tensor& s, const at::Tensor& t, const bool* mask, con
       rows::load_row(s_data + i * s_stride, n, inv_tau, u);
       rows::load_row(t_data + i * t_stride, n, inv_tau, v);
       grad_row(u, v, ys, yt, gs_data ? gs : nullptr, gt_data ? gt : nullptr, n, o.sigmoid,
-               stats.data() + i * kRowFields, c0, w);
+               stats.data() + i * kRowFields, coef.data(), w);
       if (gs_data) rows::store_row(gs, n, acc_t(1), gs_data + i * n);
       if (gt_data) rows::store_row(gt, n, acc_t(1), gt_data + i * n);
     }

@@ -25,37 +25,47 @@ template <typename acc_t>
 KDFAST_INLINE acc_t kl_row_impl(acc_t* u, acc_t* v, acc_t* es, acc_t* et, int64_t n,
                                 Teacher kind, bool grad_s, bool grad_t) {
   const rows::Lse<acc_t> ls = rows::exp_row(u, n, es);
-  const acc_t lse_s = ls.lse();
+  // log p = (u - max) - log(sum): a float32 lse of extreme logits would be off by an ulp
+  // of ~60.
+  const double lse_s64 = ls.lse();
+  const acc_t max_s = ls.max, log_sum_s = static_cast<acc_t>(std::log(ls.sum));
   acc_t kl = 0, sum_pt = 0;
   // After these loops: u = log ps, v = pt, et = log pt.
   if (kind == Teacher::kLogits) {
     const rows::Lse<acc_t> lt = rows::exp_row(v, n, et);
-    const acc_t lse_t = lt.lse(), inv_sum_t = acc_t(1) / lt.sum;
-#pragma omp simd reduction(+ : kl, sum_pt)
+    const double lse_t64 = lt.lse();
+    const acc_t max_t = lt.max, log_sum_t = static_cast<acc_t>(std::log(lt.sum));
+    const acc_t inv_sum_t = acc_t(1.0 / lt.sum);
+    const acc_t dlse = static_cast<acc_t>(lse_s64 - lse_t64);
+    double kl_sum = 0.0;  // float64 sum: the terms cancel, rows can be long
+#pragma omp simd reduction(+ : kl_sum, sum_pt)
     for (int64_t c = 0; c < n; ++c) {
-      const acc_t log_ps = u[c] - lse_s, log_pt = v[c] - lse_t, pt = et[c] * inv_sum_t;
-      kl += pt * (log_pt - log_ps);
+      const acc_t log_ps = (u[c] - max_s) - log_sum_s, log_pt = (v[c] - max_t) - log_sum_t;
+      const acc_t pt = et[c] * inv_sum_t;
+      kl_sum += static_cast<double>(pt * ((v[c] - u[c]) + dlse));
       sum_pt += pt;
       u[c] = log_ps, v[c] = pt, et[c] = log_pt;
     }
+    kl = static_cast<acc_t>(kl_sum);
   } else if (kind == Teacher::kLogProbs) {
 #pragma omp simd reduction(+ : kl, sum_pt)
     for (int64_t c = 0; c < n; ++c) {
-      const acc_t log_ps = u[c] - lse_s, log_pt = v[c], pt = exp_approx(log_pt);
+      const acc_t log_ps = (u[c] - max_s) - log_sum_s, log_pt = v[c];
+      const acc_t pt = exp_approx(log_pt);
       kl += pt * (log_pt - log_ps);
       sum_pt += pt;
       u[c] = log_ps, v[c] = pt, et[c] = log_pt;
     }
   } else {
     for (int64_t c = 0; c < n; ++c) {
-      const acc_t log_ps = u[c] - lse_s, pt = v[c], log_pt = std::log(pt);
+      const acc_t log_ps = (u[c] - max_s) - log_sum_s, pt = v[c], log_pt = std::log(pt);
       kl += kl_term(pt, log_pt, log_ps, kind);
       sum_pt += pt;
       u[c] = log_ps, et[c] = log_pt;
     }
   }
   if (grad_s) {
-    const acc_t scale = sum_pt / ls.sum;
+    const acc_t scale = static_cast<acc_t>(sum_pt / ls.sum);
 #pragma omp simd
     for (int64_t c = 0; c < n; ++c) es[c] = es[c] * scale - v[c];
   }

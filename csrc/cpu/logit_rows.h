@@ -72,11 +72,14 @@ KDFAST_INLINE acc_t row_max(const acc_t* x, int64_t n) {
   return m;
 }
 
-// A shifted softmax denominator: exp(x - max) sums to `sum`; lse = max + log(sum).
+// A shifted softmax denominator: exp(x - max) sums to `sum`; lse = max + log(sum). The
+// sum and the lse are float64 (also for float32 rows): KL subtracts two lses, and their
+// float32 rounding alone was 1e-5 of a KL of 0.06 at C = 700.
 template <typename acc_t>
 struct Lse {
-  acc_t max, sum;
-  acc_t lse() const { return max + std::log(sum); }
+  acc_t max;
+  double sum;
+  double lse() const { return static_cast<double>(max) + std::log(sum); }
 };
 
 // out[c] = exp(x[c] - max(x)); NaN propagates, a +inf entry gives NaN (inf - inf) as
@@ -85,11 +88,11 @@ template <typename acc_t>
 KDFAST_INLINE Lse<acc_t> exp_row(const acc_t* x, int64_t n, acc_t* out) {
   acc_t m = row_max(x, n);
   if (m == -std::numeric_limits<acc_t>::infinity()) m = 0;
-  acc_t sum = 0;
+  double sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t c = 0; c < n; ++c) {
     out[c] = exp_approx(x[c] - m);
-    sum += out[c];
+    sum += static_cast<double>(out[c]);
   }
   return {m, sum};
 }
