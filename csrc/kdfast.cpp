@@ -24,6 +24,16 @@ TORCH_LIBRARY_FRAGMENT(kdfast, m) {
   m.def(
       "rkd_angle_cpp_backward(Tensor grad, Tensor student, Tensor teacher, bool student_grad, "
       "bool teacher_grad) -> (Tensor, Tensor)");
+  // Fused logit losses: the gradient is computed in the forward pass when the flags ask for
+  // it (set from torch.is_grad_enabled() and requires_grad); empty tensors otherwise.
+  m.def(
+      "kd_loss_cpp(Tensor student, Tensor teacher, float temperature, float loss_scale, "
+      "str reduction, Tensor? mask, str teacher_kind, bool compute_grad_student, "
+      "bool compute_grad_teacher) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "dist_loss_cpp(Tensor student, Tensor teacher, float beta, float gamma, float tau, "
+      "bool tau_squared, str activation, Tensor? mask, bool compute_grad_student, "
+      "bool compute_grad_teacher) -> (Tensor, Tensor, Tensor)");
 #ifdef WITH_CUDA
   m.def("rkd_distance_cuda(Tensor student, Tensor teacher) -> Tensor");
   m.def(

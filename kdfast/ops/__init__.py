@@ -4,7 +4,14 @@ Importing this package registers fake kernels and autograd for the ops that were
 and declares them to the dispatcher; ops of backends that are unavailable are skipped.
 """
 
-from kdfast.ops import _autocast, expm, rkd_angle, rkd_distance  # noqa: F401
+from kdfast.ops import (  # noqa: F401
+    _autocast,
+    dist_loss,
+    expm,
+    kd_loss,
+    rkd_angle,
+    rkd_distance,
+)
 
 # Keep last: derives autocast rules from every op registered by the imports above.
 _autocast.register_all()

@@ -30,3 +30,61 @@ def forbid_double_backward(op_name: str) -> None:
     torch.library.register_autograd(
         op_name, backward, setup_context=lambda ctx, inputs, output: None
     )
+
+
+def grad_flags(student: torch.Tensor, teacher: torch.Tensor) -> tuple[bool, bool]:
+    """(compute_grad_student, compute_grad_teacher) for ops that write the gradient in the
+    forward pass: only when grad mode is on and that input requires grad."""
+    enabled = torch.is_grad_enabled()
+    return enabled and student.requires_grad, enabled and teacher.requires_grad
+
+
+@torch.library.custom_op("kdfast::scale_saved_grad", mutates_args=())
+def scale_saved_grad(grad: torch.Tensor, saved: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
+    """``saved * grad``: the backward of an op that computed its gradient in the forward.
+
+    Args:
+        grad: () for a scalar loss, or (rows,) for a per-row loss (row i scales row i).
+        saved: (rows, C) gradient of the loss (of each row's loss) with grad = 1.
+        input: the differentiated input (rows, C); unused except as the autograd link, so
+            that differentiating this backward raises (once-differentiable).
+    """
+    scale = grad.reshape(-1, 1) if grad.dim() == 1 else grad
+    return (saved * scale).to(input.dtype)
+
+
+@scale_saved_grad.register_fake
+def _(grad: torch.Tensor, saved: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
+    return saved.new_empty(saved.shape, dtype=input.dtype)
+
+
+forbid_double_backward("kdfast::scale_saved_grad")
+
+
+def saved_grad_backward(ctx, grad: torch.Tensor, saved_names=("student", "teacher")):
+    """Backward of a (loss, grad_student, grad_teacher) op: scale the saved gradients.
+
+    ``ctx`` holds (grad_student, grad_teacher, student, teacher) from setup_context; returns
+    the gradients of the first two inputs (None for inputs that need none).
+    """
+    grad_s, grad_t, student, teacher = ctx.saved_tensors
+    out = []
+    for i, (saved, x) in enumerate(((grad_s, student), (grad_t, teacher))):
+        if not ctx.needs_input_grad[i]:
+            out.append(None)
+            continue
+        if saved.numel() == 0 and x.numel() != 0:
+            raise RuntimeError(
+                f"the {saved_names[i]} gradient was not computed in the forward pass (it was "
+                "called under no_grad or with compute_grad_{saved_names[i]}=False)"
+            )
+        out.append(scale_saved_grad(grad, saved, x))
+    return tuple(out)
+
+
+def setup_saved_grad(ctx, inputs, output) -> None:
+    """setup_context of a (loss, grad_student, grad_teacher) op whose first two inputs are
+    (student, teacher)."""
+    _, grad_s, grad_t = output
+    ctx.mark_non_differentiable(grad_s, grad_t)
+    ctx.save_for_backward(grad_s, grad_t, inputs[0], inputs[1])

@@ -1,0 +1,303 @@
+// CPU fused DIST (SPEC 2) in the minimum passes: pass 1 reads each row once (row
+// log-sum-exps, row correlation sums, per-block column moments by Welford, blocks merged
+// with Chan-Golub-LeVeque); pass 2 reads each row once more and, from a per-thread row
+// buffer, computes <g, y> and writes the gradient (passes 2 and 3 of SPEC 2 share one
+// read). 2 reads of each input, 1 write per gradient, no (rows, C) temporaries.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "../dist_loss.h"
+#include "logit_rows.h"
+
+namespace kdfast::dist {
+namespace {
+
+using rows::exp_approx;
+
+// Per-row values kept between the passes.
+// y = exp(z - max) * (1 / sum), bit-identical in both passes: the column centring
+// y - mean_col is exactly 0 for B = 1 and must stay so (it is divided by eps = 1e-8); a
+// float32 lse of extreme logits would also carry an error of 4e-6 into every y.
+enum RowField { kMaxS, kMaxT, kInvSumS, kInvSumT, kMeanS, kMeanT, kSaa, kSbb, kSab, kRowFields };
+// Per-column arrays: means, centred second moments, co-moment (then coefficients).
+enum ColField { kColMeanS, kColMeanT, kColM2S, kColM2T, kColC, kColFields };
+
+// y = softmax(u) or sigmoid(u); for softmax, max and 1 / sum into max_inv_sum[0], [2].
+template <typename acc_t>
+KDFAST_INLINE void activate(const acc_t* u, int64_t n, bool sigmoid, acc_t* y,
+                            acc_t* max_inv_sum) {
+  if (sigmoid) {
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) y[c] = acc_t(1) / (acc_t(1) + exp_approx(-u[c]));
+    return;
+  }
+  const rows::Lse<acc_t> l = rows::exp_row(u, n, y);
+  const acc_t inv_sum = static_cast<acc_t>(1.0 / l.sum);
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) y[c] *= inv_sum;
+  max_inv_sum[0] = l.max;
+  max_inv_sum[2] = inv_sum;
+}
+
+// Pass 1 on one row: activations into ys / yt, row statistics into `stats`, and the
+// Welford update (the block's k-th kept row) of the block's column moments `col`.
+template <typename acc_t>
+KDFAST_INLINE void stats_row_impl(const acc_t* u, const acc_t* v, acc_t* ys, acc_t* yt,
+                                  int64_t n, bool sigmoid, double k, acc_t* stats, double* col) {
+  activate(u, n, sigmoid, ys, stats + kMaxS);
+  activate(v, n, sigmoid, yt, stats + kMaxT);
+  // Row sums in float64: a constant row then has its exact mean and a = 0 exactly (its
+  // Pearson term divides by |a| |b| + 1e-8).
+  double sum_s = 0, sum_t = 0;
+#pragma omp simd reduction(+ : sum_s, sum_t)
+  for (int64_t c = 0; c < n; ++c) sum_s += double(ys[c]), sum_t += double(yt[c]);
+  const acc_t mean_s = acc_t(sum_s / double(n)), mean_t = acc_t(sum_t / double(n));
+  double saa = 0, sbb = 0, sab = 0;
+#pragma omp simd reduction(+ : saa, sbb, sab)
+  for (int64_t c = 0; c < n; ++c) {
+    const acc_t a = ys[c] - mean_s, b = yt[c] - mean_t;
+    saa += double(a * a), sbb += double(b * b), sab += double(a * b);
+  }
+  stats[kMeanS] = mean_s, stats[kMeanT] = mean_t;
+  stats[kSaa] = acc_t(saa), stats[kSbb] = acc_t(sbb), stats[kSab] = acc_t(sab);
+  // Column moments in float64 (Welford): columns of few rows are ill-conditioned.
+  double *ms = col + kColMeanS * n, *mt = col + kColMeanT * n, *m2s = col + kColM2S * n,
+         *m2t = col + kColM2T * n, *cst = col + kColC * n;
+  const double inv_k = 1.0 / k;
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) {
+    const double x = ys[c], y = yt[c];
+    const double dx = x - ms[c], dy = y - mt[c];
+    ms[c] += dx * inv_k;
+    mt[c] += dy * inv_k;
+    const double ey = y - mt[c];
+    m2s[c] += dx * (x - ms[c]);
+    m2t[c] += dy * ey;
+    cst[c] += dx * ey;
+  }
+}
+
+KDFAST_CLONES void stats_row(const float* u, const float* v, float* ys, float* yt, int64_t n,
+                             bool sigmoid, double k, float* stats, double* col) {
+  stats_row_impl(u, v, ys, yt, n, sigmoid, k, stats, col);
+}
+void stats_row(const double* u, const double* v, double* ys, double* yt, int64_t n,
+               bool sigmoid, double k, double* stats, double* col) {
+  stats_row_impl(u, v, ys, yt, n, sigmoid, k, stats, col);
+}
+
+// Weights of the two terms in the gradient: d loss / d rho_row and d loss / d rho_col.
+template <typename acc_t>
+struct Weights {
+  acc_t row, col, inv_tau;
+};
+
+// Pass 2 on one row: y from the saved lse, g = dL/dy, then dL/dz into gs / gt (per side,
+// when requested). `col` holds the column means and the Pearson coefficients.
+template <typename acc_t>
+KDFAST_INLINE void grad_row_impl(const acc_t* u, const acc_t* v, acc_t* ys, acc_t* yt,
+                                 acc_t* gs, acc_t* gt, int64_t n, bool sigmoid,
+                                 const acc_t* stats, const acc_t* col, Weights<acc_t> w) {
+  for (int side = 0; side < 2; ++side) {
+    const acc_t* z = side == 0 ? u : v;
+    acc_t* y = side == 0 ? ys : yt;
+    const acc_t max = stats[side == 0 ? kMaxS : kMaxT];
+    const acc_t inv_sum = stats[side == 0 ? kInvSumS : kInvSumT];
+    if (sigmoid) {
+#pragma omp simd
+      for (int64_t c = 0; c < n; ++c) y[c] = acc_t(1) / (acc_t(1) + exp_approx(-z[c]));
+    } else {
+#pragma omp simd
+      for (int64_t c = 0; c < n; ++c) y[c] = exp_approx(z[c] - max) * inv_sum;
+    }
+  }
+  const Pearson<acc_t> r = pearson(stats[kSaa], stats[kSbb], stats[kSab]);
+  const acc_t mean_s = stats[kMeanS], mean_t = stats[kMeanT];
+  const acc_t *ms = col + kColMeanS * n, *mt = col + kColMeanT * n;
+  const acc_t *inv_d = col + kColM2S * n, *k_a = col + kColM2T * n, *k_b = col + kColC * n;
+  for (int side = 0; side < 2; ++side) {
+    acc_t* g = side == 0 ? gs : gt;
+    if (g == nullptr) continue;
+    const acc_t *y = side == 0 ? ys : yt, *other = side == 0 ? yt : ys;
+    const acc_t *m_self = side == 0 ? ms : mt, *m_other = side == 0 ? mt : ms;
+    const acc_t *k_col = side == 0 ? k_a : k_b;
+    const acc_t mean_self = side == 0 ? mean_s : mean_t, mean_other = side == 0 ? mean_t : mean_s;
+    const acc_t k_row = side == 0 ? r.k_a : r.k_b;
+    double dot_sum = 0;
+#pragma omp simd reduction(+ : dot_sum)
+    for (int64_t c = 0; c < n; ++c) {
+      const acc_t row_part = (other[c] - mean_other) * r.inv_d - k_row * (y[c] - mean_self);
+      const acc_t col_part =
+          (other[c] - m_other[c]) * inv_d[c] - k_col[c] * (y[c] - m_self[c]);
+      g[c] = w.row * row_part + w.col * col_part;
+      dot_sum += double(g[c] * y[c]);
+    }
+    const acc_t dot = acc_t(dot_sum);
+    if (sigmoid) {
+#pragma omp simd
+      for (int64_t c = 0; c < n; ++c) g[c] = g[c] * y[c] * (acc_t(1) - y[c]) * w.inv_tau;
+    } else {
+#pragma omp simd
+      for (int64_t c = 0; c < n; ++c) g[c] = y[c] * (g[c] - dot) * w.inv_tau;
+    }
+  }
+}
+
+KDFAST_CLONES void grad_row(const float* u, const float* v, float* ys, float* yt, float* gs,
+                            float* gt, int64_t n, bool sigmoid, const float* stats,
+                            const float* col, Weights<float> w) {
+  grad_row_impl(u, v, ys, yt, gs, gt, n, sigmoid, stats, col, w);
+}
+void grad_row(const double* u, const double* v, double* ys, double* yt, double* gs, double* gt,
+              int64_t n, bool sigmoid, const double* stats, const double* col,
+              Weights<double> w) {
+  grad_row_impl(u, v, ys, yt, gs, gt, n, sigmoid, stats, col, w);
+}
+
+struct Options {
+  double beta, gamma, tau, scale;
+  bool sigmoid, grad_s, grad_t;
+};
+
+template <typename scalar_t>
+double dist_rows(const at::Tensor& s, const at::Tensor& t, const bool* mask, const Options& o,
+                 at::Tensor& grad_s, at::Tensor& grad_t) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t rows = s.size(0), n = s.size(1);
+  const int64_t s_stride = s.stride(0), t_stride = t.stride(0);
+  const scalar_t* s_data = s.const_data_ptr<scalar_t>();
+  const scalar_t* t_data = t.const_data_ptr<scalar_t>();
+  const acc_t inv_tau = acc_t(1.0 / o.tau);
+  auto kept_row = [&](int64_t i) { return mask == nullptr || mask[i]; };
+
+  // Pass 1: blocks of rows, each with its own column moments.
+  const int64_t blocks = std::min<int64_t>(rows, 2 * at::get_num_threads());
+  const int64_t block_rows = (rows + blocks - 1) / blocks;
+  std::vector<acc_t> stats(rows * kRowFields, acc_t(0));
+  std::vector<double> col(blocks * kColFields * n, 0.0);
+  std::vector<int64_t> count(blocks, 0);
+  at::parallel_for(0, blocks, 1, [&](int64_t b_begin, int64_t b_end) {
+    std::vector<acc_t> buffers(4 * n);
+    acc_t *u = buffers.data(), *v = u + n, *ys = v + n, *yt = ys + n;
+    for (int64_t b = b_begin; b < b_end; ++b) {
+      for (int64_t i = b * block_rows; i < std::min(rows, (b + 1) * block_rows); ++i) {
+        if (!kept_row(i)) continue;
+        rows::load_row(s_data + i * s_stride, n, inv_tau, u);
+        rows::load_row(t_data + i * t_stride, n, inv_tau, v);
+        stats_row(u, v, ys, yt, n, o.sigmoid, double(++count[b]), stats.data() + i * kRowFields,
+                  col.data() + b * kColFields * n);
+      }
+    }
+  });
+  // Merge the blocks (Chan et al.), then turn the moments into Pearson coefficients.
+  double* c0 = col.data();
+  double total = double(count[0]);
+  for (int64_t b = 1; b < blocks; ++b) {
+    if (count[b] == 0) continue;
+    const double* cb = col.data() + b * kColFields * n;
+    for (int64_t c = 0; c < n; ++c) {
+      if (total == 0.0) {
+        for (int f = 0; f < kColFields; ++f) c0[f * n + c] = cb[f * n + c];
+        continue;
+      }
+      merge_moments(total, double(count[b]), c0[kColMeanS * n + c], c0[kColMeanT * n + c],
+                    c0[kColM2S * n + c], c0[kColM2T * n + c], c0[kColC * n + c],
+                    cb[kColMeanS * n + c], cb[kColMeanT * n + c], cb[kColM2S * n + c],
+                    cb[kColM2T * n + c], cb[kColC * n + c]);
+    }
+    total += double(count[b]);
+  }
+  const int64_t kept = static_cast<int64_t>(total);
+  // Pass-2 column arrays in acc_t: means, then the Pearson coefficients.
+  std::vector<acc_t> coef(kColFields * n);
+  double rho_cols = 0.0;
+  for (int64_t c = 0; c < n; ++c) {
+    const Pearson<double> p = pearson(c0[kColM2S * n + c], c0[kColM2T * n + c], c0[kColC * n + c]);
+    rho_cols += p.rho;
+    coef[kColMeanS * n + c] = acc_t(c0[kColMeanS * n + c]);
+    coef[kColMeanT * n + c] = acc_t(c0[kColMeanT * n + c]);
+    coef[kColM2S * n + c] = acc_t(p.inv_d), coef[kColM2T * n + c] = acc_t(p.k_a);
+    coef[kColC * n + c] = acc_t(p.k_b);
+  }
+  double rho_rows = 0.0;
+  for (int64_t i = 0; i < rows; ++i) {
+    if (!kept_row(i)) continue;
+    const acc_t* st = stats.data() + i * kRowFields;
+    rho_rows += static_cast<double>(pearson(st[kSaa], st[kSbb], st[kSab]).rho);
+  }
+  const double kept_d = static_cast<double>(kept);
+  const double loss = o.beta * o.scale * (1.0 - rho_rows / kept_d) +
+                      o.gamma * o.scale * (1.0 - rho_cols / static_cast<double>(n));
+  if (!o.grad_s && !o.grad_t) return loss;
+
+  // Pass 2: gradients.
+  const Weights<acc_t> w{acc_t(-o.beta * o.scale / kept_d),
+                         acc_t(-o.gamma * o.scale / static_cast<double>(n)), inv_tau};
+  scalar_t* gs_data = o.grad_s ? grad_s.mutable_data_ptr<scalar_t>() : nullptr;
+  scalar_t* gt_data = o.grad_t ? grad_t.mutable_data_ptr<scalar_t>() : nullptr;
+  at::parallel_for(0, rows, rows::row_grain(n), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buffers(6 * n);
+    acc_t *u = buffers.data(), *v = u + n, *ys = v + n, *yt = ys + n, *gs = yt + n,
+          *gt = gs + n;
+    for (int64_t i = begin; i < end; ++i) {
+      if (!kept_row(i)) {
+        if (gs_data) rows::zero_row(n, gs_data + i * n);
+        if (gt_data) rows::zero_row(n, gt_data + i * n);
+        continue;
+      }
+      rows::load_row(s_data + i * s_stride, n, inv_tau, u);
+      rows::load_row(t_data + i * t_stride, n, inv_tau, v);
+      grad_row(u, v, ys, yt, gs_data ? gs : nullptr, gt_data ? gt : nullptr, n, o.sigmoid,
+               stats.data() + i * kRowFields, coef.data(), w);
+      if (gs_data) rows::store_row(gs, n, acc_t(1), gs_data + i * n);
+      if (gt_data) rows::store_row(gt, n, acc_t(1), gt_data + i * n);
+    }
+  });
+  return loss;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dist_loss_cpu(
+    const at::Tensor& student, const at::Tensor& teacher, double beta, double gamma, double tau,
+    bool tau_squared, c10::string_view activation, const std::optional<at::Tensor>& mask,
+    bool compute_grad_student, bool compute_grad_teacher) {
+  TORCH_CHECK(student.dim() == 2 && student.sizes() == teacher.sizes(),
+              "dist_loss_cpp: expected equal 2-D shapes, got ", student.sizes(), " and ",
+              teacher.sizes());
+  const std::string act(activation);
+  TORCH_CHECK(act == "softmax" || act == "sigmoid", "dist_loss_cpp: unknown activation ", act);
+  const at::ScalarType dtype =
+      at::promote_types(at::promote_types(student.scalar_type(), teacher.scalar_type()),
+                        at::kFloat);
+  // Mixed input dtypes compute on copies in the loss dtype (see kd_loss.cpp).
+  const bool mixed = student.scalar_type() != teacher.scalar_type();
+  const at::Tensor s = rows::unit_column_stride(mixed ? student.to(dtype) : student);
+  const at::Tensor t = rows::unit_column_stride(mixed ? teacher.to(dtype) : teacher);
+  const at::Tensor mask_c = mask.has_value() ? mask->contiguous() : at::Tensor();
+  const Options o{beta,          gamma, tau, tau_squared ? tau * tau : 1.0, act == "sigmoid",
+                  compute_grad_student, compute_grad_teacher};
+  at::Tensor grad_s = at::empty(o.grad_s ? s.sizes() : at::IntArrayRef{0}, s.options());
+  at::Tensor grad_t = at::empty(o.grad_t ? t.sizes() : at::IntArrayRef{0}, t.options());
+  double loss = 0.0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "dist_loss_cpp", [&] {
+    loss = dist_rows<scalar_t>(s, t, mask_c.defined() ? mask_c.const_data_ptr<bool>() : nullptr,
+                               o, grad_s, grad_t);
+  });
+  if (mixed) {
+    if (o.grad_s) grad_s = grad_s.to(student.scalar_type());
+    if (o.grad_t) grad_t = grad_t.to(teacher.scalar_type());
+  }
+  return {at::scalar_tensor(loss, s.options().dtype(dtype)), grad_s, grad_t};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(kdfast, CPU, m) { m.impl("dist_loss_cpp", &dist_loss_cpu); }
+
+}  // namespace kdfast::dist

@@ -1,0 +1,183 @@
+// CPU fused softmax + KL (SPEC 3): one read of each input row, one exp per element and
+// side, the gradient written in the same sweep when requested, per-thread row buffers only
+// (no (rows, C) temporaries, also for half inputs). Rows run in parallel.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "../kd_loss.h"
+#include "logit_rows.h"
+
+namespace kdfast::kd {
+namespace {
+
+using rows::exp_approx;
+
+// One row on acc_t buffers. Entry: u = zs / T; v = zt / T (logits) or the teacher values.
+// Returns KL; on exit es = T dKL/dzs (if grad_s) and et = T dKL/dzt (logits) or dKL/dzt
+// (probs, log-probs) (if grad_t). u, v are overwritten.
+template <typename acc_t>
+KDFAST_INLINE acc_t kl_row_impl(acc_t* u, acc_t* v, acc_t* es, acc_t* et, int64_t n,
+                                Teacher kind, bool grad_s, bool grad_t) {
+  const rows::Lse<acc_t> ls = rows::exp_row(u, n, es);
+  // log p = (u - max) - log(sum): a float32 lse of extreme logits would be off by an ulp
+  // of ~60.
+  const double lse_s64 = ls.lse();
+  const acc_t max_s = ls.max, log_sum_s = static_cast<acc_t>(std::log(ls.sum));
+  acc_t kl = 0, sum_pt = 0;
+  // After these loops: u = log ps, v = pt, et = log pt.
+  if (kind == Teacher::kLogits) {
+    const rows::Lse<acc_t> lt = rows::exp_row(v, n, et);
+    const double lse_t64 = lt.lse();
+    const acc_t max_t = lt.max, log_sum_t = static_cast<acc_t>(std::log(lt.sum));
+    const acc_t inv_sum_t = acc_t(1.0 / lt.sum);
+    const acc_t dlse = static_cast<acc_t>(lse_s64 - lse_t64);
+    double kl_sum = 0.0;  // float64 sum: the terms cancel, rows can be long
+#pragma omp simd reduction(+ : kl_sum, sum_pt)
+    for (int64_t c = 0; c < n; ++c) {
+      const acc_t log_ps = (u[c] - max_s) - log_sum_s, log_pt = (v[c] - max_t) - log_sum_t;
+      const acc_t pt = et[c] * inv_sum_t;
+      kl_sum += static_cast<double>(pt * ((v[c] - u[c]) + dlse));
+      sum_pt += pt;
+      u[c] = log_ps, v[c] = pt, et[c] = log_pt;
+    }
+    kl = static_cast<acc_t>(kl_sum);
+  } else if (kind == Teacher::kLogProbs) {
+#pragma omp simd reduction(+ : kl, sum_pt)
+    for (int64_t c = 0; c < n; ++c) {
+      const acc_t log_ps = (u[c] - max_s) - log_sum_s, log_pt = v[c];
+      const acc_t pt = exp_approx(log_pt);
+      kl += pt * (log_pt - log_ps);
+      sum_pt += pt;
+      u[c] = log_ps, v[c] = pt, et[c] = log_pt;
+    }
+  } else {
+    for (int64_t c = 0; c < n; ++c) {
+      const acc_t log_ps = (u[c] - max_s) - log_sum_s, pt = v[c], log_pt = std::log(pt);
+      kl += kl_term(pt, log_pt, log_ps, kind);
+      sum_pt += pt;
+      u[c] = log_ps, et[c] = log_pt;
+    }
+  }
+  if (grad_s) {
+    const acc_t scale = static_cast<acc_t>(sum_pt / ls.sum);
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) es[c] = es[c] * scale - v[c];
+  }
+  if (grad_t) {
+    for (int64_t c = 0; c < n; ++c) et[c] = teacher_grad(v[c], et[c], u[c], kl, kind);
+  }
+  return kl;
+}
+
+KDFAST_CLONES float kl_row(float* u, float* v, float* es, float* et, int64_t n, Teacher kind,
+                           bool grad_s, bool grad_t) {
+  return kl_row_impl(u, v, es, et, n, kind, grad_s, grad_t);
+}
+double kl_row(double* u, double* v, double* es, double* et, int64_t n, Teacher kind, bool grad_s,
+              bool grad_t) {
+  return kl_row_impl(u, v, es, et, n, kind, grad_s, grad_t);
+}
+
+struct Options {
+  double temperature, loss_scale, weight;
+  Teacher kind;
+  bool grad_s, grad_t;
+};
+
+// Per-row KL into row_kl (0 for masked rows); gradients (scaled for the reduction) into
+// grad_s / grad_t. s and t share scalar_t and have unit column stride.
+template <typename scalar_t>
+void kl_rows(const at::Tensor& s, const at::Tensor& t, const bool* mask, const Options& o,
+             std::vector<double>& row_kl, at::Tensor& grad_s, at::Tensor& grad_t) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t rows = s.size(0), n = s.size(1);
+  const int64_t s_stride = s.stride(0), t_stride = t.stride(0);
+  const scalar_t* s_data = s.const_data_ptr<scalar_t>();
+  const scalar_t* t_data = t.const_data_ptr<scalar_t>();
+  scalar_t* gs = o.grad_s ? grad_s.mutable_data_ptr<scalar_t>() : nullptr;
+  scalar_t* gt = o.grad_t ? grad_t.mutable_data_ptr<scalar_t>() : nullptr;
+  const acc_t inv_t = acc_t(1.0 / o.temperature);
+  const acc_t teacher_scale = o.kind == Teacher::kLogits ? inv_t : acc_t(1);
+  const acc_t coef_s = acc_t(o.loss_scale * o.weight / o.temperature);
+  const acc_t coef_t = acc_t(o.loss_scale * o.weight) * teacher_scale;
+  at::parallel_for(0, rows, rows::row_grain(n), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buffers(4 * n);
+    acc_t *u = buffers.data(), *v = u + n, *es = v + n, *et = es + n;
+    for (int64_t i = begin; i < end; ++i) {
+      if (mask != nullptr && !mask[i]) {
+        row_kl[i] = 0.0;
+        if (gs) rows::zero_row(n, gs + i * n);
+        if (gt) rows::zero_row(n, gt + i * n);
+        continue;
+      }
+      rows::load_row(s_data + i * s_stride, n, inv_t, u);
+      rows::load_row(t_data + i * t_stride, n, teacher_scale, v);
+      row_kl[i] = kl_row(u, v, es, et, n, o.kind, gs != nullptr, gt != nullptr);
+      if (gs) rows::store_row(es, n, coef_s, gs + i * n);
+      if (gt) rows::store_row(et, n, coef_t, gt + i * n);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_cpu(
+    const at::Tensor& student, const at::Tensor& teacher, double temperature, double loss_scale,
+    c10::string_view reduction_name, const std::optional<at::Tensor>& mask,
+    c10::string_view teacher_kind, bool compute_grad_student, bool compute_grad_teacher) {
+  TORCH_CHECK(student.dim() == 2 && student.sizes() == teacher.sizes(),
+              "kd_loss_cpp: expected equal 2-D shapes, got ", student.sizes(), " and ",
+              teacher.sizes());
+  const Reduction reduction = parse_reduction(std::string(reduction_name));
+  const at::ScalarType dtype =
+      at::promote_types(at::promote_types(student.scalar_type(), teacher.scalar_type()),
+                        at::kFloat);
+  // Mixed input dtypes compute on copies in the loss dtype (rare: the usual half/half and
+  // float/float pairs read their inputs in place).
+  const bool mixed = student.scalar_type() != teacher.scalar_type();
+  const at::Tensor s = rows::unit_column_stride(mixed ? student.to(dtype) : student);
+  const at::Tensor t = rows::unit_column_stride(mixed ? teacher.to(dtype) : teacher);
+  const int64_t rows = s.size(0), n = s.size(1);
+  at::Tensor mask_c;
+  int64_t kept = rows;
+  if (mask.has_value()) {
+    mask_c = mask->contiguous();
+    kept = mask_c.sum().item<int64_t>();
+  }
+  Options o{temperature, loss_scale, row_weight(reduction, static_cast<double>(kept), n),
+            parse_teacher(std::string(teacher_kind)), compute_grad_student,
+            compute_grad_teacher};
+  at::Tensor grad_s = at::empty(o.grad_s ? s.sizes() : at::IntArrayRef{0}, s.options());
+  at::Tensor grad_t = at::empty(o.grad_t ? t.sizes() : at::IntArrayRef{0}, t.options());
+  std::vector<double> row_kl(rows);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "kd_loss_cpp", [&] {
+    kl_rows<scalar_t>(s, t, mask.has_value() ? mask_c.const_data_ptr<bool>() : nullptr, o,
+                      row_kl, grad_s, grad_t);
+  });
+  at::Tensor loss;
+  if (reduction == Reduction::kNone) {
+    loss = at::empty({rows}, s.options().dtype(at::kDouble));
+    double* out = loss.mutable_data_ptr<double>();
+    for (int64_t i = 0; i < rows; ++i) out[i] = loss_scale * row_kl[i];
+    loss = loss.to(dtype);
+  } else {
+    double total = 0.0;
+    for (int64_t i = 0; i < rows; ++i) total += row_kl[i];
+    loss = at::scalar_tensor(loss_scale * o.weight * total, s.options().dtype(dtype));
+  }
+  if (mixed) {
+    if (o.grad_s) grad_s = grad_s.to(student.scalar_type());
+    if (o.grad_t) grad_t = grad_t.to(teacher.scalar_type());
+  }
+  return {loss, grad_s, grad_t};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(kdfast, CPU, m) { m.impl("kd_loss_cpp", &kd_loss_cpu); }
+
+}  // namespace kdfast::kd
