@@ -90,6 +90,9 @@ class Impl:
     #: while ``torch.use_deterministic_algorithms(True)`` is on, so a deterministic backend
     #: (ultimately the reference) runs instead.
     nondeterministic: bool = False
+    #: why this implementation runs only when its backend is forced (e.g. measured slower
+    #: than the next backend); None: chosen automatically.
+    opt_in: str | None = None
 
 
 _IMPLS: dict[str, dict[str, Impl]] = {}
@@ -106,12 +109,14 @@ def implement(
     dtypes=None,
     limit: Callable[..., str | None] | None = None,
     nondeterministic: bool = False,
+    opt_in: str | None = None,
 ) -> None:
     """Register ``fn`` as ``op`` on ``backend``.
 
     ``limit(*args, **kwargs)`` may return a reason the inputs are out of range.
     ``nondeterministic=True`` marks a kernel whose results vary run to run (atomics): it is
-    skipped under ``torch.use_deterministic_algorithms(True)``.
+    skipped under ``torch.use_deterministic_algorithms(True)``. ``opt_in="why"`` keeps the
+    implementation out of the automatic choice: it runs only when its backend is forced.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; known: {list(BACKENDS)}")
@@ -121,6 +126,7 @@ def implement(
         None if dtypes is None else frozenset(dtypes),
         limit,
         nondeterministic,
+        opt_in,
     )
 
 
@@ -129,7 +135,9 @@ def ops() -> list[str]:
     return sorted(_IMPLS)
 
 
-def _rejection(op: str, name: str, device: str, dtypes, args, kwargs) -> str | None:
+def _rejection(
+    op: str, name: str, device: str, dtypes, args, kwargs, automatic: bool = True
+) -> str | None:
     backend = BACKENDS[name]
     if backend.unavailable is not None:
         return backend.unavailable
@@ -148,7 +156,11 @@ def _rejection(op: str, name: str, device: str, dtypes, args, kwargs) -> str | N
     if impl.nondeterministic and torch.are_deterministic_algorithms_enabled():
         return "nondeterministic (atomics) and torch.use_deterministic_algorithms(True) is on"
     if impl.limit is not None and args is not None:
-        return impl.limit(*args, **kwargs)
+        reason = impl.limit(*args, **kwargs)
+        if reason is not None:
+            return reason
+    if automatic and impl.opt_in is not None:
+        return f"opt-in only ({impl.opt_in}): force it with kdfast.use_backend({name!r})"
     return None
 
 
@@ -163,7 +175,7 @@ def select(op: str, *args, **kwargs) -> tuple[str, Callable]:
     device = tensors[0].device.type if tensors else "cpu"
     dtypes = tuple({t.dtype for t in tensors if t.is_floating_point()})
     if _forced is not None:
-        reason = _rejection(op, _forced, device, dtypes, args, kwargs)
+        reason = _rejection(op, _forced, device, dtypes, args, kwargs, automatic=False)
         if reason is not None:
             others = "; ".join(
                 f"{n}: {r or 'ok'}" for n, r in explain(op, device, dtypes[0], args, kwargs)
