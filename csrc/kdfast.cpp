@@ -20,6 +20,11 @@ TORCH_LIBRARY_FRAGMENT(kdfast, m) {
   m.def(
       "rkd_distance_cpp_backward(Tensor grad, Tensor student, Tensor teacher, bool student_grad, "
       "bool teacher_grad) -> (Tensor, Tensor)");
+  // matrix exponential (SPEC 6): ATen path (any n) and the fused small-matrix kernel (n <= 32)
+  m.def("expm_cpp(Tensor A, bool skew) -> Tensor");
+  m.def("expm_frechet_cpp(Tensor A, Tensor E, bool skew=False) -> (Tensor, Tensor)");
+  m.def("expm_small_cpp(Tensor A, bool skew) -> Tensor");
+  m.def("expm_frechet_small_cpp(Tensor A, Tensor E, bool skew=False) -> (Tensor, Tensor)");
 #ifdef WITH_CUDA
   m.def("rkd_distance_cuda(Tensor student, Tensor teacher) -> Tensor");
   m.def(
