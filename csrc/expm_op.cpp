@@ -226,8 +226,9 @@ std::pair<Tensor, std::optional<Tensor>> scaling_and_squaring(const Tensor& A_in
     if (frechet) L = at::where(square, at::matmul(R, L) + at::matmul(L, R), L);
     R = at::where(square, at::matmul(R, R), R);
   }
-  return {R.reshape(shape),
-          frechet ? std::optional<Tensor>(L.reshape(shape)) : std::nullopt};
+  // contiguous like the fake kernel (lu_solve returns column-major results)
+  return {R.reshape(shape).contiguous(),
+          frechet ? std::optional<Tensor>(L.reshape(shape).contiguous()) : std::nullopt};
 }
 
 }  // namespace

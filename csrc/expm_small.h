@@ -66,15 +66,15 @@ KDFAST_HOST_DEVICE void matmul(const Team& team, int n, const T* A, const T* B, 
   team.sync();
 }
 
-// out (+)= sum_i coef[i] mats[i] + eye_coef I.
+// out (+)= sum_i coef[i] mats[i] + eye_coef I (count >= 1).
 template <typename T, typename Team>
 KDFAST_HOST_DEVICE void combine(const Team& team, int n, T* out, int count, const T* const* mats,
                                 const double* coef, double eye_coef, bool accumulate) {
   for (int idx = team.rank(); idx < n * n; idx += team.size()) {
-    T acc = accumulate ? out[idx] : T(0);
-    for (int i = 0; i < count; ++i) acc += T(coef[i]) * mats[i][idx];
+    T acc = T(coef[0]) * mats[0][idx];  // summed as the reference does, then added
+    for (int i = 1; i < count; ++i) acc += T(coef[i]) * mats[i][idx];
     if (idx % (n + 1) == 0) acc += T(eye_coef);
-    out[idx] = acc;
+    out[idx] = accumulate ? out[idx] + acc : acc;
   }
   team.sync();
 }
