@@ -112,8 +112,20 @@ def main() -> None:
     for case, arg, grad in CELLS:
         t = {}
         for impl in ("kdfast", "torch"):
-            cmd = [sys.executable, __file__, "--reps", str(args.reps), "--one", case, str(arg), grad, impl]
-            t[impl] = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+            cmd = [
+                sys.executable,
+                __file__,
+                "--reps",
+                str(args.reps),
+                "--one",
+                case,
+                str(arg),
+                grad,
+                impl,
+            ]
+            t[impl] = json.loads(
+                subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            )
         print(
             f"{case:12s} {arg:>5} {grad:8s} kdfast {t['kdfast']:.4f} s  torch {t['torch']:.4f} s  "
             f"speedup {t['torch'] / t['kdfast']:.1f}x",

@@ -123,9 +123,11 @@ def test_backward_is_frechet_of_transpose(n):
 @pytest.mark.parametrize("n", [4, 34])
 def test_gradcheck(n):
     g = torch.Generator().manual_seed(n)
-    A = (torch.randn(2, n, n, generator=g, dtype=F64) * torch.tensor([0.1, 2.0], dtype=F64)[
-        :, None, None
-    ] / n**0.5).requires_grad_()
+    A = (
+        torch.randn(2, n, n, generator=g, dtype=F64)
+        * torch.tensor([0.1, 2.0], dtype=F64)[:, None, None]
+        / n**0.5
+    ).requires_grad_()
     E = torch.randn(2, n, n, generator=g, dtype=F64).requires_grad_()
     fast = n > 8  # the full Jacobian of a 34 x 34 batch is 2312 columns: use a projection
     assert torch.autograd.gradcheck(linalg.expm, (A,), fast_mode=fast)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import scipy.linalg
 import torch
-from conftest import compiled_backends, require_backend
 import torch.nn.functional as F
+from conftest import compiled_backends, require_backend
 
 import kdfast
 from kdfast import linalg
