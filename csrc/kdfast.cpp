@@ -34,6 +34,11 @@ TORCH_LIBRARY_FRAGMENT(kdfast, m) {
       "dist_loss_cpp(Tensor student, Tensor teacher, float beta, float gamma, float tau, "
       "bool tau_squared, str activation, Tensor? mask, bool compute_grad_student, "
       "bool compute_grad_teacher) -> (Tensor, Tensor, Tensor)");
+  // matrix exponential (SPEC 6): ATen path (any n) and the fused small-matrix kernel (n <= 32)
+  m.def("expm_cpp(Tensor A, bool skew) -> Tensor");
+  m.def("expm_frechet_cpp(Tensor A, Tensor E, bool skew=False) -> (Tensor, Tensor)");
+  m.def("expm_small_cpp(Tensor A, bool skew) -> Tensor");
+  m.def("expm_frechet_small_cpp(Tensor A, Tensor E, bool skew=False) -> (Tensor, Tensor)");
 #ifdef WITH_CUDA
   m.def("rkd_distance_cuda(Tensor student, Tensor teacher) -> Tensor");
   m.def(

@@ -6,6 +6,7 @@ import pytest
 import scipy.linalg
 import torch
 import torch.nn.functional as F
+from conftest import compiled_backends, require_backend
 
 import kdfast
 from kdfast import linalg
@@ -16,10 +17,12 @@ F64, F32 = torch.float64, torch.float32
 SHAPES = [(3, 10), (10, 3), (4, 8), (6, 8), (8, 6), (5, 5)]
 
 
-@pytest.fixture(autouse=True)
-def reference_backend():
-    with kdfast.use_backend("reference"):
-        yield
+@pytest.fixture(autouse=True, params=["reference", *compiled_backends()])
+def backend(request):
+    if request.param != "reference":
+        require_backend(request.param)
+    with kdfast.use_backend(request.param):
+        yield request.param
 
 
 def randomise(module, seed=0, scale=1.0):

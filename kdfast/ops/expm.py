@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kdfast import _dispatch
+from kdfast import _dispatch, _extension
 from kdfast.reference import expm as reference
 
 
@@ -97,3 +97,83 @@ def _expm_frechet(A: Tensor, E: Tensor) -> tuple[Tensor, Tensor]:
 _FLOATS = (torch.float32, torch.float64)
 _dispatch.implement("expm", "reference", _expm, dtypes=_FLOATS)
 _dispatch.implement("expm_frechet", "reference", _expm_frechet, dtypes=_FLOATS)
+
+
+# --- cpp backend -----------------------------------------------------------------------
+# ``kdfast::expm_cpp`` / ``kdfast::expm_frechet_cpp``: the device-generic ATen port of the
+# reference (csrc/expm_op.cpp; CPU and, in the CUDA build, CUDA tensors), and
+# ``kdfast::expm_small_cpp`` / ``kdfast::expm_frechet_small_cpp``: the fused per-matrix
+# kernel (csrc/expm_small.h; CPU under at::parallel_for, CUDA one matrix per block).
+#
+# Backward choice: recompute, not save. The backward of expm calls the joint op on
+# (A^T, grad) with the Frechet thresholds l_m, which recomputes the powers and the LU
+# instead of receiving them as extra outputs of the forward. Cost in n x n matmul units
+# (m = 13, skew): forward 3 powers + 3 + LU + 1 solve + s; backward 3 powers + 3 (U, V)
+# + 6 (M_2, M_4, M_6) + 5 (Lu, Lv, the right-hand side) + LU + 2 solves + 3 s. Saving
+# would skip 6 units + one LU of the backward but keep 3-5 extra n x n tensors alive per
+# call, and the forward would have to run with l_m (more squarings) whenever a gradient
+# might be needed; the forward stays cheapest and exact to theta_m this way.
+
+#: largest n the fused per-matrix kernel takes (csrc/expm_small.h: kMaxN), per device
+SMALL_N = {"cpu": 32, "cuda": 32}
+
+
+def _use_small(A: Tensor) -> bool:
+    return A.shape[-1] <= SMALL_N.get(A.device.type, 0)
+
+
+def _cpp_frechet(A: Tensor, E: Tensor, skew: bool) -> tuple[Tensor, Tensor]:
+    ops = torch.ops.kdfast
+    op = ops.expm_frechet_small_cpp if _use_small(A) else ops.expm_frechet_cpp
+    return op(A, E, skew)
+
+
+def _cpp_expm(A: Tensor, skew: bool) -> Tensor:
+    ops = torch.ops.kdfast
+    return (ops.expm_small_cpp if _use_small(A) else ops.expm_cpp)(A, skew)
+
+
+def _register_cpp(expm_name: str, frechet_name: str) -> None:
+    torch.library.register_fake(f"kdfast::{expm_name}")(lambda A, skew: A.new_empty(A.shape))
+
+    @torch.library.register_fake(f"kdfast::{frechet_name}")
+    def _(A, E, skew=False):
+        return A.new_empty(A.shape), A.new_empty(A.shape)
+
+    def expm_backward(ctx, grad):
+        (A,) = ctx.saved_tensors
+        return _cpp_frechet(A.mT, grad, ctx.skew)[1], None
+
+    torch.library.register_autograd(
+        f"kdfast::{expm_name}", expm_backward, setup_context=_expm_setup_context
+    )
+
+    def frechet_setup_context(ctx, inputs, output):
+        A, E, _ = inputs
+        ctx.save_for_backward(A, E)
+
+    def frechet_backward(ctx, grad_X, grad_L):  # the block identity, as the reference op
+        A, E = ctx.saved_tensors
+        n = A.shape[-1]
+        zero = torch.zeros_like(A)
+        grad_X = zero if grad_X is None else grad_X
+        grad_L = zero if grad_L is None else grad_L
+        Mt = torch.cat([torch.cat([A.mT, zero], -1), torch.cat([E.mT, A.mT], -1)], -2)
+        G = torch.cat([torch.cat([grad_X, grad_L], -1), torch.cat([zero, zero], -1)], -2)
+        _, grad_M = _cpp_frechet(Mt, G, False)
+        return grad_M[..., :n, :n] + grad_M[..., n:, n:], grad_M[..., :n, n:], None
+
+    torch.library.register_autograd(
+        f"kdfast::{frechet_name}", frechet_backward, setup_context=frechet_setup_context
+    )
+
+
+def _cpp_expm_frechet(A: Tensor, E: Tensor) -> tuple[Tensor, Tensor]:
+    return _cpp_frechet(A, E, False)
+
+
+if _extension.unavailable_reason() is None:
+    _register_cpp("expm_cpp", "expm_frechet_cpp")
+    _register_cpp("expm_small_cpp", "expm_frechet_small_cpp")
+    _dispatch.implement("expm", "cpp", _cpp_expm, dtypes=_FLOATS)
+    _dispatch.implement("expm_frechet", "cpp", _cpp_expm_frechet, dtypes=_FLOATS)

@@ -1,0 +1,51 @@
+// CPU kernel of the fused small-matrix exponential: csrc/expm_small.h per matrix under
+// at::parallel_for (one SerialTeam per matrix), and the CPU registration.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../expm_small_op.h"
+
+namespace kdfast::expm::small {
+namespace {
+
+void launch_cpu(const at::Tensor& A, const at::Tensor& E, at::Tensor& R, at::Tensor& L,
+                bool skew) {
+  const int64_t batch = A.size(0);
+  const int n = static_cast<int>(A.size(-1));
+  const int64_t grain = std::max<int64_t>(1, 4096 / (int64_t{n} * n * n));
+  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "expm_small_cpu", [&] {
+    const scalar_t* a = A.const_data_ptr<scalar_t>();
+    const scalar_t* e = E.defined() ? E.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* r = R.mutable_data_ptr<scalar_t>();
+    scalar_t* l = L.defined() ? L.mutable_data_ptr<scalar_t>() : nullptr;
+    const int64_t nn = int64_t{n} * n;
+    at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> work(workspace_size(n));
+      for (int64_t i = begin; i < end; ++i) {
+        expm_one(SerialTeam{}, n, skew, a + i * nn, e ? e + i * nn : nullptr, r + i * nn,
+                 l ? l + i * nn : nullptr, work.data());
+      }
+    });
+  });
+}
+
+at::Tensor expm_cpu(const at::Tensor& A, bool skew) {
+  return std::get<0>(run(A, std::nullopt, skew, launch_cpu));
+}
+
+std::tuple<at::Tensor, at::Tensor> expm_frechet_cpu(const at::Tensor& A, const at::Tensor& E,
+                                                    bool skew) {
+  return run(A, E, skew, launch_cpu);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(kdfast, CPU, m) {
+  m.impl("expm_small_cpp", &expm_cpu);
+  m.impl("expm_frechet_small_cpp", &expm_frechet_cpu);
+}
+
+}  // namespace kdfast::expm::small

@@ -1,0 +1,180 @@
+"""The cpp backend of expm (SPEC 6): the ATen port (``kdfast::expm_cpp``,
+``kdfast::expm_frechet_cpp``) and the fused small-matrix kernel (``kdfast::expm_small_cpp``,
+``kdfast::expm_frechet_small_cpp``) against each other, the reference and float64 truths;
+opcheck, gradcheck and the n = 768 float32 targets. The accuracy suite of tests/test_expm.py
+also runs on this backend (its fixture is parametrised over backends).
+"""
+
+from __future__ import annotations
+
+import pytest
+import scipy.linalg
+import torch
+from conftest import NO_EXT, require_backend
+
+import kdfast
+from kdfast import linalg
+from kdfast.ops import expm as expm_ops
+from kdfast.reference import expm as ref
+from kdfast.testing import rel_error
+
+F64, F32 = torch.float64, torch.float32
+
+pytestmark = pytest.mark.skipif(NO_EXT, reason="KDFAST_NO_EXT=1: no compiled backend")
+
+
+@pytest.fixture(autouse=True)
+def cpp_backend():
+    require_backend("cpp")
+    with kdfast.use_backend("cpp"):
+        yield
+
+
+def ops():
+    return torch.ops.kdfast
+
+
+def mixed_batch(n, dtype, seed=0, skew=False):
+    """(8, n, n) with ||A||_1 from 1e-8 to 300 (60): every degree and several scalings."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(8, n, n, generator=g, dtype=F64)
+    if skew:
+        A = A - A.mT
+    top = 300.0 if dtype == F64 else 60.0  # float32: exp(300) overflows (n = 1)
+    norms = torch.tensor([1e-8, 5e-3, 0.2, 0.9, 1.9, 4.0, 30.0, top], dtype=F64)
+    A = A / A.abs().sum(-2).amax(-1).clamp(min=1e-300)[:, None, None] * norms[:, None, None]
+    return A.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
+@pytest.mark.parametrize("skew", [False, True])
+@pytest.mark.parametrize("n", [1, 5, 32])
+def test_small_kernel_matches_aten_and_reference(n, skew, dtype):
+    A = mixed_batch(n, dtype, seed=n, skew=skew and n > 1)
+    E = torch.randn(A.shape, generator=torch.Generator().manual_seed(1), dtype=F64).to(dtype)
+    tol = 1e-13 if dtype == F64 else 2e-6
+    for i in range(A.shape[0]):  # per matrix: the batch spans 1e-8 .. 300
+        X_ref = ref.expm(A[i], skew)
+        assert rel_error(ops().expm_small_cpp(A, skew)[i], X_ref) <= tol * 300
+        assert rel_error(ops().expm_cpp(A, skew)[i], X_ref) <= tol * 300
+    X_ref, L_ref = ref.expm_frechet(A, E, skew)
+    for op in (ops().expm_frechet_small_cpp, ops().expm_frechet_cpp):
+        X, L = op(A, E, skew)
+        for i in range(A.shape[0]):
+            assert rel_error(X[i], X_ref[i]) <= tol * 300, (op, i)
+            assert rel_error(L[i], L_ref[i]) <= tol * 300, (op, i)
+
+
+def test_small_kernel_float64_parity_with_reference():
+    """SPEC 7 float64 parity of the fused kernel on moderate norms: <= 1e-13 matrix-wise."""
+    for n in (2, 7, 16, 32):
+        A = mixed_batch(n, F64, seed=40 + n)[:6]  # ||A||_1 <= 4
+        E = torch.randn(A.shape, generator=torch.Generator().manual_seed(n), dtype=F64)
+        X, L = ops().expm_frechet_small_cpp(A, E, False)
+        Xr, Lr = ref.expm_frechet(A, E)
+        assert rel_error(X, Xr) <= 1e-14 and rel_error(L, Lr) <= 1e-14
+        assert rel_error(ops().expm_small_cpp(A, False), ref.expm(A)) <= 1e-14
+
+
+def test_dispatch_uses_small_kernel_up_to_32():
+    A = mixed_batch(32, F64)[:4]
+    assert torch.equal(linalg.expm(A), ops().expm_small_cpp(A, False))
+    B = mixed_batch(33, F64)[:4]
+    assert torch.equal(linalg.expm(B), ops().expm_cpp(B, False))
+    assert expm_ops.SMALL_N["cpu"] == 32
+
+
+def test_non_contiguous_and_batched_leading_dims():
+    A = mixed_batch(6, F64, seed=3).reshape(2, 4, 6, 6)
+    At = A.mT  # non-contiguous view
+    for op in (ops().expm_small_cpp, ops().expm_cpp):
+        assert rel_error(op(At, False), ref.expm(At.contiguous())) <= 1e-13
+    X, L = ops().expm_frechet_small_cpp(At, A, False)
+    Xr, Lr = ref.expm_frechet(At.contiguous(), A)
+    assert X.shape == (2, 4, 6, 6) and rel_error(L, Lr) <= 1e-13
+
+
+def test_empty_batch_and_nan():
+    for op in (ops().expm_small_cpp, ops().expm_cpp):
+        assert op(torch.zeros(0, 3, 3, dtype=F64), False).shape == (0, 3, 3)
+    A = mixed_batch(4, F64)[:3]
+    A[1, 0, 0] = float("nan")
+    for op in (ops().expm_small_cpp, ops().expm_cpp):
+        X = op(A, False)
+        assert torch.isnan(X[1]).all() and torch.isfinite(X[[0, 2]]).all()
+
+
+def test_small_kernel_rejects_large_n():
+    with pytest.raises(RuntimeError, match="n must be <= 32"):
+        ops().expm_small_cpp(torch.zeros(33, 33), False)
+
+
+@pytest.mark.parametrize("n", [5, 40])  # fused kernel and ATen path
+def test_backward_is_frechet_of_transpose(n):
+    g = torch.Generator().manual_seed(n)
+    A = torch.randn(n, n, generator=g, dtype=F64) * (6.0 / n**0.5)
+    G = torch.randn(n, n, generator=g, dtype=F64)
+    a = A.clone().requires_grad_(True)
+    linalg.expm(a).backward(G)
+    truth = torch.from_numpy(scipy.linalg.expm_frechet(A.mT.numpy(), G.numpy())[1])
+    assert rel_error(a.grad, truth) <= 1e-12
+
+
+@pytest.mark.parametrize("n", [4, 34])
+def test_gradcheck(n):
+    g = torch.Generator().manual_seed(n)
+    A = (
+        torch.randn(2, n, n, generator=g, dtype=F64)
+        * torch.tensor([0.1, 2.0], dtype=F64)[:, None, None]
+        / n**0.5
+    ).requires_grad_()
+    E = torch.randn(2, n, n, generator=g, dtype=F64).requires_grad_()
+    fast = n > 8  # the full Jacobian of a 34 x 34 batch is 2312 columns: use a projection
+    assert torch.autograd.gradcheck(linalg.expm, (A,), fast_mode=fast)
+    assert torch.autograd.gradcheck(
+        lambda b: linalg.expm(b - b.mT, skew=True), (A,), fast_mode=fast
+    )
+    if n == 4:
+        assert torch.autograd.gradcheck(linalg.expm_frechet, (A, E))
+        assert torch.autograd.gradgradcheck(linalg.expm, (A,))
+
+
+def test_opcheck():
+    g = torch.Generator().manual_seed(5)
+    for n in (3, 34):
+        A = (torch.randn(2, n, n, generator=g, dtype=F64) / n**0.5).requires_grad_()
+        E = torch.randn(2, n, n, generator=g, dtype=F64).requires_grad_()
+        S = (A - A.mT).detach().requires_grad_()
+        for expm_op, frechet_op in (
+            (ops().expm_cpp, ops().expm_frechet_cpp),
+            (ops().expm_small_cpp, ops().expm_frechet_small_cpp),
+        ):
+            if n > 32 and expm_op is ops().expm_small_cpp:
+                continue
+            torch.library.opcheck(expm_op, (A, False))
+            torch.library.opcheck(expm_op, (S, True))
+            torch.library.opcheck(frechet_op, (A, E, False))
+            torch.library.opcheck(frechet_op, (S, E, True))
+
+
+@pytest.mark.parametrize("kind", ["skew", "gaussian"])
+def test_float32_gradient_and_orthogonality_n768(kind):
+    """SPEC 6: float32, ||A||_2 = 8, G ~ N(0, 1), n = 768: gradient within 2e-6 of float64."""
+    n = 768
+    g = torch.Generator().manual_seed(7)
+    B = torch.randn(n, n, generator=g, dtype=F64)
+    A = (B - B.mT if kind == "skew" else B).float()
+    A = A / torch.linalg.matrix_norm(A.double(), 2).float() * 8
+    G = torch.randn(n, n, generator=g, dtype=F64).float()
+    results = []
+    for dtype in (F32, F64):
+        a = A.to(dtype).detach().requires_grad_()
+        X = linalg.expm(a, skew=kind == "skew")
+        X.backward(G.to(dtype))
+        results.append((X.detach(), a.grad))
+    (X32, g32), (X64, g64) = results
+    err = rel_error(g32, g64)
+    print(f"{kind} n=768 float32 gradient error {err:.1e}")
+    assert err <= 2e-6 and rel_error(X32, X64) <= 1e-5
+    if kind == "skew":
+        assert float((X32.mT @ X32 - torch.eye(n)).abs().max()) <= 1e-5
