@@ -88,3 +88,36 @@ def setup_saved_grad(ctx, inputs, output) -> None:
     _, grad_s, grad_t = output
     ctx.mark_non_differentiable(grad_s, grad_t)
     ctx.save_for_backward(grad_s, grad_t, inputs[0], inputs[1])
+
+
+def register_relational_loss(op: str, name: str, backward_op, backend: str, devices=None) -> None:
+    """Fake kernels, autograd and dispatcher entry of a relational loss op.
+
+    ``name`` is a custom op ``(student, teacher) -> loss`` (a scalar in
+    promote_types(student, teacher, float32)); ``backward_op`` is its companion
+    ``name_backward(grad, student, teacher, student_grad, teacher_grad) -> (grad_s,
+    grad_t)``, which returns an empty (0,) tensor for a side that needs no gradient and
+    recomputes what it needs from the inputs (nothing of the forward is saved but them).
+    """
+    from kdfast import _dispatch
+
+    torch.library.register_fake(name)(lambda student, teacher: scalar_like(student, teacher))
+
+    @torch.library.register_fake(f"{name}_backward")
+    def _(grad, student, teacher, student_grad, teacher_grad):
+        return grad_or_empty(student, student_grad), grad_or_empty(teacher, teacher_grad)
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def backward(ctx, grad):
+        student, teacher = ctx.saved_tensors
+        need_s, need_t = ctx.needs_input_grad[:2]
+        grad_s, grad_t = backward_op(grad, student, teacher, need_s, need_t)
+        return (grad_s if need_s else None, grad_t if need_t else None)
+
+    torch.library.register_autograd(name, backward, setup_context=setup_context)
+    forbid_double_backward(f"{name}_backward")
+    namespace, op_name = name.split("::")
+    forward = getattr(getattr(torch.ops, namespace), op_name).default
+    _dispatch.implement(op, backend, forward, devices=devices)

@@ -12,40 +12,21 @@ from __future__ import annotations
 import torch
 
 from kdfast import _dispatch, _extension
-from kdfast.ops._common import forbid_double_backward, grad_or_empty, scalar_like
+from kdfast.ops._common import register_relational_loss
 
 #: backend -> device the compiled op is registered for
 BACKEND_DEVICES = {"cpp": "cpu", "cuda": "cuda"}
 
 
-def _register(backend: str, device: str) -> None:
+def _register(backend: str) -> None:
     name = f"kdfast::rkd_angle_{backend}"
-    forward = getattr(torch.ops.kdfast, f"rkd_angle_{backend}").default
     backward_op = getattr(torch.ops.kdfast, f"rkd_angle_{backend}_backward").default
-
-    torch.library.register_fake(name)(lambda student, teacher: scalar_like(student, teacher))
-
-    @torch.library.register_fake(f"{name}_backward")
-    def _(grad, student, teacher, student_grad, teacher_grad):
-        return grad_or_empty(student, student_grad), grad_or_empty(teacher, teacher_grad)
-
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-
-    def backward(ctx, grad):
-        student, teacher = ctx.saved_tensors
-        need_s, need_t = ctx.needs_input_grad
-        grad_s, grad_t = backward_op(grad, student, teacher, need_s, need_t)
-        return (grad_s if need_s else None, grad_t if need_t else None)
-
-    torch.library.register_autograd(name, backward, setup_context=setup_context)
-    forbid_double_backward(f"{name}_backward")
-    _dispatch.implement("rkd_angle", backend, forward, devices={device})
+    register_relational_loss("rkd_angle", name, backward_op, backend, {BACKEND_DEVICES[backend]})
 
 
 if _extension.unavailable_reason() is None:
-    _register("cpp", "cpu")
+    _register("cpp")
     if _extension.cuda_unavailable_reason() is None:
-        _register("cuda", "cuda")
+        _register("cuda")
 if _dispatch.BACKENDS["triton"].unavailable is None:
     import kdfast.triton.rkd_angle  # noqa: F401  (registers kdfast::rkd_angle_triton)

@@ -15,9 +15,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kdfast import _dispatch
 from kdfast._validation import compute_dtype
-from kdfast.ops._common import forbid_double_backward, grad_or_empty, scalar_like
+from kdfast.ops._common import register_relational_loss
 from kdfast.triton.aot import KernelSpec
 
 #: SPEC 1.5: a pair is degenerate when D2 <= 64 u (G_ii + G_jj), u = 2^-53 (float64).
@@ -156,27 +155,6 @@ def rkd_distance_triton_backward(
     return grad_s, grad_t
 
 
-def _register() -> None:
-    torch.library.register_fake("kdfast::rkd_distance_triton")(
-        lambda student, teacher: scalar_like(student, teacher)
-    )
-
-    @torch.library.register_fake("kdfast::rkd_distance_triton_backward")
-    def _(grad, student, teacher, student_grad, teacher_grad):
-        return grad_or_empty(student, student_grad), grad_or_empty(teacher, teacher_grad)
-
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-
-    def backward(ctx, grad):
-        student, teacher = ctx.saved_tensors
-        need_s, need_t = ctx.needs_input_grad
-        grad_s, grad_t = rkd_distance_triton_backward(grad, student, teacher, need_s, need_t)
-        return (grad_s if need_s else None, grad_t if need_t else None)
-
-    rkd_distance_triton.register_autograd(backward, setup_context=setup_context)
-    forbid_double_backward("kdfast::rkd_distance_triton_backward")
-    _dispatch.implement("rkd_distance", "triton", rkd_distance_triton)
-
-
-_register()
+register_relational_loss(
+    "rkd_distance", "kdfast::rkd_distance_triton", rkd_distance_triton_backward, "triton"
+)
