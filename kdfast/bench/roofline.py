@@ -69,6 +69,15 @@ def rkd_distance(size, e):
     return fwd, bwd
 
 
+def rkd_angle(size, e):
+    """rkd_angle (N, Ds, Dt): Gram matrices (the backward recomputes them) and the streamed
+    triple loop over N^3 triples."""
+    n, ds, dt = size
+    fwd = Work(n * (ds + dt) * e, 2 * n * n * (ds + dt), 20 * n**3)
+    bwd = Work(n * (2 * ds + dt) * e, 2 * n * n * (ds + dt) + 2 * n * n * ds, 30 * n**3)
+    return fwd, bwd
+
+
 def rkd(size, e):
     """RKDLoss (N, Ds, Dt): distance term plus the angle term over N^3 triples."""
     n = size[0]
@@ -111,17 +120,22 @@ FORMULAS = {
     "kd": kd,
     "dist": dist,
     "rkd_distance": rkd_distance,
+    "rkd_angle": rkd_angle,
     "rkd": rkd,
     "vkd": vkd,
     "expm": expm,
 }
 """Case name -> (size, element bytes) -> (forward Work, backward Work)."""
 
-MM_PRECISION = {"rkd_distance": torch.float64, "rkd": torch.float64}
+MM_PRECISION = {"rkd_distance": torch.float64, "rkd_angle": torch.float64, "rkd": torch.float64}
 """Cases whose matrix products run in float64 whatever the input dtype (the float64 Gram
 matrix of csrc/rkd_distance_op.cpp)."""
 
-ELEMENTWISE_PRECISION = {"rkd_distance": torch.float64}
+ELEMENTWISE_PRECISION = {
+    "rkd_distance": torch.float64,
+    "rkd_angle": torch.float64,
+    "rkd": torch.float64,
+}
 """Cases whose elementwise math runs in float64 whatever the input dtype (the pair
 kernels of csrc/cuda/rkd_distance.cu); others compute in max(float32, input dtype)."""
 
