@@ -62,7 +62,9 @@ def test_rkd_scale_and_translation_invariance(seed, n, ds, dt, scale_s, scale_t,
             fn = PUBLIC_OPS[op].call
             base = _with(backend, fn, s, t)
             moved = _with(backend, fn, scale_s * s + shift, scale_t * t - 2 * shift)
-            assert rel_error(moved, base) <= 1e-9, (op, backend)
+            # relative to the loss, with an absolute floor: a loss that is zero in exact
+            # arithmetic (identical relations) comes out as rounding noise around 1e-32
+            assert abs(float(moved - base)) <= 1e-9 * abs(float(base)) + 1e-15, (op, backend)
 
 
 @PROPERTY
