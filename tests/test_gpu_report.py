@@ -51,6 +51,8 @@ def test_cuda_source_compiles_within_spill_budget(source, arch, cuda_cache):
 
 
 def test_cuda_sources_found_and_budgets_documented():
+    if aot.repo_root() is None:
+        pytest.skip("not a source checkout (csrc/ is not installed)")
     assert any(s.endswith("rkd_distance.cu") for s in SOURCES)
     assert aot.cuda_block_size(next(s for s in SOURCES if s.endswith("rkd_distance.cu"))) == 256
     for name, (budget, why) in aot.CUDA_SPILL_BUDGETS.items():
