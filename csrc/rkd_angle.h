@@ -16,6 +16,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 
 #include "macros.h"
 
@@ -72,6 +73,30 @@ KDFAST_HOST_DEVICE acc_t smooth_l1(acc_t d) {
 template <typename acc_t>
 KDFAST_HOST_DEVICE acc_t smooth_l1_grad(acc_t d) {
   return d > acc_t(1) ? acc_t(1) : (d < acc_t(-1) ? acc_t(-1) : d);
+}
+
+// Pair (i, j) of one side: r_ij (inverse norm), whether the gradient flows through it, and
+// the D2 correction `fix` (D2 recomputed from the rows x (N x dim) for a near pair, where
+// the Gram expansion cancels). g is the N x N centred Gram matrix, row-major.
+template <typename acc_t>
+KDFAST_HOST_DEVICE void pair_entry(const acc_t* g, const acc_t* x, int64_t n, int64_t dim,
+                                   int64_t i, int64_t j, acc_t unit_roundoff, acc_t& r,
+                                   acc_t& active, acc_t& fix) {
+  const int64_t ij = i * n + j;
+  const acc_t diag_sum = g[i * n + i] + g[j * n + j];
+  const acc_t gram_d2 = diag_sum - acc_t(2) * g[ij];
+  acc_t d2 = gram_d2;
+  if (i != j && pair_is_near(gram_d2, diag_sum)) {
+    d2 = acc_t(0);
+    for (int64_t d = 0; d < dim; ++d) {
+      const acc_t v = x[j * dim + d] - x[i * dim + d];
+      d2 += v * v;
+    }
+  }
+  bool flows = false;
+  r = i == j ? acc_t(0) : pair_inverse_norm(d2, diag_sum, unit_roundoff, flows);
+  active = flows ? acc_t(1) : acc_t(0);
+  fix = i == j ? acc_t(0) : d2 - gram_d2;
 }
 
 }  // namespace kdfast::rkd

@@ -33,20 +33,7 @@ void pairs_cpu(const at::Tensor& centred, AngleSideMatrices& side) {
     for (int64_t i = begin; i < end; ++i) {
       for (int64_t j = 0; j < n; ++j) {
         const int64_t ij = i * n + j;
-        const double diag_sum = g[i * n + i] + g[j * n + j];
-        const double gram_d2 = diag_sum - 2.0 * g[ij];
-        double d2 = gram_d2;
-        if (i != j && pair_is_near(gram_d2, diag_sum)) {
-          d2 = 0.0;
-          for (int64_t d = 0; d < dim; ++d) {
-            const double v = x[j * dim + d] - x[i * dim + d];
-            d2 += v * v;
-          }
-        }
-        bool flows = false;
-        r[ij] = i == j ? 0.0 : pair_inverse_norm(d2, diag_sum, kUnitRoundoff, flows);
-        active[ij] = flows ? 1.0 : 0.0;
-        fix[ij] = i == j ? 0.0 : d2 - gram_d2;
+        pair_entry(g, x, n, dim, i, j, kUnitRoundoff, r[ij], active[ij], fix[ij]);
       }
     }
   });

@@ -22,21 +22,7 @@ __global__ void pairs_kernel(const double* __restrict__ g, const double* __restr
                              double* __restrict__ fix, int64_t n, int64_t dim) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= n * n) return;
-  const int64_t i = idx / n, j = idx % n;
-  const double diag_sum = g[i * n + i] + g[j * n + j];
-  const double gram_d2 = diag_sum - 2.0 * g[idx];
-  double d2 = gram_d2;
-  if (i != j && pair_is_near(gram_d2, diag_sum)) {
-    d2 = 0.0;
-    for (int64_t d = 0; d < dim; ++d) {
-      const double v = x[j * dim + d] - x[i * dim + d];
-      d2 += v * v;
-    }
-  }
-  bool flows = false;
-  r[idx] = i == j ? 0.0 : pair_inverse_norm(d2, diag_sum, kUnitRoundoff, flows);
-  active[idx] = flows ? 1.0 : 0.0;
-  fix[idx] = i == j ? 0.0 : d2 - gram_d2;
+  pair_entry(g, x, n, dim, idx / n, idx % n, kUnitRoundoff, r[idx], active[idx], fix[idx]);
 }
 
 struct Sides {
