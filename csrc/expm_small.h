@@ -29,8 +29,8 @@ KDFAST_HOST_DEVICE int64_t workspace_size(int n) {
 }
 
 struct SerialTeam {
-  KDFAST_HOST_DEVICE int rank() const { return 0; }
-  KDFAST_HOST_DEVICE int size() const { return 1; }
+  KDFAST_HOST_DEVICE int64_t rank() const { return 0; }
+  KDFAST_HOST_DEVICE int64_t size() const { return 1; }
   KDFAST_HOST_DEVICE void sync() const {}
 };
 
@@ -41,25 +41,25 @@ KDFAST_HOST_DEVICE bool finite(double x) { return x - x == 0.0; }
 
 // C = A B (+ C when accumulate); C must not alias A or B.
 template <typename T, typename Team>
-KDFAST_HOST_DEVICE void matmul(const Team& team, int n, const T* A, const T* B, T* C,
+KDFAST_HOST_DEVICE void matmul(const Team& team, int64_t n, const T* A, const T* B, T* C,
                                bool accumulate) {
   if (team.size() == 1) {  // i-k-j order: the inner loop vectorises
-    for (int i = 0; i < n; ++i) {
+    for (int64_t i = 0; i < n; ++i) {
       T* c = C + i * n;
       if (!accumulate) {
-        for (int j = 0; j < n; ++j) c[j] = T(0);
+        for (int64_t j = 0; j < n; ++j) c[j] = T(0);
       }
-      for (int k = 0; k < n; ++k) {
+      for (int64_t k = 0; k < n; ++k) {
         const T a = A[i * n + k];
         const T* b = B + k * n;
-        for (int j = 0; j < n; ++j) c[j] += a * b[j];
+        for (int64_t j = 0; j < n; ++j) c[j] += a * b[j];
       }
     }
   } else {
-    for (int idx = team.rank(); idx < n * n; idx += team.size()) {
-      const int i = idx / n, j = idx % n;
+    for (int64_t idx = team.rank(); idx < n * n; idx += team.size()) {
+      const int64_t i = idx / n, j = idx % n;
       T acc = accumulate ? C[idx] : T(0);
-      for (int k = 0; k < n; ++k) acc += A[i * n + k] * B[k * n + j];
+      for (int64_t k = 0; k < n; ++k) acc += A[i * n + k] * B[k * n + j];
       C[idx] = acc;
     }
   }
@@ -68,11 +68,12 @@ KDFAST_HOST_DEVICE void matmul(const Team& team, int n, const T* A, const T* B, 
 
 // out (+)= sum_i coef[i] mats[i] + eye_coef I (count >= 1).
 template <typename T, typename Team>
-KDFAST_HOST_DEVICE void combine(const Team& team, int n, T* out, int count, const T* const* mats,
-                                const double* coef, double eye_coef, bool accumulate) {
-  for (int idx = team.rank(); idx < n * n; idx += team.size()) {
+KDFAST_HOST_DEVICE void combine(const Team& team, int64_t n, T* out, int64_t count,
+                                const T* const* mats, const double* coef, double eye_coef,
+                                bool accumulate) {
+  for (int64_t idx = team.rank(); idx < n * n; idx += team.size()) {
     T acc = T(coef[0]) * mats[0][idx];  // summed as the reference does, then added
-    for (int i = 1; i < count; ++i) acc += T(coef[i]) * mats[i][idx];
+    for (int64_t i = 1; i < count; ++i) acc += T(coef[i]) * mats[i][idx];
     if (idx % (n + 1) == 0) acc += T(eye_coef);
     out[idx] = accumulate ? out[idx] + acc : acc;
   }
@@ -81,25 +82,25 @@ KDFAST_HOST_DEVICE void combine(const Team& team, int n, T* out, int count, cons
 
 // X *= factor, `times` times (a power of two whose `times`-th power may overflow alone).
 template <typename T, typename Team>
-KDFAST_HOST_DEVICE void scale(const Team& team, int n, T* X, T factor, int times) {
-  for (int idx = team.rank(); idx < n * n; idx += team.size()) {
+KDFAST_HOST_DEVICE void scale(const Team& team, int64_t n, T* X, T factor, int times) {
+  for (int64_t idx = team.rank(); idx < n * n; idx += team.size()) {
     T x = X[idx];
-    for (int i = 0; i < times; ++i) x *= factor;
+    for (int64_t i = 0; i < times; ++i) x *= factor;
     X[idx] = x;
   }
   team.sync();
 }
 
 template <typename T, typename Team>
-KDFAST_HOST_DEVICE double onenorm(const Team& team, int n, const T* X, T* sums) {
-  for (int j = team.rank(); j < n; j += team.size()) {
+KDFAST_HOST_DEVICE double onenorm(const Team& team, int64_t n, const T* X, T* sums) {
+  for (int64_t j = team.rank(); j < n; j += team.size()) {
     double acc = 0;
-    for (int i = 0; i < n; ++i) acc += X[i * n + j] < 0 ? -double(X[i * n + j]) : X[i * n + j];
+    for (int64_t i = 0; i < n; ++i) acc += X[i * n + j] < 0 ? -double(X[i * n + j]) : X[i * n + j];
     sums[j] = T(acc);
   }
   team.sync();
   double norm = 0;
-  for (int j = 0; j < n; ++j) norm = max_nan(double(sums[j]), norm);
+  for (int64_t j = 0; j < n; ++j) norm = max_nan(double(sums[j]), norm);
   team.sync();  // sums is reused next
   return norm;
 }
@@ -107,21 +108,21 @@ KDFAST_HOST_DEVICE double onenorm(const Team& team, int n, const T* X, T* sums) 
 // Unclamped ell(A, m) of Al-Mohy-Higham 2009 for every degree index (see the reference):
 // v = 1^T B^p with B = |A0| / ||A0||_1, in two vectors of the `vec` slot.
 template <typename T, typename Team>
-KDFAST_HOST_DEVICE void rounding_check(const Team& team, int n, const T* A0, double t,
+KDFAST_HOST_DEVICE void rounding_check(const Team& team, int64_t n, const T* A0, double t,
                                        double norm0, T* vec, bool is_double, double* ell) {
   const double inv = norm0 > 0 ? 1.0 / norm0 : 1.0;
   T* v = vec;
   T* w = vec + n;
-  for (int j = team.rank(); j < n; j += team.size()) v[j] = T(1);
+  for (int64_t j = team.rank(); j < n; j += team.size()) v[j] = T(1);
   team.sync();
   const double log2_norm = t + log2(norm0);
-  int p = 0;
-  for (int i = 0; i < num_degrees(is_double); ++i) {
+  int64_t p = 0;
+  for (int64_t i = 0; i < num_degrees(is_double); ++i) {
     const int m = degree(i);
     for (; p < 2 * m + 1; ++p) {
-      for (int j = team.rank(); j < n; j += team.size()) {
+      for (int64_t j = team.rank(); j < n; j += team.size()) {
         T acc = 0;
-        for (int k = 0; k < n; ++k) {
+        for (int64_t k = 0; k < n; ++k) {
           const T a = A0[k * n + j];
           acc += v[k] * (a < 0 ? -a : a) * T(inv);
         }
@@ -133,7 +134,7 @@ KDFAST_HOST_DEVICE void rounding_check(const Team& team, int n, const T* A0, dou
       w = swap;
     }
     double vmax = 0;
-    for (int j = 0; j < n; ++j) vmax = max_nan(double(v[j]), vmax);
+    for (int64_t j = 0; j < n; ++j) vmax = max_nan(double(v[j]), vmax);
     const double log2_alpha = 2.0 * m * log2_norm + log2(vmax) - log2(error_coeff(i));
     ell[i] = ceil((log2_alpha - log2_unit_roundoff(is_double)) / (2.0 * m));
   }
@@ -142,17 +143,17 @@ KDFAST_HOST_DEVICE void rounding_check(const Team& team, int n, const T* A0, dou
 
 // In-place LU with partial pivoting of a (n x n); piv[k] = row swapped with k.
 template <typename T, typename Team>
-KDFAST_HOST_DEVICE void lu_factor(const Team& team, int n, T* a, int* piv) {
-  for (int k = 0; k < n; ++k) {
-    int p = k;
+KDFAST_HOST_DEVICE void lu_factor(const Team& team, int64_t n, T* a, int64_t* piv) {
+  for (int64_t k = 0; k < n; ++k) {
+    int64_t p = k;
     T best = a[k * n + k] < 0 ? -a[k * n + k] : a[k * n + k];
-    for (int i = k + 1; i < n; ++i) {
+    for (int64_t i = k + 1; i < n; ++i) {
       const T v = a[i * n + k] < 0 ? -a[i * n + k] : a[i * n + k];
       if (v > best) best = v, p = i;
     }
     piv[k] = p;
     if (p != k) {
-      for (int j = team.rank(); j < n; j += team.size()) {
+      for (int64_t j = team.rank(); j < n; j += team.size()) {
         const T x = a[k * n + j];
         a[k * n + j] = a[p * n + j];
         a[p * n + j] = x;
@@ -160,11 +161,11 @@ KDFAST_HOST_DEVICE void lu_factor(const Team& team, int n, T* a, int* piv) {
     }
     team.sync();
     const T pivot = a[k * n + k];
-    for (int i = k + 1 + team.rank(); i < n; i += team.size()) a[i * n + k] /= pivot;
+    for (int64_t i = k + 1 + team.rank(); i < n; i += team.size()) a[i * n + k] /= pivot;
     team.sync();
-    const int rest = n - k - 1;
-    for (int idx = team.rank(); idx < rest * rest; idx += team.size()) {
-      const int i = k + 1 + idx / rest, j = k + 1 + idx % rest;
+    const int64_t rest = n - k - 1;
+    for (int64_t idx = team.rank(); idx < rest * rest; idx += team.size()) {
+      const int64_t i = k + 1 + idx / rest, j = k + 1 + idx % rest;
       a[i * n + j] -= a[i * n + k] * a[k * n + j];
     }
     team.sync();
@@ -173,23 +174,24 @@ KDFAST_HOST_DEVICE void lu_factor(const Team& team, int n, T* a, int* piv) {
 
 // b <- (LU)^-1 P b for the n columns of b, one column per thread.
 template <typename T, typename Team>
-KDFAST_HOST_DEVICE void lu_solve(const Team& team, int n, const T* a, const int* piv, T* b) {
-  for (int c = team.rank(); c < n; c += team.size()) {
-    for (int k = 0; k < n; ++k) {
+KDFAST_HOST_DEVICE void lu_solve(const Team& team, int64_t n, const T* a, const int64_t* piv,
+                                T* b) {
+  for (int64_t c = team.rank(); c < n; c += team.size()) {
+    for (int64_t k = 0; k < n; ++k) {
       if (piv[k] != k) {
         const T x = b[k * n + c];
         b[k * n + c] = b[piv[k] * n + c];
         b[piv[k] * n + c] = x;
       }
     }
-    for (int i = 1; i < n; ++i) {
+    for (int64_t i = 1; i < n; ++i) {
       T acc = b[i * n + c];
-      for (int k = 0; k < i; ++k) acc -= a[i * n + k] * b[k * n + c];
+      for (int64_t k = 0; k < i; ++k) acc -= a[i * n + k] * b[k * n + c];
       b[i * n + c] = acc;
     }
-    for (int i = n - 1; i >= 0; --i) {
+    for (int64_t i = n - 1; i >= 0; --i) {
       T acc = b[i * n + c];
-      for (int k = i + 1; k < n; ++k) acc -= a[i * n + k] * b[k * n + c];
+      for (int64_t k = i + 1; k < n; ++k) acc -= a[i * n + k] * b[k * n + c];
       b[i * n + c] = acc / a[i * n + i];
     }
   }
@@ -202,16 +204,16 @@ KDFAST_HOST_DEVICE int choose(const double* log2_d, const double* excess, bool s
   const int degrees = num_degrees(is_double), top = degrees - 1;
   double eta[5];
   const double eta46 = max_nan(log2_d[4], log2_d[6]);
-  for (int i = 0; i < degrees; ++i) eta[i] = eta46;
+  for (int64_t i = 0; i < degrees; ++i) eta[i] = eta46;
   if (!skew) {
     const double eta68 = max_nan(log2_d[6], log2_d[8]);
-    for (int i = 2; i < degrees; ++i) eta[i] = eta68;
+    for (int64_t i = 2; i < degrees; ++i) eta[i] = eta68;
     if (is_double) eta[top] = min_nan(eta68, max_nan(log2_d[8], log2_d[10]));
   }
   s = max_nan(ceil(eta[top] - log2(threshold(is_double, frechet, top))), 0.0);
   if (excess) s = s + max_nan(excess[top] - s, 0.0);
   int m = degree(top);
-  for (int i = top - 1; i >= 0; --i) {
+  for (int64_t i = top - 1; i >= 0; --i) {
     const bool ok = eta[i] <= log2(threshold(is_double, frechet, i)) &&
                     (excess == nullptr || excess[i] <= 0);
     if (ok) m = degree(i), s = 0;
@@ -222,15 +224,15 @@ KDFAST_HOST_DEVICE int choose(const double* log2_d, const double* excess, bool s
 
 // exp(A) into R and, when E is given, L(A, E) into L; A, E, R, L contiguous n x n.
 template <typename T, typename Team>
-KDFAST_HOST_DEVICE void expm_one(const Team& team, int n, bool skew, const T* A, const T* E,
+KDFAST_HOST_DEVICE void expm_one(const Team& team, int64_t n, bool skew, const T* A, const T* E,
                                  T* R_out, T* L_out, T* work) {
   const bool is_double = sizeof(T) == 8, frechet = E != nullptr;
-  const int nn = n * n;
+  const int64_t nn = n * n;
   const auto slot = [&](int k) { return work + static_cast<int64_t>(k) * nn; };
   T* sums = slot(kSlots);
   T *X = slot(kX), *P[11] = {nullptr, nullptr, slot(kP2), nullptr, slot(kP4), nullptr,
                              slot(kP6), nullptr, slot(kP8), nullptr, slot(kP10)};
-  for (int idx = team.rank(); idx < nn; idx += team.size()) X[idx] = A[idx];
+  for (int64_t idx = team.rank(); idx < nn; idx += team.size()) X[idx] = A[idx];
   team.sync();
   // A0 = 2^-t A with ||A0||_1 <= 1: its powers cannot overflow
   const double norm = onenorm(team, n, X, sums);
@@ -243,7 +245,7 @@ KDFAST_HOST_DEVICE void expm_one(const Team& team, int n, bool skew, const T* A,
   if (!skew) matmul(team, n, P[4], P[4], P[8], false);
   if (!skew && is_double) matmul(team, n, P[4], P[6], P[10], false);
   double log2_d[11];
-  for (int p = 4; p <= 10; p += 2) {
+  for (int64_t p = 4; p <= 10; p += 2) {
     if (p == 10 && !(is_double && !skew)) continue;
     if (p == 8 && skew) continue;
     log2_d[p] = t + log2(onenorm(team, n, P[p], sums)) / p;
@@ -253,11 +255,11 @@ KDFAST_HOST_DEVICE void expm_one(const Team& team, int n, bool skew, const T* A,
   if (check) rounding_check(team, n, X, t, onenorm(team, n, X, sums), slot(kTmp), is_double,
                             excess);
   double s;
-  const int m = choose(log2_d, check ? excess : nullptr, skew, frechet, is_double, s);
+  const int64_t m = choose(log2_d, check ? excess : nullptr, skew, frechet, is_double, s);
   // X = 2^(t - s) A0 and its powers
   const T c = T(exp2(t - s));
   scale(team, n, X, c, 1);
-  for (int p = 2; p < (m < 13 ? m : 7); p += 2) {
+  for (int64_t p = 2; p < (m < 13 ? m : 7); p += 2) {
     if (p == 8 && skew) {
       matmul(team, n, P[4], P[4], P[8], false);
     } else {
@@ -270,11 +272,11 @@ KDFAST_HOST_DEVICE void expm_one(const Team& team, int n, bool skew, const T* A,
              slot(kM8)};
   if (frechet) {
     const T f = T(exp2(-s));
-    for (int idx = team.rank(); idx < nn; idx += team.size()) F[idx] = E[idx] * f;
+    for (int64_t idx = team.rank(); idx < nn; idx += team.size()) F[idx] = E[idx] * f;
     team.sync();
     matmul(team, n, X, F, M[2], false);
     matmul(team, n, F, X, M[2], true);
-    for (int p = 4; p < (m < 13 ? m : 7); p += 2) {
+    for (int64_t p = 4; p < (m < 13 ? m : 7); p += 2) {
       matmul(team, n, P[p - 2], M[2], M[p], false);
       matmul(team, n, M[p - 2], P[2], M[p], true);
     }
@@ -314,36 +316,36 @@ KDFAST_HOST_DEVICE void expm_one(const Team& team, int n, bool skew, const T* A,
       combine(team, n, Lv, 3, dev, coef, 0.0, true);
     }
   } else {  // U = X sum_{odd j} b_j X^(j-1), V = sum_{even j} b_j X^j
-    int count = 0;
-    for (int j = m; j >= 3; j -= 2) mats[count] = P[j - 1], coef[count++] = b(j);
+    int64_t count = 0;
+    for (int64_t j = m; j >= 3; j -= 2) mats[count] = P[j - 1], coef[count++] = b(j);
     combine(team, n, W, count, mats, coef, b(1), false);
     matmul(team, n, X, W, U, false);
     count = 0;
-    for (int j = m - 1; j >= 2; j -= 2) mats[count] = P[j], coef[count++] = b(j);
+    for (int64_t j = m - 1; j >= 2; j -= 2) mats[count] = P[j], coef[count++] = b(j);
     combine(team, n, V, count, mats, coef, b(0), false);
     if (frechet) {
       count = 0;
-      for (int j = m; j >= 3; j -= 2) mats[count] = M[j - 1], coef[count++] = b(j);
+      for (int64_t j = m; j >= 3; j -= 2) mats[count] = M[j - 1], coef[count++] = b(j);
       combine(team, n, Tmp, count, mats, coef, 0.0, false);
       matmul(team, n, X, Tmp, Lu, false);
       matmul(team, n, F, W, Lu, true);
       count = 0;
-      for (int j = m - 1; j >= 2; j -= 2) mats[count] = M[j], coef[count++] = b(j);
+      for (int64_t j = m - 1; j >= 2; j -= 2) mats[count] = M[j], coef[count++] = b(j);
       combine(team, n, Lv, count, mats, coef, 0.0, false);
     }
   }
   // r_m = (V - U)^-1 (V + U); its derivative from (V - U) R = V + U
   T* Luf = slot(kLuf);
-  for (int idx = team.rank(); idx < nn; idx += team.size()) {
+  for (int64_t idx = team.rank(); idx < nn; idx += team.size()) {
     Luf[idx] = V[idx] - U[idx];
     R[idx] = V[idx] + U[idx];
   }
   team.sync();
-  int piv[kMaxN] = {};
+  int64_t piv[kMaxN] = {};
   lu_factor(team, n, Luf, piv);
   lu_solve(team, n, Luf, piv, R);
   if (frechet) {
-    for (int idx = team.rank(); idx < nn; idx += team.size()) {
+    for (int64_t idx = team.rank(); idx < nn; idx += team.size()) {
       Tmp[idx] = Lu[idx] - Lv[idx];
       L[idx] = Lu[idx] + Lv[idx];
     }
@@ -351,7 +353,7 @@ KDFAST_HOST_DEVICE void expm_one(const Team& team, int n, bool skew, const T* A,
     matmul(team, n, Tmp, R, L, true);
     lu_solve(team, n, Luf, piv, L);
   }
-  for (int k = 0; k < static_cast<int>(s); ++k) {  // s squarings
+  for (int64_t k = 0; k < static_cast<int>(s); ++k) {  // s squarings
     matmul(team, n, R, R, Tmp, false);
     if (frechet) {
       matmul(team, n, R, L, Tmp2, false);
@@ -364,7 +366,7 @@ KDFAST_HOST_DEVICE void expm_one(const Team& team, int n, bool skew, const T* A,
     R = Tmp;
     Tmp = swap;
   }
-  for (int idx = team.rank(); idx < nn; idx += team.size()) {
+  for (int64_t idx = team.rank(); idx < nn; idx += team.size()) {
     R_out[idx] = R[idx];
     if (frechet) L_out[idx] = L[idx];
   }

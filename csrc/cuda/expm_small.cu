@@ -17,8 +17,8 @@ constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = 1024;  // bounds the workspace; blocks stride over matrices
 
 struct BlockTeam {
-  __device__ int rank() const { return threadIdx.x; }
-  __device__ int size() const { return blockDim.x; }
+  __device__ int64_t rank() const { return threadIdx.x; }
+  __device__ int64_t size() const { return blockDim.x; }
   __device__ void sync() const { __syncthreads(); }
 };
 
