@@ -17,6 +17,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -70,40 +71,61 @@ def _mb(nbytes):
     return "-" if nbytes is None else f"{nbytes / 2**20:.0f}"
 
 
-def format_table(rows: list[dict]) -> str:
-    head = (
-        f"{'case':<36}{'size':<22}{'mode':<17}{'backend':<10}{'kdfast ms':>10}{'ref ms':>10}"
-        f"{'x ref':>7}{'comp ms':>10}{'x comp':>7}{'kd MB':>7}{'ref MB':>8}{'comp MB':>8}"
-        f"{'loss err':>10}{'grad err':>10}"
-    )
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        res = r["results"]
+COLUMNS = (
+    ("case", 36), ("size", 22), ("mode", 17), ("backend", 10), ("kdfast ms", 10),
+    ("ref ms", 10), ("x ref", 7), ("comp ms", 10), ("x comp", 7), ("kd MB", 7),
+    ("ref MB", 8), ("comp MB", 8), ("loss err", 10), ("grad err", 10),
+)  # fmt: skip
 
-        def get(impl, key, res=res):
-            return res.get(impl, {}).get(key)
 
-        def ratio(impl, res=res):
-            base, ours = get(impl, "median_s"), get("kdfast", "median_s")
-            if base is None:
-                return "skip" if "skipped" in res.get(impl, {}) else "-"
-            return f"{base / ours:.2f}" if ours else "-"
+def table_cells(row: dict) -> list[str]:
+    """One result row as the cells of :data:`COLUMNS` (times in ms, memory in MB)."""
+    res = row["results"]
 
-        err = r.get("errors", {})
-        loss_err, grad_err = (
-            err.get("loss_error", float("nan")),
-            err.get("grad_error", float("nan")),
+    def get(impl, key):
+        return res.get(impl, {}).get(key)
+
+    def ratio(impl):
+        base, ours = get(impl, "median_s"), get("kdfast", "median_s")
+        if base is None:
+            return "skip" if "skipped" in res.get(impl, {}) else "-"
+        return f"{base / ours:.2f}" if ours else "-"
+
+    err = row.get("errors", {})
+    return [
+        row["title"],
+        str(tuple(row["size"])),
+        row["mode"],
+        str(get("kdfast", "backend")),
+        _ms(get("kdfast", "median_s")),
+        _ms(get("reference", "median_s")),
+        ratio("reference"),
+        _ms(get("compiled", "median_s")),
+        ratio("compiled"),
+        _mb(get("kdfast", "peak_bytes")),
+        _mb(get("reference", "peak_bytes")),
+        _mb(get("compiled", "peak_bytes")),
+        f"{err.get('loss_error', float('nan')):.1e}",
+        f"{err.get('grad_error', float('nan')):.1e}",
+    ]
+
+
+def format_table(rows: list[dict], markdown: bool = False) -> str:
+    """The summary table: fixed-width text, or a Markdown table (``--markdown``)."""
+    if markdown:
+        lines = ["| " + " | ".join(name for name, _ in COLUMNS) + " |"]
+        lines.append("|" + "---|" * len(COLUMNS))
+        lines += ["| " + " | ".join(table_cells(r)) + " |" for r in rows]
+        return "\n".join(lines)
+
+    def fixed(cells):
+        return "".join(
+            f"{cell:<{width}}" if i < 4 else f"{cell:>{width}}"
+            for i, (cell, (_, width)) in enumerate(zip(cells, COLUMNS, strict=True))
         )
-        lines.append(
-            f"{r['title']:<36}{str(tuple(r['size'])):<22}{r['mode']:<17}"
-            f"{str(get('kdfast', 'backend')):<10}{_ms(get('kdfast', 'median_s')):>10}"
-            f"{_ms(get('reference', 'median_s')):>10}{ratio('reference'):>7}"
-            f"{_ms(get('compiled', 'median_s')):>10}{ratio('compiled'):>7}"
-            f"{_mb(get('kdfast', 'peak_bytes')):>7}{_mb(get('reference', 'peak_bytes')):>8}"
-            f"{_mb(get('compiled', 'peak_bytes')):>8}"
-            f"{loss_err:>10.1e}{grad_err:>10.1e}"
-        )
-    return "\n".join(lines)
+
+    head = fixed([name for name, _ in COLUMNS])
+    return "\n".join([head, "-" * len(head), *(fixed(table_cells(r)) for r in rows)])
 
 
 def run(suite, case_names, modes, impls, repeats, device, log=print) -> list[dict]:
@@ -178,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default="bench-results/results.json", help="output JSON path")
     parser.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
+    parser.add_argument(
+        "--markdown", action="store_true", help="print the summary table as Markdown"
+    )
     args = parser.parse_args(argv)
     suite_name = args.suite or "quick"
     repeats = args.repeats or (1 if suite_name == "smoke" else 5)
@@ -197,10 +222,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown cases {sorted(unknown)}; known: {[c.name for c in CASES]}")
     suites = ["quick", "full"] if sizes == "full" else [sizes]
     rows = []
+    started = time.perf_counter()
     for s in suites:
         rows += run(s, names, args.modes, args.impls, repeats, args.device, log)
-    table = format_table(rows)
-    print(table)
+    meta["wall_s"] = round(time.perf_counter() - started, 1)
+    print(format_table(rows, markdown=args.markdown))
+    log(f"suite {suite_name}: {len(rows)} measurements in {meta['wall_s']:.0f} s wall time")
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump({"metadata": meta, "suite": suite_name, "rows": rows}, f, indent=1)

@@ -1,0 +1,41 @@
+"""The benchmark summary table (kdfast.bench): ratios, skipped baselines, Markdown form."""
+
+from __future__ import annotations
+
+from kdfast.bench.__main__ import COLUMNS, format_table
+
+
+def _row(**results):
+    return {
+        "title": "KDLoss",
+        "size": [256, 1000],
+        "mode": "forward+backward",
+        "results": results,
+        "errors": {"loss_error": 2e-8, "grad_error": 3e-7},
+    }
+
+
+ROWS = [
+    _row(
+        kdfast={"backend": "cpp", "median_s": 0.002, "peak_bytes": 2**20},
+        reference={"median_s": 0.010, "peak_bytes": 8 * 2**20},
+        compiled={"skipped": "predicted OOM (30.0 GB)"},
+    )
+]
+
+
+def test_markdown_table_has_a_cell_per_column_and_the_ratios():
+    lines = format_table(ROWS, markdown=True).splitlines()
+    assert len(lines) == 3
+    header, cells = lines[0], [c.strip() for c in lines[2].strip("|").split("|")]
+    assert header.count("|") == len(COLUMNS) + 1 and len(cells) == len(COLUMNS)
+    named = dict(zip([name for name, _ in COLUMNS], cells, strict=True))
+    assert named["backend"] == "cpp" and named["kdfast ms"] == "2.00"
+    assert named["x ref"] == "5.00" and named["x comp"] == "skip"
+    assert named["kd MB"] == "1" and named["ref MB"] == "8" and named["grad err"] == "3.0e-07"
+
+
+def test_fixed_width_table_aligns_columns():
+    header, rule, line = format_table(ROWS).splitlines()
+    assert len(header) == len(rule) == len(line) == sum(width for _, width in COLUMNS)
+    assert "5.00" in line and "skip" in line
