@@ -7,6 +7,7 @@ training set's global mean and standard deviation.
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 
 import torch
@@ -160,3 +161,17 @@ def train_teacher(
     if log is not None:
         log(f"teacher test accuracy {acc:.4f}")
     return teacher.eval()
+
+
+def summarise(results: dict[str, list[dict]]) -> dict[str, dict]:
+    """mean / std (sample std over seeds) of accuracy and mean seconds per method."""
+    table = {}
+    for name, runs in results.items():
+        accs = [r["accuracy"] for r in runs]
+        table[name] = {
+            "accuracy_mean": statistics.fmean(accs),
+            "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            "seconds_mean": statistics.fmean(r["seconds"] for r in runs),
+            "seeds": len(runs),
+        }
+    return table

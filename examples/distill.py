@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -36,6 +35,7 @@ from digits import (  # noqa: E402
     class_balanced_subset,
     load_digits,
     random_shift,
+    summarise,
     train_teacher,
 )
 
@@ -122,20 +122,6 @@ def run_method(
     )
     seconds = time.perf_counter() - start
     return accuracy(student, data.x_test, data.y_test), seconds, history.epoch_losses
-
-
-def summarise(results: dict[str, list[dict]]) -> dict[str, dict]:
-    """mean / std (sample std over seeds) of accuracy and mean seconds per method."""
-    table = {}
-    for name, runs in results.items():
-        accs = [r["accuracy"] for r in runs]
-        table[name] = {
-            "accuracy_mean": statistics.fmean(accs),
-            "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-            "seconds_mean": statistics.fmean(r["seconds"] for r in runs),
-            "seeds": len(runs),
-        }
-    return table
 
 
 def format_table(table: dict[str, dict]) -> str:

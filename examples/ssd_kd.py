@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -31,7 +30,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from digits import NUM_CLASSES, Digits, DigitsCNN, load_digits, train_teacher  # noqa: E402
+from digits import (  # noqa: E402
+    NUM_CLASSES,
+    Digits,
+    DigitsCNN,
+    load_digits,
+    summarise,
+    train_teacher,
+)
 
 from kdfast.datafree import Generator, SSDKDSynthesizer  # noqa: E402
 from kdfast.sampling import PrioritizedReplayBuffer  # noqa: E402
@@ -145,19 +151,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.quick:
         args.seeds, args.rounds, args.teacher_epochs, args.real_epochs = 1, 10, 2, 2
     return args
-
-
-def summarise(results: dict[str, list[dict]]) -> dict[str, dict]:
-    table = {}
-    for name, runs in results.items():
-        accs = [r["accuracy"] for r in runs]
-        table[name] = {
-            "accuracy_mean": statistics.fmean(accs),
-            "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-            "seconds_mean": statistics.fmean(r["seconds"] for r in runs),
-            "seeds": len(runs),
-        }
-    return table
 
 
 def plot(results: dict[str, list[dict]], table: dict[str, dict], path: str) -> None:

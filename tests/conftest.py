@@ -8,6 +8,7 @@ Triton tests run only under TRITON_INTERPRET=1 (a dedicated CI stage) or on a GP
 from __future__ import annotations
 
 import os
+import runpy
 
 import pytest
 import torch
@@ -51,3 +52,18 @@ def _restore_backend():
     previous = _dispatch.forced_backend()
     yield
     _dispatch.set_backend(previous)
+
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+
+def example_main(script: str):
+    """main() of examples/<script>; its dependencies (the ``examples`` extra) are skipped
+    when missing, except under KDFAST_REQUIRE_EXAMPLES=1 (CI), where they must be present."""
+    if os.environ.get("KDFAST_REQUIRE_EXAMPLES") == "1":
+        import matplotlib  # noqa: F401
+        import sklearn  # noqa: F401
+    else:
+        pytest.importorskip("sklearn")
+        pytest.importorskip("matplotlib")
+    return runpy.run_path(os.path.join(EXAMPLES, script))["main"]

@@ -4,31 +4,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import runpy
 
 import pytest
 import torch
+from conftest import example_main
 from torch import nn
 
 from kdfast.datafree import Generator, SSDKDSynthesizer
 from kdfast.functional import per_sample_kl
 from kdfast.sampling import PrioritizedReplayBuffer
 
-
-def _example_main(script: str):
-    """main() of examples/<script>; its dependencies (the ``examples`` extra) are skipped
-    when missing, except under KDFAST_REQUIRE_EXAMPLES=1 (CI), where they must be present."""
-    if os.environ.get("KDFAST_REQUIRE_EXAMPLES") == "1":
-        import matplotlib  # noqa: F401
-        import sklearn  # noqa: F401
-    else:
-        pytest.importorskip("sklearn")
-        pytest.importorskip("matplotlib")
-    return runpy.run_path(os.path.join(EXAMPLES, script))["main"]
-
-
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 C, D = 4, 6
 
 
@@ -162,7 +147,7 @@ def test_synthesizer_rejects_a_prefilled_buffer():
 
 
 def test_ssd_kd_example_quick(tmp_path, capsys):
-    main = _example_main("ssd_kd.py")
+    main = example_main("ssd_kd.py")
     report = main(["--quick", "--out-dir", str(tmp_path)])
     assert "| ssd_kd |" in capsys.readouterr().out
     saved = json.loads((tmp_path / "ssd_kd_results.json").read_text())

@@ -4,32 +4,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import runpy
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import example_main
 from torch import nn
 
 from kdfast.losses import DeiTDistillationLoss, KDLoss
 from kdfast.nn import DistillationTokenHead
 from kdfast.training import DistillBatch, accuracy, distill, predict_logits
-
-
-def _example_main(script: str):
-    """main() of examples/<script>; its dependencies (the ``examples`` extra) are skipped
-    when missing, except under KDFAST_REQUIRE_EXAMPLES=1 (CI), where they must be present."""
-    if os.environ.get("KDFAST_REQUIRE_EXAMPLES") == "1":
-        import matplotlib  # noqa: F401
-        import sklearn  # noqa: F401
-    else:
-        pytest.importorskip("sklearn")
-        pytest.importorskip("matplotlib")
-    return runpy.run_path(os.path.join(EXAMPLES, script))["main"]
-
-
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 
 
 def _blobs(n: int = 120, classes: int = 3, dim: int = 5, seed: int = 0):
@@ -170,7 +154,7 @@ def test_distillation_token_learns_from_the_teacher_through_deit_loss():
 
 
 def test_distill_example_quick(tmp_path, capsys):
-    main = _example_main("distill.py")
+    main = example_main("distill.py")
     report = main(["--quick", "--out-dir", str(tmp_path)])
     assert "| no_kd |" in capsys.readouterr().out
     saved = json.loads((tmp_path / "distill_results.json").read_text())
