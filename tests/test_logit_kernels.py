@@ -10,6 +10,7 @@ backward raises; non-contiguous, expanded and (N, C, *) inputs.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -155,7 +156,10 @@ def test_gradcheck(op, backend):
     require_backend(backend)
     s, t, mask = inputs(torch.float64, 4, 5)["masked"]
     fn = OPS[op]
-    for options in OPTIONS[op][:: 2 if op == "kd_loss" else 1]:
+    # interpreted Triton is slow: every teacher kind and reduction still appear (stride 5),
+    # and gradcheck's fast mode checks a random projection of the Jacobian
+    fast = SMALL and backend == "triton"
+    for options in OPTIONS[op][:: (5 if fast else 2) if op == "kd_loss" else 1]:
         options = dict(options)
         if op == "kd_loss":
             t_in = _teacher_input(t, options["teacher"], options["temperature"])
@@ -167,9 +171,10 @@ def test_gradcheck(op, backend):
         a = s.clone().requires_grad_(True)
         b = t_in.clone().requires_grad_(True)
         with kdfast.use_backend(backend):
-            assert torch.autograd.gradcheck(lambda x, y, o=options: fn(x, y, **o), (a, b))
+            check = functools.partial(torch.autograd.gradcheck, fast_mode=fast)
+            assert check(lambda x, y, o=options: fn(x, y, **o), (a, b))
             t_fixed = b.detach()
-            assert torch.autograd.gradcheck(lambda x, o=options, y=t_fixed: fn(x, y, **o), (a,))
+            assert check(lambda x, o=options, y=t_fixed: fn(x, y, **o), (a,))
 
 
 def _op_args(op, s, t, mask, need_s, need_t):

@@ -7,7 +7,7 @@ tau_squared, activation="sigmoid", mask; inputs read in place with any strides.
 
 Three kernels (csrc/dist_loss.h has the per-element math):
 
-* ``stats_kernel``, G programs, each owning every G-th tile of BLOCK_R rows: per tile, a
+* ``dist_stats_kernel``, G programs, each owning every G-th tile of BLOCK_R rows: per tile, a
   sweep over column blocks for the row log-sum-exps (online max / sum; the row sums for
   sigmoid), then a sweep computing y = act(z / tau), the row correlation terms (sums of
   y - K, K = 1 / C for softmax (so a uniform row is centred exactly), the row mean for
@@ -15,10 +15,10 @@ Three kernels (csrc/dist_loss.h has the per-element math):
   co-moment), merged into the program's own column moments with the pairwise update of
   Chan, Golub and LeVeque. Per-row values (max, 1 / sum, means, Pearson coefficients, rho)
   go to a (rows, 10) buffer.
-* ``merge_kernel``, programs over column blocks: merges the G programs' column moments in
+* ``dist_merge_kernel``, programs over column blocks: merges the G programs' column moments in
   order (deterministic, no atomics) and turns them into the per-column Pearson
   coefficients and rho.
-* ``grad_kernel``, programs over row tiles: per row <g, y> (softmax), then the gradient
+* ``dist_grad_kernel``, programs over row tiles: per row <g, y> (softmax), then the gradient
   write y (g - <g, y>) / tau (softmax) or g y (1 - y) / tau (sigmoid).
 
 Reads: 2 of each input for the loss, 2 more for the gradient (4 in all; SPEC 2's minimum
@@ -50,9 +50,8 @@ ROW_FIELDS = 10
 #: column fields (G x 5 x C moments; 5 x C coefficients: means, inv_d, k_a, k_b)
 COL_FIELDS = 5
 #: elements per tile of the stats and gradient kernels
-STATS_TILE = 1024
-GRAD_TILE = 2048
-MAX_BLOCK_C = 2048
+STATS_TILE = {4: 1024, 8: 512}
+GRAD_TILE = {4: 1024, 8: 512}
 MERGE_BLOCK = 256
 #: bytes allowed for the per-program column moments
 COLUMN_BUDGET = 256 * 2**20
@@ -106,7 +105,7 @@ def _load(ptr, offs_r, rs, cs, cols, ok, ACC: tl.constexpr):
 
 
 @triton.jit
-def stats_kernel(
+def dist_stats_kernel(
     s_ptr,
     t_ptr,
     mask_ptr,
@@ -133,7 +132,8 @@ def stats_kernel(
     n_programs = tl.num_programs(0)
     inv_tau = tl.load(params_ptr)
     n_f = tl.load(params_ptr + 1)
-    col_base = col_ptr + pid.to(tl.int64) * 5 * n_cols
+    n64 = pid.to(tl.int64) * 0 + n_cols  # 64-bit field offsets
+    col_base = col_ptr + pid.to(tl.int64) * 5 * n64
     na = tl.sum(tl.zeros((BLOCK_R,), ACC), axis=0)
     n_tiles = tl.cdiv(n_rows, BLOCK_R)
     for tile in range(pid, n_tiles, n_programs):
@@ -213,10 +213,10 @@ def stats_kernel(
                 na,
                 nb,
                 tl.load(fields, mask=col_ok, other=0.0),
-                tl.load(fields + n_cols, mask=col_ok, other=0.0),
-                tl.load(fields + 2 * n_cols, mask=col_ok, other=0.0),
-                tl.load(fields + 3 * n_cols, mask=col_ok, other=0.0),
-                tl.load(fields + 4 * n_cols, mask=col_ok, other=0.0),
+                tl.load(fields + n64, mask=col_ok, other=0.0),
+                tl.load(fields + 2 * n64, mask=col_ok, other=0.0),
+                tl.load(fields + 3 * n64, mask=col_ok, other=0.0),
+                tl.load(fields + 4 * n64, mask=col_ok, other=0.0),
                 b_mean_s,
                 b_mean_t,
                 tl.sum(cs * cs, axis=0),
@@ -224,10 +224,10 @@ def stats_kernel(
                 tl.sum(cs * ct, axis=0),
             )
             tl.store(fields, mean_s, mask=col_ok)
-            tl.store(fields + n_cols, mean_t, mask=col_ok)
-            tl.store(fields + 2 * n_cols, m2s, mask=col_ok)
-            tl.store(fields + 3 * n_cols, m2t, mask=col_ok)
-            tl.store(fields + 4 * n_cols, cst, mask=col_ok)
+            tl.store(fields + n64, mean_t, mask=col_ok)
+            tl.store(fields + 2 * n64, m2s, mask=col_ok)
+            tl.store(fields + 3 * n64, m2t, mask=col_ok)
+            tl.store(fields + 4 * n64, cst, mask=col_ok)
         na += nb
         saa = tl.maximum(sdd_s - sd_s * sd_s / n_f, 0.0)
         sbb = tl.maximum(sdd_t - sd_t * sd_t / n_f, 0.0)
@@ -248,20 +248,21 @@ def stats_kernel(
 
 
 @triton.jit
-def merge_kernel(col_ptr, count_ptr, coef_ptr, rho_ptr, n_cols, n_groups, BLOCK: tl.constexpr):
+def dist_merge_kernel(col_ptr, count_ptr, coef_ptr, rho_ptr, n_cols, n_groups, BLOCK: tl.constexpr):
     """Pass 1b: merge the n_groups programs' column moments col (n_groups, 5, C) in order;
     coef (5, C) = column means of ys and yt, 1 / D, k_a, k_b; rho (C,) per column."""
     cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < n_cols
+    n64 = tl.program_id(0).to(tl.int64) * 0 + n_cols  # 64-bit field offsets
     mean_s = tl.load(col_ptr + cols, mask=ok, other=0.0)
-    mean_t = tl.load(col_ptr + n_cols + cols, mask=ok, other=0.0)
-    m2s = tl.load(col_ptr + 2 * n_cols + cols, mask=ok, other=0.0)
-    m2t = tl.load(col_ptr + 3 * n_cols + cols, mask=ok, other=0.0)
-    cst = tl.load(col_ptr + 4 * n_cols + cols, mask=ok, other=0.0)
+    mean_t = tl.load(col_ptr + n64 + cols, mask=ok, other=0.0)
+    m2s = tl.load(col_ptr + 2 * n64 + cols, mask=ok, other=0.0)
+    m2t = tl.load(col_ptr + 3 * n64 + cols, mask=ok, other=0.0)
+    cst = tl.load(col_ptr + 4 * n64 + cols, mask=ok, other=0.0)
     na = tl.load(count_ptr)
     fields = col_ptr + cols
     for g in range(1, n_groups):
-        fields += 5 * n_cols
+        fields += 5 * n64
         nb = tl.load(count_ptr + g)
         mean_s, mean_t, m2s, m2t, cst = _merge(
             na,
@@ -272,38 +273,38 @@ def merge_kernel(col_ptr, count_ptr, coef_ptr, rho_ptr, n_cols, n_groups, BLOCK:
             m2t,
             cst,
             tl.load(fields, mask=ok, other=0.0),
-            tl.load(fields + n_cols, mask=ok, other=0.0),
-            tl.load(fields + 2 * n_cols, mask=ok, other=0.0),
-            tl.load(fields + 3 * n_cols, mask=ok, other=0.0),
-            tl.load(fields + 4 * n_cols, mask=ok, other=0.0),
+            tl.load(fields + n64, mask=ok, other=0.0),
+            tl.load(fields + 2 * n64, mask=ok, other=0.0),
+            tl.load(fields + 3 * n64, mask=ok, other=0.0),
+            tl.load(fields + 4 * n64, mask=ok, other=0.0),
         )
         na += nb
     rho, inv_d, k_a, k_b = _pearson(m2s, m2t, cst)
     tl.store(coef_ptr + cols, mean_s, mask=ok)
-    tl.store(coef_ptr + n_cols + cols, mean_t, mask=ok)
-    tl.store(coef_ptr + 2 * n_cols + cols, inv_d, mask=ok)
-    tl.store(coef_ptr + 3 * n_cols + cols, k_a, mask=ok)
-    tl.store(coef_ptr + 4 * n_cols + cols, k_b, mask=ok)
+    tl.store(coef_ptr + n64 + cols, mean_t, mask=ok)
+    tl.store(coef_ptr + 2 * n64 + cols, inv_d, mask=ok)
+    tl.store(coef_ptr + 3 * n64 + cols, k_a, mask=ok)
+    tl.store(coef_ptr + 4 * n64 + cols, k_b, mask=ok)
     tl.store(rho_ptr + cols, rho, mask=ok)
 
 
 @triton.jit
-def _dloss_dy(ys, yt, cols, ok, row, coef_ptr, n_cols, w_row, w_col, STUDENT: tl.constexpr):
+def _dloss_dy(ys, yt, cols, ok, row, coef_ptr, n64, w_row, w_col, STUDENT: tl.constexpr):
     """g = dL/dy of the student (STUDENT) or teacher side, for a tile (csrc/dist_loss.h)."""
-    col_ok = cols < n_cols
+    col_ok = cols < n64
     m_s = tl.load(coef_ptr + cols, mask=col_ok, other=0.0)[None, :]
-    m_t = tl.load(coef_ptr + n_cols + cols, mask=col_ok, other=0.0)[None, :]
-    inv_d = tl.load(coef_ptr + 2 * n_cols + cols, mask=col_ok, other=0.0)[None, :]
+    m_t = tl.load(coef_ptr + n64 + cols, mask=col_ok, other=0.0)[None, :]
+    inv_d = tl.load(coef_ptr + 2 * n64 + cols, mask=col_ok, other=0.0)[None, :]
     mean_s = tl.load(row + 4)[:, None]
     mean_t = tl.load(row + 5)[:, None]
     row_inv_d = tl.load(row + 6)[:, None]
     if STUDENT:
-        k_col = tl.load(coef_ptr + 3 * n_cols + cols, mask=col_ok, other=0.0)[None, :]
+        k_col = tl.load(coef_ptr + 3 * n64 + cols, mask=col_ok, other=0.0)[None, :]
         k_row = tl.load(row + 7)[:, None]
         row_part = (yt - mean_t) * row_inv_d - k_row * (ys - mean_s)
         col_part = (yt - m_t) * inv_d - k_col * (ys - m_s)
     else:
-        k_col = tl.load(coef_ptr + 4 * n_cols + cols, mask=col_ok, other=0.0)[None, :]
+        k_col = tl.load(coef_ptr + 4 * n64 + cols, mask=col_ok, other=0.0)[None, :]
         k_row = tl.load(row + 8)[:, None]
         row_part = (ys - mean_s) * row_inv_d - k_row * (yt - mean_t)
         col_part = (ys - m_s) * inv_d - k_col * (yt - m_t)
@@ -311,7 +312,7 @@ def _dloss_dy(ys, yt, cols, ok, row, coef_ptr, n_cols, w_row, w_col, STUDENT: tl
 
 
 @triton.jit
-def grad_kernel(
+def dist_grad_kernel(
     s_ptr,
     t_ptr,
     mask_ptr,
@@ -341,6 +342,7 @@ def grad_kernel(
     keep = row_ok
     if HAS_MASK:
         keep = keep & (tl.load(mask_ptr + offs_r, mask=row_ok, other=0) != 0)
+    n64 = tl.program_id(0).to(tl.int64) * 0 + n_cols  # 64-bit coefficient offsets
     inv_tau = tl.load(params_ptr)
     w_row = tl.load(params_ptr + 1)
     w_col = tl.load(params_ptr + 2)
@@ -362,10 +364,10 @@ def grad_kernel(
                 _load(t_ptr, offs_r, t_rs, t_cs, cols, ok, ACC), inv_tau, max_t, inv_sum_t, SIGMOID
             )
             if GRAD_S:
-                g = _dloss_dy(ys, yt, cols, ok, row, coef_ptr, n_cols, w_row, w_col, True)
+                g = _dloss_dy(ys, yt, cols, ok, row, coef_ptr, n64, w_row, w_col, True)
                 dot_s += tl.sum(g * ys, axis=1)
             if GRAD_T:
-                g = _dloss_dy(ys, yt, cols, ok, row, coef_ptr, n_cols, w_row, w_col, False)
+                g = _dloss_dy(ys, yt, cols, ok, row, coef_ptr, n64, w_row, w_col, False)
                 dot_t += tl.sum(g * yt, axis=1)
     for c0 in range(0, n_cols, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
@@ -378,7 +380,7 @@ def grad_kernel(
         )
         out = offs_r[:, None] * n_cols + cols.to(tl.int64)[None, :]
         if GRAD_S:
-            g = _dloss_dy(ys, yt, cols, ok, row, coef_ptr, n_cols, w_row, w_col, True)
+            g = _dloss_dy(ys, yt, cols, ok, row, coef_ptr, n64, w_row, w_col, True)
             if SIGMOID:
                 g = g * ys * (1.0 - ys) * inv_tau
             else:
@@ -386,7 +388,7 @@ def grad_kernel(
             g = tl.where(keep[:, None], g, 0.0)
             tl.store(gs_ptr + out, g.to(gs_ptr.dtype.element_ty), mask=ok)
         if GRAD_T:
-            g = _dloss_dy(ys, yt, cols, ok, row, coef_ptr, n_cols, w_row, w_col, False)
+            g = _dloss_dy(ys, yt, cols, ok, row, coef_ptr, n64, w_row, w_col, False)
             if SIGMOID:
                 g = g * yt * (1.0 - yt) * inv_tau
             else:
@@ -395,17 +397,18 @@ def grad_kernel(
             tl.store(gt_ptr + out, g.to(gt_ptr.dtype.element_ty), mask=ok)
 
 
-def stats_blocks(n_rows: int, n_cols: int) -> tuple[int, int]:
+def stats_blocks(n_rows: int, n_cols: int, elem: int) -> tuple[int, int]:
     """(BLOCK_R, BLOCK_C) of the stats kernel: tall tiles (up to 16 rows), so that the
     column moments are read and written once per 16 rows."""
     block_r = min(16, triton.next_power_of_2(n_rows))
-    return block_r, min(triton.next_power_of_2(n_cols), STATS_TILE // block_r)
+    return block_r, min(triton.next_power_of_2(n_cols), STATS_TILE[elem] // block_r)
 
 
-def grad_blocks(n_cols: int) -> tuple[int, int]:
-    """(BLOCK_R, BLOCK_C) of the gradient kernel: wide column blocks, rows to fill a tile."""
-    block_c = min(triton.next_power_of_2(n_cols), MAX_BLOCK_C)
-    return max(1, min(16, GRAD_TILE // block_c)), block_c
+def grad_blocks(n_cols: int, elem: int) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_C) of the gradient kernel (``elem``-byte compute floats): wide
+    column blocks, rows to fill a tile."""
+    block_c = min(triton.next_power_of_2(n_cols), GRAD_TILE[elem])
+    return max(1, min(16, GRAD_TILE[elem] // block_c)), block_c
 
 
 def n_programs(n_rows: int, n_cols: int, block_r: int, elem: int, device) -> int:
@@ -424,7 +427,7 @@ _STRIDES = {"s_rs": "i64", "s_cs": "i64", "t_rs": "i64", "t_cs": "i64"}
 
 def _stats_spec(dtype: str, sigmoid: bool, n_cols: int) -> KernelSpec:
     acc = "fp64" if dtype == "fp64" else "fp32"
-    block_r, block_c = stats_blocks(1 << 20, n_cols)
+    block_r, block_c = stats_blocks(1 << 20, n_cols, 8 if acc == "fp64" else 4)
     signature = {
         "s_ptr": f"*{dtype}",
         "t_ptr": f"*{dtype}",
@@ -440,7 +443,7 @@ def _stats_spec(dtype: str, sigmoid: bool, n_cols: int) -> KernelSpec:
     constexprs = {"SIGMOID": sigmoid, "HAS_MASK": True, "BLOCK_R": block_r, "BLOCK_C": block_c}
     signature |= {k: "constexpr" for k in constexprs}
     label = f"{dtype} sigmoid={sigmoid} BLOCK_R={block_r} BLOCK_C={block_c}"
-    return KernelSpec(stats_kernel, signature, constexprs, label=label, int64_offsets=True)
+    return KernelSpec(dist_stats_kernel, signature, constexprs, label=label)
 
 
 def _merge_spec(acc: str) -> KernelSpec:
@@ -454,13 +457,13 @@ def _merge_spec(acc: str) -> KernelSpec:
         "BLOCK": "constexpr",
     }
     return KernelSpec(
-        merge_kernel, signature, {"BLOCK": MERGE_BLOCK}, label=f"{acc} BLOCK={MERGE_BLOCK}"
+        dist_merge_kernel, signature, {"BLOCK": MERGE_BLOCK}, label=f"{acc} BLOCK={MERGE_BLOCK}"
     )
 
 
 def _grad_spec(dtype: str, sigmoid: bool, n_cols: int) -> KernelSpec:
     acc = "fp64" if dtype == "fp64" else "fp32"
-    block_r, block_c = grad_blocks(n_cols)
+    block_r, block_c = grad_blocks(n_cols, 8 if acc == "fp64" else 4)
     signature = {
         "s_ptr": f"*{dtype}",
         "t_ptr": f"*{dtype}",
@@ -478,18 +481,19 @@ def _grad_spec(dtype: str, sigmoid: bool, n_cols: int) -> KernelSpec:
     constexprs |= {"BLOCK_R": block_r, "BLOCK_C": block_c}
     signature |= {k: "constexpr" for k in constexprs}
     label = f"{dtype} sigmoid={sigmoid} BLOCK_R={block_r} BLOCK_C={block_c}"
-    return KernelSpec(grad_kernel, signature, constexprs, label=label, int64_offsets=True)
+    return KernelSpec(dist_grad_kernel, signature, constexprs, label=label)
 
 
 #: launch configurations: every dtype with softmax at ImageNet and LLM-vocabulary widths,
 #: sigmoid in float32, the merge in both compute dtypes.
 AOT_SPECS = (
-    [
-        make(dtype, False, n_cols)
-        for make in (_stats_spec, _grad_spec)
-        for dtype in ("fp16", "bf16", "fp32", "fp64")
-        for n_cols in (1000, 32000)
+    [_stats_spec(dtype, False, 32000) for dtype in ("fp16", "bf16", "fp32", "fp64")]
+    + [
+        _grad_spec(dtype, False, n_cols)
+        for dtype in ("fp16", "bf16", "fp32")
+        for n_cols in (256, 32000)
     ]
+    + [_grad_spec("fp64", False, 32000)]
     + [make("fp32", True, 1000) for make in (_stats_spec, _grad_spec)]
     + [_merge_spec("fp32"), _merge_spec("fp64")]
 )
@@ -542,20 +546,20 @@ def dist_loss_triton(
     scale = tau * tau if tau_squared else 1.0
     strides = (student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1))
 
-    block_r, block_c = stats_blocks(rows, n_cols)
     elem = 8 if acc == torch.float64 else 4
+    block_r, block_c = stats_blocks(rows, n_cols, elem)
     groups = n_programs(rows, n_cols, block_r, elem, device)
     row_stats = torch.empty(rows, ROW_FIELDS, dtype=acc, device=device)
     col = torch.zeros(groups, COL_FIELDS, n_cols, dtype=acc, device=device)
     count = torch.empty(groups, dtype=acc, device=device)
     params = torch.tensor([1.0 / tau, float(n_cols)], dtype=acc, device=device)
-    stats_kernel[(groups,)](
+    dist_stats_kernel[(groups,)](
         student, teacher, flags, params, row_stats, col, count, rows, n_cols, *strides,
         SIGMOID=sigmoid, HAS_MASK=mask is not None, BLOCK_R=block_r, BLOCK_C=block_c,
     )  # fmt: skip
     coef = torch.empty(COL_FIELDS, n_cols, dtype=acc, device=device)
     rho_col = torch.empty(n_cols, dtype=acc, device=device)
-    merge_kernel[(triton.cdiv(n_cols, MERGE_BLOCK),)](
+    dist_merge_kernel[(triton.cdiv(n_cols, MERGE_BLOCK),)](
         col, count, coef, rho_col, n_cols, groups, BLOCK=MERGE_BLOCK
     )
     del col
@@ -572,8 +576,8 @@ def dist_loss_triton(
                 kept.new_tensor(-gamma * scale / n_cols),
             ]
         ).to(acc)
-        block_r, block_c = grad_blocks(n_cols)
-        grad_kernel[(triton.cdiv(rows, block_r),)](
+        block_r, block_c = grad_blocks(n_cols, elem)
+        dist_grad_kernel[(triton.cdiv(rows, block_r),)](
             student, teacher, flags, weights, row_stats, coef, grad_s, grad_t, rows, n_cols,
             *strides, SIGMOID=sigmoid, HAS_MASK=mask is not None, GRAD_S=compute_grad_student,
             GRAD_T=compute_grad_teacher, BLOCK_R=block_r, BLOCK_C=block_c,
