@@ -228,6 +228,9 @@ def dist_stats_kernel(
             tl.store(fields + 2 * n64, m2s, mask=col_ok)
             tl.store(fields + 3 * n64, m2t, mask=col_ok)
             tl.store(fields + 4 * n64, cst, mask=col_ok)
+            # The next tile reloads these moments, possibly in other threads (replicated
+            # layouts store once): make the stores visible to the whole program.
+            tl.debug_barrier()
         na += nb
         saa = tl.maximum(sdd_s - sd_s * sd_s / n_f, 0.0)
         sbb = tl.maximum(sdd_t - sd_t * sd_t / n_f, 0.0)
