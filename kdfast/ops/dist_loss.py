@@ -58,3 +58,5 @@ if _extension.unavailable_reason() is None:
         opt_in="CPU kernel not yet faster than the reference (0.2x at (256, 1000), "
         "1.15x at (1024, 32000))",
     )
+if _dispatch.BACKENDS["triton"].unavailable is None:
+    import kdfast.triton.dist_loss  # noqa: F401  (registers kdfast::dist_loss_triton)

@@ -66,3 +66,5 @@ def register_backend(backend: str, op, devices, opt_in: str | None = None) -> No
 if _extension.unavailable_reason() is None:
     register_op("kdfast::kd_loss_cpp")
     register_backend("cpp", torch.ops.kdfast.kd_loss_cpp.default, {"cpu"}, opt_in=CPU_OPT_IN)
+if _dispatch.BACKENDS["triton"].unavailable is None:
+    import kdfast.triton.kd_loss  # noqa: F401  (registers kdfast::kd_loss_triton)

@@ -1,0 +1,592 @@
+"""Triton fused DIST (SPEC 2) and the custom op ``kdfast::dist_loss_triton``.
+
+Same contract as ``kdfast::dist_loss_cpp`` (:mod:`kdfast.ops.dist_loss`): the op returns
+``(loss, grad_student, grad_teacher)``, the gradients written in the forward pass only when
+the flags ask for them, empty (0,) tensors otherwise; once-differentiable. Options:
+tau_squared, activation="sigmoid", mask; inputs read in place with any strides.
+
+Three kernels (csrc/dist_loss.h has the per-element math):
+
+* ``dist_stats_kernel``, G programs, each owning every G-th tile of BLOCK_R rows: per tile, a
+  sweep over column blocks for the row log-sum-exps (online max / sum; the row sums for
+  sigmoid), then a sweep computing y = act(z / tau), the row correlation terms (sums of
+  y - K, K = 1 / C for softmax (so a uniform row is centred exactly), the row mean for
+  sigmoid) and the tile's column moments (count, means, centred second moments,
+  co-moment), merged into the program's own column moments with the pairwise update of
+  Chan, Golub and LeVeque. Per-row values (max, 1 / sum, means, Pearson coefficients, rho)
+  go to a (rows, 10) buffer.
+* ``dist_merge_kernel``, programs over column blocks: merges the G programs' column moments in
+  order (deterministic, no atomics) and turns them into the per-column Pearson
+  coefficients and rho.
+* ``dist_grad_kernel``, programs over row tiles: per row <g, y> (softmax), then the gradient
+  write y (g - <g, y>) / tau (softmax) or g y (1 - y) / tau (sigmoid).
+
+Reads: 2 of each input for the loss, 2 more for the gradient (4 in all; SPEC 2's minimum
+is 3 of zs and 2 of zt, see the issue 4 report); 1 write per gradient. Temporaries: per-row
+values and G x 5 x C column moments (G capped so they stay within COLUMN_BUDGET bytes); no
+(rows, C) buffer, also for half inputs (computed in float32 registers; float64 in float64).
+Row offsets are 64-bit. Launchers accept CPU tensors (TRITON_INTERPRET=1). Import only when
+triton is importable.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from kdfast import _dispatch
+from kdfast._validation import compute_dtype
+from kdfast.ops.dist_loss import make_impl, register_op
+from kdfast.triton.aot import KernelSpec
+
+#: csrc/dist_loss.h: eps added to the product of the norms
+COSINE_EPS = tl.constexpr(1e-8)
+ACTIVATIONS = ("softmax", "sigmoid")
+#: row-stat fields of the (rows, ROW_FIELDS) buffer
+MAX_S, INV_SUM_S, MAX_T, INV_SUM_T, MEAN_S, MEAN_T, INV_D, K_A, K_B, RHO = range(10)
+ROW_FIELDS = 10
+#: column fields (G x 5 x C moments; 5 x C coefficients: means, inv_d, k_a, k_b)
+COL_FIELDS = 5
+#: elements per tile of the stats and gradient kernels
+STATS_TILE = {4: 1024, 8: 512}
+GRAD_TILE = {4: 1024, 8: 512}
+MERGE_BLOCK = 256
+#: bytes allowed for the per-program column moments
+COLUMN_BUDGET = 256 * 2**20
+
+
+@triton.jit
+def _activate(z, inv_tau, mx, inv_sum, SIGMOID: tl.constexpr):
+    """y = sigmoid(z / tau), or softmax from the row's max and 1 / sum (bit-identical in
+    every kernel: the column centring of B = 1 must give exactly 0)."""
+    u = z * inv_tau
+    if SIGMOID:
+        y = 1.0 / (1.0 + tl.exp(-u))
+    else:
+        y = tl.exp(u - mx[:, None]) * inv_sum[:, None]
+    return y
+
+
+@triton.jit
+def _pearson(saa, sbb, sab):
+    """(rho, 1 / D, k_a, k_b) from centred sums (csrc/dist_loss.h)."""
+    na = tl.sqrt(saa)
+    nb = tl.sqrt(sbb)
+    inv_d = 1.0 / (na * nb + COSINE_EPS)
+    k_a = tl.where(na > 0.0, sab * nb / tl.where(na > 0.0, na, 1.0) * inv_d * inv_d, 0.0)
+    k_b = tl.where(nb > 0.0, sab * na / tl.where(nb > 0.0, nb, 1.0) * inv_d * inv_d, 0.0)
+    return sab * inv_d, inv_d, k_a, k_b
+
+
+@triton.jit
+def _merge(na, nb, mean_x, mean_y, m2x, m2y, cxy, b_mean_x, b_mean_y, b_m2x, b_m2y, b_cxy):
+    """Chan-Golub-LeVeque update of (na, moments) with a block of nb rows (nb may be 0)."""
+    n = na + nb
+    n_safe = tl.where(n > 0.0, n, 1.0)
+    ratio = nb / n_safe
+    w = na * ratio
+    dx = b_mean_x - mean_x
+    dy = b_mean_y - mean_y
+    return (
+        mean_x + dx * ratio,
+        mean_y + dy * ratio,
+        m2x + b_m2x + dx * dx * w,
+        m2y + b_m2y + dy * dy * w,
+        cxy + b_cxy + dx * dy * w,
+    )
+
+
+@triton.jit
+def _load(ptr, offs_r, rs, cs, cols, ok, ACC: tl.constexpr):
+    offs = offs_r[:, None] * rs + cols.to(tl.int64)[None, :] * cs
+    return tl.load(ptr + offs, mask=ok, other=0.0).to(ACC)
+
+
+@triton.jit
+def dist_stats_kernel(
+    s_ptr,
+    t_ptr,
+    mask_ptr,
+    params_ptr,
+    row_ptr,
+    col_ptr,
+    count_ptr,
+    n_rows,
+    n_cols,
+    s_rs,
+    s_cs,
+    t_rs,
+    t_cs,
+    SIGMOID: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Pass 1: per-row values into row (rows, 10) and this program's column moments into
+    col[program] (5, C) (zero-initialised), its kept-row count into count[program].
+    params = [1 / tau, C] in the compute dtype (that of row, col, count)."""
+    ACC = row_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    n_programs = tl.num_programs(0)
+    inv_tau = tl.load(params_ptr)
+    n_f = tl.load(params_ptr + 1)
+    n64 = pid.to(tl.int64) * 0 + n_cols  # 64-bit field offsets
+    col_base = col_ptr + pid.to(tl.int64) * 5 * n64
+    na = tl.sum(tl.zeros((BLOCK_R,), ACC), axis=0)
+    n_tiles = tl.cdiv(n_rows, BLOCK_R)
+    for tile in range(pid, n_tiles, n_programs):
+        offs_r = (tl.zeros((BLOCK_R,), tl.int64) + tile) * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = offs_r < n_rows
+        keep = row_ok
+        if HAS_MASK:
+            keep = keep & (tl.load(mask_ptr + offs_r, mask=row_ok, other=0) != 0)
+        # sweep 1: softmax max / sum (sigmoid: sum of y)
+        max_s = tl.full((BLOCK_R,), float("-inf"), ACC)
+        max_t = tl.full((BLOCK_R,), float("-inf"), ACC)
+        sum_s = tl.zeros((BLOCK_R,), ACC)
+        sum_t = tl.zeros((BLOCK_R,), ACC)
+        for c0 in range(0, n_cols, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            col_ok = cols < n_cols
+            ok = row_ok[:, None] & col_ok[None, :]
+            u = _load(s_ptr, offs_r, s_rs, s_cs, cols, ok, ACC) * inv_tau
+            v = _load(t_ptr, offs_r, t_rs, t_cs, cols, ok, ACC) * inv_tau
+            if SIGMOID:
+                sum_s += tl.sum(tl.where(ok, 1.0 / (1.0 + tl.exp(-u)), 0.0), axis=1)
+                sum_t += tl.sum(tl.where(ok, 1.0 / (1.0 + tl.exp(-v)), 0.0), axis=1)
+            else:
+                u = tl.where(col_ok[None, :], u, float("-inf"))
+                v = tl.where(col_ok[None, :], v, float("-inf"))
+                new_s = tl.maximum(max_s, tl.max(u, axis=1))
+                new_t = tl.maximum(max_t, tl.max(v, axis=1))
+                sum_s = sum_s * tl.exp(max_s - new_s) + tl.sum(tl.exp(u - new_s[:, None]), 1)
+                sum_t = sum_t * tl.exp(max_t - new_t) + tl.sum(tl.exp(v - new_t[:, None]), 1)
+                max_s = new_s
+                max_t = new_t
+        if SIGMOID:
+            shift_s = sum_s / n_f
+            shift_t = sum_t / n_f
+            inv_sum_s = sum_s
+            inv_sum_t = sum_t
+        else:
+            inv_sum_s = 1.0 / sum_s
+            inv_sum_t = 1.0 / sum_t
+            shift_s = tl.zeros((BLOCK_R,), ACC) + 1.0 / n_f
+            shift_t = shift_s
+        # sweep 2: row sums of y - shift and the tile's column moments
+        nb = tl.sum(keep.to(ACC), axis=0)
+        nb_safe = tl.where(nb > 0.0, nb, 1.0)
+        sd_s = tl.zeros((BLOCK_R,), ACC)
+        sd_t = tl.zeros((BLOCK_R,), ACC)
+        sdd_s = tl.zeros((BLOCK_R,), ACC)
+        sdd_t = tl.zeros((BLOCK_R,), ACC)
+        sdd_st = tl.zeros((BLOCK_R,), ACC)
+        for c0 in range(0, n_cols, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            col_ok = cols < n_cols
+            ok = row_ok[:, None] & col_ok[None, :]
+            ys = _activate(
+                _load(s_ptr, offs_r, s_rs, s_cs, cols, ok, ACC), inv_tau, max_s, inv_sum_s, SIGMOID
+            )
+            yt = _activate(
+                _load(t_ptr, offs_r, t_rs, t_cs, cols, ok, ACC), inv_tau, max_t, inv_sum_t, SIGMOID
+            )
+            ds = tl.where(ok, ys - shift_s[:, None], 0.0)
+            dt = tl.where(ok, yt - shift_t[:, None], 0.0)
+            sd_s += tl.sum(ds, axis=1)
+            sd_t += tl.sum(dt, axis=1)
+            sdd_s += tl.sum(ds * ds, axis=1)
+            sdd_t += tl.sum(dt * dt, axis=1)
+            sdd_st += tl.sum(ds * dt, axis=1)
+            # column moments of the tile's kept rows, merged into this program's
+            kept = keep[:, None] & col_ok[None, :]
+            ys = tl.where(kept, ys, 0.0)
+            yt = tl.where(kept, yt, 0.0)
+            b_mean_s = tl.sum(ys, axis=0) / nb_safe
+            b_mean_t = tl.sum(yt, axis=0) / nb_safe
+            cs = tl.where(kept, ys - b_mean_s[None, :], 0.0)
+            ct = tl.where(kept, yt - b_mean_t[None, :], 0.0)
+            fields = col_base + cols
+            mean_s, mean_t, m2s, m2t, cst = _merge(
+                na,
+                nb,
+                tl.load(fields, mask=col_ok, other=0.0),
+                tl.load(fields + n64, mask=col_ok, other=0.0),
+                tl.load(fields + 2 * n64, mask=col_ok, other=0.0),
+                tl.load(fields + 3 * n64, mask=col_ok, other=0.0),
+                tl.load(fields + 4 * n64, mask=col_ok, other=0.0),
+                b_mean_s,
+                b_mean_t,
+                tl.sum(cs * cs, axis=0),
+                tl.sum(ct * ct, axis=0),
+                tl.sum(cs * ct, axis=0),
+            )
+            tl.store(fields, mean_s, mask=col_ok)
+            tl.store(fields + n64, mean_t, mask=col_ok)
+            tl.store(fields + 2 * n64, m2s, mask=col_ok)
+            tl.store(fields + 3 * n64, m2t, mask=col_ok)
+            tl.store(fields + 4 * n64, cst, mask=col_ok)
+            # The next tile reloads these moments, possibly in other threads (replicated
+            # layouts store once): make the stores visible to the whole program.
+            tl.debug_barrier()
+        na += nb
+        saa = tl.maximum(sdd_s - sd_s * sd_s / n_f, 0.0)
+        sbb = tl.maximum(sdd_t - sd_t * sd_t / n_f, 0.0)
+        sab = sdd_st - sd_s * sd_t / n_f
+        rho, inv_d, k_a, k_b = _pearson(saa, sbb, sab)
+        out = row_ptr + offs_r * 10
+        tl.store(out + 0, max_s, mask=row_ok)
+        tl.store(out + 1, inv_sum_s, mask=row_ok)
+        tl.store(out + 2, max_t, mask=row_ok)
+        tl.store(out + 3, inv_sum_t, mask=row_ok)
+        tl.store(out + 4, shift_s + sd_s / n_f, mask=row_ok)
+        tl.store(out + 5, shift_t + sd_t / n_f, mask=row_ok)
+        tl.store(out + 6, inv_d, mask=row_ok)
+        tl.store(out + 7, k_a, mask=row_ok)
+        tl.store(out + 8, k_b, mask=row_ok)
+        tl.store(out + 9, tl.where(keep, rho, 0.0), mask=row_ok)
+    tl.store(count_ptr + pid, na)
+
+
+@triton.jit
+def dist_merge_kernel(col_ptr, count_ptr, coef_ptr, rho_ptr, n_cols, n_groups, BLOCK: tl.constexpr):
+    """Pass 1b: merge the n_groups programs' column moments col (n_groups, 5, C) in order;
+    coef (5, C) = column means of ys and yt, 1 / D, k_a, k_b; rho (C,) per column."""
+    cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < n_cols
+    n64 = tl.program_id(0).to(tl.int64) * 0 + n_cols  # 64-bit field offsets
+    mean_s = tl.load(col_ptr + cols, mask=ok, other=0.0)
+    mean_t = tl.load(col_ptr + n64 + cols, mask=ok, other=0.0)
+    m2s = tl.load(col_ptr + 2 * n64 + cols, mask=ok, other=0.0)
+    m2t = tl.load(col_ptr + 3 * n64 + cols, mask=ok, other=0.0)
+    cst = tl.load(col_ptr + 4 * n64 + cols, mask=ok, other=0.0)
+    na = tl.load(count_ptr)
+    fields = col_ptr + cols
+    for g in range(1, n_groups):
+        fields += 5 * n64
+        nb = tl.load(count_ptr + g)
+        mean_s, mean_t, m2s, m2t, cst = _merge(
+            na,
+            nb,
+            mean_s,
+            mean_t,
+            m2s,
+            m2t,
+            cst,
+            tl.load(fields, mask=ok, other=0.0),
+            tl.load(fields + n64, mask=ok, other=0.0),
+            tl.load(fields + 2 * n64, mask=ok, other=0.0),
+            tl.load(fields + 3 * n64, mask=ok, other=0.0),
+            tl.load(fields + 4 * n64, mask=ok, other=0.0),
+        )
+        na += nb
+    rho, inv_d, k_a, k_b = _pearson(m2s, m2t, cst)
+    tl.store(coef_ptr + cols, mean_s, mask=ok)
+    tl.store(coef_ptr + n64 + cols, mean_t, mask=ok)
+    tl.store(coef_ptr + 2 * n64 + cols, inv_d, mask=ok)
+    tl.store(coef_ptr + 3 * n64 + cols, k_a, mask=ok)
+    tl.store(coef_ptr + 4 * n64 + cols, k_b, mask=ok)
+    tl.store(rho_ptr + cols, rho, mask=ok)
+
+
+@triton.jit
+def _dloss_dy(ys, yt, cols, ok, row, coef_ptr, n64, w_row, w_col, STUDENT: tl.constexpr):
+    """g = dL/dy of the student (STUDENT) or teacher side, for a tile (csrc/dist_loss.h)."""
+    col_ok = cols < n64
+    m_s = tl.load(coef_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    m_t = tl.load(coef_ptr + n64 + cols, mask=col_ok, other=0.0)[None, :]
+    inv_d = tl.load(coef_ptr + 2 * n64 + cols, mask=col_ok, other=0.0)[None, :]
+    mean_s = tl.load(row + 4)[:, None]
+    mean_t = tl.load(row + 5)[:, None]
+    row_inv_d = tl.load(row + 6)[:, None]
+    if STUDENT:
+        k_col = tl.load(coef_ptr + 3 * n64 + cols, mask=col_ok, other=0.0)[None, :]
+        k_row = tl.load(row + 7)[:, None]
+        row_part = (yt - mean_t) * row_inv_d - k_row * (ys - mean_s)
+        col_part = (yt - m_t) * inv_d - k_col * (ys - m_s)
+    else:
+        k_col = tl.load(coef_ptr + 4 * n64 + cols, mask=col_ok, other=0.0)[None, :]
+        k_row = tl.load(row + 8)[:, None]
+        row_part = (ys - mean_s) * row_inv_d - k_row * (yt - mean_t)
+        col_part = (ys - m_s) * inv_d - k_col * (yt - m_t)
+    return tl.where(ok, w_row * row_part + w_col * col_part, 0.0)
+
+
+@triton.jit
+def dist_grad_kernel(
+    s_ptr,
+    t_ptr,
+    mask_ptr,
+    params_ptr,
+    row_ptr,
+    coef_ptr,
+    gs_ptr,
+    gt_ptr,
+    n_rows,
+    n_cols,
+    s_rs,
+    s_cs,
+    t_rs,
+    t_cs,
+    SIGMOID: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    GRAD_S: tl.constexpr,
+    GRAD_T: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Passes 2 and 3: dL/dzs, dL/dzt into gs, gt (contiguous (rows, C); zero for masked
+    rows). params = [1 / tau, dL/drho_row = -beta s / kept, dL/drho_col = -gamma s / C]."""
+    ACC = row_ptr.dtype.element_ty
+    offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = offs_r < n_rows
+    keep = row_ok
+    if HAS_MASK:
+        keep = keep & (tl.load(mask_ptr + offs_r, mask=row_ok, other=0) != 0)
+    n64 = tl.program_id(0).to(tl.int64) * 0 + n_cols  # 64-bit coefficient offsets
+    inv_tau = tl.load(params_ptr)
+    w_row = tl.load(params_ptr + 1)
+    w_col = tl.load(params_ptr + 2)
+    row = row_ptr + tl.where(row_ok, offs_r, 0) * 10
+    max_s = tl.load(row + 0)
+    inv_sum_s = tl.load(row + 1)
+    max_t = tl.load(row + 2)
+    inv_sum_t = tl.load(row + 3)
+    dot_s = tl.zeros((BLOCK_R,), ACC)
+    dot_t = tl.zeros((BLOCK_R,), ACC)
+    if not SIGMOID:
+        for c0 in range(0, n_cols, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            ok = row_ok[:, None] & (cols < n_cols)[None, :]
+            ys = _activate(
+                _load(s_ptr, offs_r, s_rs, s_cs, cols, ok, ACC), inv_tau, max_s, inv_sum_s, SIGMOID
+            )
+            yt = _activate(
+                _load(t_ptr, offs_r, t_rs, t_cs, cols, ok, ACC), inv_tau, max_t, inv_sum_t, SIGMOID
+            )
+            if GRAD_S:
+                g = _dloss_dy(ys, yt, cols, ok, row, coef_ptr, n64, w_row, w_col, True)
+                dot_s += tl.sum(g * ys, axis=1)
+            if GRAD_T:
+                g = _dloss_dy(ys, yt, cols, ok, row, coef_ptr, n64, w_row, w_col, False)
+                dot_t += tl.sum(g * yt, axis=1)
+    for c0 in range(0, n_cols, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        ok = row_ok[:, None] & (cols < n_cols)[None, :]
+        ys = _activate(
+            _load(s_ptr, offs_r, s_rs, s_cs, cols, ok, ACC), inv_tau, max_s, inv_sum_s, SIGMOID
+        )
+        yt = _activate(
+            _load(t_ptr, offs_r, t_rs, t_cs, cols, ok, ACC), inv_tau, max_t, inv_sum_t, SIGMOID
+        )
+        out = offs_r[:, None] * n_cols + cols.to(tl.int64)[None, :]
+        if GRAD_S:
+            g = _dloss_dy(ys, yt, cols, ok, row, coef_ptr, n64, w_row, w_col, True)
+            if SIGMOID:
+                g = g * ys * (1.0 - ys) * inv_tau
+            else:
+                g = ys * (g - dot_s[:, None]) * inv_tau
+            g = tl.where(keep[:, None], g, 0.0)
+            tl.store(gs_ptr + out, g.to(gs_ptr.dtype.element_ty), mask=ok)
+        if GRAD_T:
+            g = _dloss_dy(ys, yt, cols, ok, row, coef_ptr, n64, w_row, w_col, False)
+            if SIGMOID:
+                g = g * yt * (1.0 - yt) * inv_tau
+            else:
+                g = yt * (g - dot_t[:, None]) * inv_tau
+            g = tl.where(keep[:, None], g, 0.0)
+            tl.store(gt_ptr + out, g.to(gt_ptr.dtype.element_ty), mask=ok)
+
+
+def stats_blocks(n_rows: int, n_cols: int, elem: int) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_C) of the stats kernel: tall tiles (up to 16 rows), so that the
+    column moments are read and written once per 16 rows."""
+    block_r = min(16, triton.next_power_of_2(n_rows))
+    return block_r, min(triton.next_power_of_2(n_cols), STATS_TILE[elem] // block_r)
+
+
+def grad_blocks(n_cols: int, elem: int) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_C) of the gradient kernel (``elem``-byte compute floats): wide
+    column blocks, rows to fill a tile."""
+    block_c = min(triton.next_power_of_2(n_cols), GRAD_TILE[elem])
+    return max(1, min(16, GRAD_TILE[elem] // block_c)), block_c
+
+
+def n_programs(n_rows: int, n_cols: int, block_r: int, elem: int, device) -> int:
+    """Programs of the stats kernel: enough to fill the GPU (4 per SM), at most one per
+    tile, and their column moments within COLUMN_BUDGET."""
+    if device.type == "cuda":
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 2
+    budget = max(1, COLUMN_BUDGET // (COL_FIELDS * n_cols * elem))
+    return max(1, min(triton.cdiv(n_rows, block_r), target, budget))
+
+
+_STRIDES = {"s_rs": "i64", "s_cs": "i64", "t_rs": "i64", "t_cs": "i64"}
+
+
+def _stats_spec(dtype: str, sigmoid: bool, n_cols: int) -> KernelSpec:
+    acc = "fp64" if dtype == "fp64" else "fp32"
+    block_r, block_c = stats_blocks(1 << 20, n_cols, 8 if acc == "fp64" else 4)
+    signature = {
+        "s_ptr": f"*{dtype}",
+        "t_ptr": f"*{dtype}",
+        "mask_ptr": "*i8",
+        "params_ptr": f"*{acc}",
+        "row_ptr": f"*{acc}",
+        "col_ptr": f"*{acc}",
+        "count_ptr": f"*{acc}",
+        "n_rows": "i64",
+        "n_cols": "i32",
+        **_STRIDES,
+    }
+    constexprs = {"SIGMOID": sigmoid, "HAS_MASK": True, "BLOCK_R": block_r, "BLOCK_C": block_c}
+    signature |= {k: "constexpr" for k in constexprs}
+    label = f"{dtype} sigmoid={sigmoid} BLOCK_R={block_r} BLOCK_C={block_c}"
+    return KernelSpec(dist_stats_kernel, signature, constexprs, label=label)
+
+
+def _merge_spec(acc: str) -> KernelSpec:
+    signature = {
+        "col_ptr": f"*{acc}",
+        "count_ptr": f"*{acc}",
+        "coef_ptr": f"*{acc}",
+        "rho_ptr": f"*{acc}",
+        "n_cols": "i32",
+        "n_groups": "i32",
+        "BLOCK": "constexpr",
+    }
+    return KernelSpec(
+        dist_merge_kernel, signature, {"BLOCK": MERGE_BLOCK}, label=f"{acc} BLOCK={MERGE_BLOCK}"
+    )
+
+
+def _grad_spec(dtype: str, sigmoid: bool, n_cols: int) -> KernelSpec:
+    acc = "fp64" if dtype == "fp64" else "fp32"
+    block_r, block_c = grad_blocks(n_cols, 8 if acc == "fp64" else 4)
+    signature = {
+        "s_ptr": f"*{dtype}",
+        "t_ptr": f"*{dtype}",
+        "mask_ptr": "*i8",
+        "params_ptr": f"*{acc}",
+        "row_ptr": f"*{acc}",
+        "coef_ptr": f"*{acc}",
+        "gs_ptr": f"*{dtype}",
+        "gt_ptr": f"*{dtype}",
+        "n_rows": "i64",
+        "n_cols": "i32",
+        **_STRIDES,
+    }
+    constexprs = {"SIGMOID": sigmoid, "HAS_MASK": True, "GRAD_S": True, "GRAD_T": True}
+    constexprs |= {"BLOCK_R": block_r, "BLOCK_C": block_c}
+    signature |= {k: "constexpr" for k in constexprs}
+    label = f"{dtype} sigmoid={sigmoid} BLOCK_R={block_r} BLOCK_C={block_c}"
+    return KernelSpec(dist_grad_kernel, signature, constexprs, label=label)
+
+
+#: launch configurations: every dtype with softmax at ImageNet and LLM-vocabulary widths,
+#: sigmoid in float32, the merge in both compute dtypes.
+AOT_SPECS = (
+    [_stats_spec(dtype, False, 32000) for dtype in ("fp16", "bf16", "fp32", "fp64")]
+    + [
+        _grad_spec(dtype, False, n_cols)
+        for dtype in ("fp16", "bf16", "fp32")
+        for n_cols in (256, 32000)
+    ]
+    + [_grad_spec("fp64", False, 32000)]
+    + [make("fp32", True, 1000) for make in (_stats_spec, _grad_spec)]
+    + [_merge_spec("fp32"), _merge_spec("fp64")]
+)
+
+
+@torch.library.custom_op("kdfast::dist_loss_triton", mutates_args=())
+def dist_loss_triton(
+    student: Tensor,
+    teacher: Tensor,
+    beta: float,
+    gamma: float,
+    tau: float,
+    tau_squared: bool,
+    activation: str,
+    mask: Tensor | None,
+    compute_grad_student: bool,
+    compute_grad_teacher: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Fused DIST with Triton (schema of ``kdfast::dist_loss_cpp``).
+
+    Args:
+        student, teacher: (rows, C) logits, any strides and floating dtypes.
+        beta, gamma: weights of the inter and intra terms; tau > 0: temperature;
+        tau_squared: scale both terms by tau^2. activation: "softmax" or "sigmoid".
+        mask: optional bool (rows,) of kept rows.
+        compute_grad_student, compute_grad_teacher: write that gradient.
+
+    Returns:
+        (loss: () in promote_types(student, teacher, float32), grad_student (rows, C) in
+        student's dtype or (0,), grad_teacher likewise).
+    """
+    if student.dim() != 2 or student.shape != teacher.shape:
+        raise ValueError(
+            f"dist_loss_triton: expected equal 2-D shapes, got {tuple(student.shape)} and "
+            f"{tuple(teacher.shape)}"
+        )
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"dist_loss_triton: unknown activation {activation!r}")
+    rows, n_cols = student.shape
+    dtype = compute_dtype(student, teacher)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    device = student.device
+    sigmoid = activation == "sigmoid"
+    if mask is None:
+        flags = torch.ones(1, dtype=torch.int8, device=device)
+        kept = torch.tensor(float(rows), dtype=torch.float64, device=device)
+    else:
+        flags = mask.reshape(rows).contiguous().view(torch.int8)
+        kept = mask.sum().to(torch.float64)
+    scale = tau * tau if tau_squared else 1.0
+    strides = (student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1))
+
+    elem = 8 if acc == torch.float64 else 4
+    block_r, block_c = stats_blocks(rows, n_cols, elem)
+    groups = n_programs(rows, n_cols, block_r, elem, device)
+    row_stats = torch.empty(rows, ROW_FIELDS, dtype=acc, device=device)
+    col = torch.zeros(groups, COL_FIELDS, n_cols, dtype=acc, device=device)
+    count = torch.empty(groups, dtype=acc, device=device)
+    params = torch.tensor([1.0 / tau, float(n_cols)], dtype=acc, device=device)
+    dist_stats_kernel[(groups,)](
+        student, teacher, flags, params, row_stats, col, count, rows, n_cols, *strides,
+        SIGMOID=sigmoid, HAS_MASK=mask is not None, BLOCK_R=block_r, BLOCK_C=block_c,
+    )  # fmt: skip
+    coef = torch.empty(COL_FIELDS, n_cols, dtype=acc, device=device)
+    rho_col = torch.empty(n_cols, dtype=acc, device=device)
+    dist_merge_kernel[(triton.cdiv(n_cols, MERGE_BLOCK),)](
+        col, count, coef, rho_col, n_cols, groups, BLOCK=MERGE_BLOCK
+    )
+    del col
+    rho_rows = row_stats[:, RHO].to(torch.float64).sum()
+    rho_cols = rho_col.to(torch.float64).sum()
+    loss = beta * scale * (1.0 - rho_rows / kept) + gamma * scale * (1.0 - rho_cols / n_cols)
+    grad_s = student.new_empty(student.shape if compute_grad_student else (0,))
+    grad_t = teacher.new_empty(teacher.shape if compute_grad_teacher else (0,))
+    if compute_grad_student or compute_grad_teacher:
+        weights = torch.stack(
+            [
+                kept.new_tensor(1.0 / tau),
+                -beta * scale / kept,
+                kept.new_tensor(-gamma * scale / n_cols),
+            ]
+        ).to(acc)
+        block_r, block_c = grad_blocks(n_cols, elem)
+        dist_grad_kernel[(triton.cdiv(rows, block_r),)](
+            student, teacher, flags, weights, row_stats, coef, grad_s, grad_t, rows, n_cols,
+            *strides, SIGMOID=sigmoid, HAS_MASK=mask is not None, GRAD_S=compute_grad_student,
+            GRAD_T=compute_grad_teacher, BLOCK_R=block_r, BLOCK_C=block_c,
+        )  # fmt: skip
+    return loss.to(dtype), grad_s, grad_t
+
+
+register_op("kdfast::dist_loss_triton")
+_dispatch.implement("dist_loss", "triton", make_impl(torch.ops.kdfast.dist_loss_triton.default))

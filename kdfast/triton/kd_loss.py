@@ -1,0 +1,321 @@
+"""Triton fused softmax + KL (SPEC 3) and the custom op ``kdfast::kd_loss_triton``: Hinton
+KD (every reduction, mask, teacher given as logits, probs or log-probs), per-sample KL and
+the DeiT soft term (``kd_loss(..., reduction="mean")``).
+
+Same contract as ``kdfast::kd_loss_cpp`` (:mod:`kdfast.ops.kd_loss`): the op returns
+``(loss, grad_student, grad_teacher)``, the gradients (for a unit upstream gradient; per row
+for reduction "none") written in the forward pass only when the flags ask for them, empty
+(0,) tensors otherwise; once-differentiable.
+
+One kernel, programs over tiles of BLOCK_R rows, looping over column blocks of BLOCK_C (any
+C up to 262144 and beyond): pass 1 the online max / sum of exp of each side, pass 2 the row
+KL and sum(pt), pass 3 (only when a gradient is requested) the gradient write. Inputs are
+read in place with any row and column strides (no copies for (N, C, *) views, expanded
+rows or mixed dtypes); half inputs are computed in float32 registers, float64 inputs in
+float64; per-row values are the only temporaries. Row offsets are 64-bit. The reduction's
+weight (which depends on the number of kept rows) is a device scalar: no host sync.
+Launchers accept CPU tensors (TRITON_INTERPRET=1). Import only when triton is importable.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from kdfast._validation import compute_dtype
+from kdfast.ops.kd_loss import register_backend, register_op
+from kdfast.triton.aot import KernelSpec
+
+#: teacher kinds and reductions, as the kernel's constexpr codes (csrc/kd_loss.h)
+TEACHER_KINDS = {"logits": 0, "probs": 1, "log_probs": 2}
+REDUCTIONS = ("batchmean", "sum", "mean", "none")
+#: elements per tile (BLOCK_R * BLOCK_C) for float32 / float64 compute: a tile and its
+#: temporaries stay in registers (no spills, tests/test_triton_aot.py).
+TILE = {4: 2048, 8: 1024}
+
+
+@triton.jit
+def _row_lse(
+    x_ptr, offs_r, row_ok, rs, cs, n_cols, scale, BLOCK_C: tl.constexpr, ACC: tl.constexpr
+):
+    """(max, sum of exp(x * scale - max)) of each row of the tile (pass 1)."""
+    m = tl.full(offs_r.shape, float("-inf"), ACC)
+    total = tl.zeros(offs_r.shape, ACC)
+    for c0 in range(0, n_cols, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        col_ok = cols < n_cols
+        ok = row_ok[:, None] & col_ok[None, :]
+        offs = offs_r[:, None] * rs + cols.to(tl.int64)[None, :] * cs
+        x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(ACC) * scale
+        x = tl.where(col_ok[None, :], x, float("-inf"))
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        total = total * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
+        m = m_new
+    return m, total
+
+
+@triton.jit
+def _teacher_terms(v, max_t, log_sum_t, inv_sum_t, KIND: tl.constexpr):
+    """(pt, log pt) from the teacher tile v (logits / T, probs or log-probs)."""
+    if KIND == 0:
+        log_pt = (v - max_t[:, None]) - log_sum_t[:, None]
+        pt = tl.exp(v - max_t[:, None]) * inv_sum_t[:, None]
+    elif KIND == 1:
+        pt = v
+        log_pt = tl.log(v)
+    else:
+        log_pt = v
+        pt = tl.exp(v)
+    return pt, log_pt
+
+
+@triton.jit
+def kd_loss_kernel(
+    s_ptr,
+    t_ptr,
+    mask_ptr,
+    params_ptr,
+    row_kl_ptr,
+    gs_ptr,
+    gt_ptr,
+    n_rows,
+    n_cols,
+    s_rs,
+    s_cs,
+    t_rs,
+    t_cs,
+    KIND: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    GRAD_S: tl.constexpr,
+    GRAD_T: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Per-row KL(pt || ps) into row_kl (0 for masked rows) and, when requested, the
+    gradients (scaled by params[0] = loss_scale * reduction weight) into gs / gt,
+    contiguous (rows, C); params[1] = 1 / T. params and row_kl have the compute dtype
+    (float64 for float64 inputs, else float32). s, t: (rows, C) logits with strides
+    (s_rs, s_cs), (t_rs, t_cs); the teacher holds logits (KIND 0), probs (1) or log-probs
+    (2)."""
+    ACC = row_kl_ptr.dtype.element_ty
+    offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = offs_r < n_rows
+    inv_t = tl.load(params_ptr + 1)
+    teacher_scale = inv_t if KIND == 0 else 1.0
+    max_s, sum_s = _row_lse(s_ptr, offs_r, row_ok, s_rs, s_cs, n_cols, inv_t, BLOCK_C, ACC)
+    log_sum_s = tl.log(sum_s)
+    inv_sum_s = 1.0 / sum_s
+    if KIND == 0:
+        max_t, sum_t = _row_lse(t_ptr, offs_r, row_ok, t_rs, t_cs, n_cols, inv_t, BLOCK_C, ACC)
+    else:
+        max_t = tl.zeros(offs_r.shape, ACC)
+        sum_t = tl.full(offs_r.shape, 1.0, ACC)
+    log_sum_t = tl.log(sum_t)
+    inv_sum_t = 1.0 / sum_t
+    # pass 2: KL and sum(pt) per row
+    kl = tl.zeros((BLOCK_R,), ACC)
+    sum_pt = tl.zeros((BLOCK_R,), ACC)
+    for c0 in range(0, n_cols, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        ok = row_ok[:, None] & (cols < n_cols)[None, :]
+        c64 = cols.to(tl.int64)[None, :]
+        u = tl.load(s_ptr + offs_r[:, None] * s_rs + c64 * s_cs, mask=ok, other=0.0).to(ACC)
+        v = tl.load(t_ptr + offs_r[:, None] * t_rs + c64 * t_cs, mask=ok, other=1.0).to(ACC)
+        log_ps = (u * inv_t - max_s[:, None]) - log_sum_s[:, None]
+        pt, log_pt = _teacher_terms(v * teacher_scale, max_t, log_sum_t, inv_sum_t, KIND)
+        if KIND == 1:
+            term = tl.where(pt == 0.0, 0.0, pt * log_pt) - pt * log_ps
+        else:
+            term = pt * (log_pt - log_ps)
+        kl += tl.sum(tl.where(ok, term, 0.0), axis=1)
+        sum_pt += tl.sum(tl.where(ok, pt, 0.0), axis=1)
+    keep = row_ok
+    if HAS_MASK:
+        keep = keep & (tl.load(mask_ptr + offs_r, mask=row_ok, other=0) != 0)
+    tl.store(row_kl_ptr + offs_r, tl.where(keep, kl, 0.0), mask=row_ok)
+    if GRAD_S or GRAD_T:
+        # pass 3: the gradient write (zeros for masked rows)
+        scale = tl.load(params_ptr)
+        coef_s = scale * inv_t
+        coef_t = scale * teacher_scale
+        ps_scale = sum_pt * inv_sum_s
+        for c0 in range(0, n_cols, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            ok = row_ok[:, None] & (cols < n_cols)[None, :]
+            c64 = cols.to(tl.int64)[None, :]
+            u = tl.load(s_ptr + offs_r[:, None] * s_rs + c64 * s_cs, mask=ok, other=0.0)
+            u = u.to(ACC) * inv_t
+            v = tl.load(t_ptr + offs_r[:, None] * t_rs + c64 * t_cs, mask=ok, other=1.0)
+            pt, log_pt = _teacher_terms(
+                v.to(ACC) * teacher_scale, max_t, log_sum_t, inv_sum_t, KIND
+            )
+            out = offs_r[:, None] * n_cols + c64  # offs_r is int64
+            if GRAD_S:
+                gs = (tl.exp(u - max_s[:, None]) * ps_scale[:, None] - pt) * coef_s
+                gs = tl.where(keep[:, None], gs, 0.0)
+                tl.store(gs_ptr + out, gs.to(gs_ptr.dtype.element_ty), mask=ok)
+            if GRAD_T:
+                log_ps = (u - max_s[:, None]) - log_sum_s[:, None]
+                if KIND == 0:
+                    gt = pt * (log_pt - log_ps - kl[:, None])
+                elif KIND == 2:
+                    gt = pt * (log_pt - log_ps + 1.0)
+                else:
+                    gt = log_pt + 1.0 - log_ps
+                gt = tl.where(keep[:, None], gt * coef_t, 0.0)
+                tl.store(gt_ptr + out, gt.to(gt_ptr.dtype.element_ty), mask=ok)
+
+
+def blocks(n_cols: int, elem: int) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_C) for rows of n_cols classes computed in ``elem``-byte floats: a
+    column block of up to a tile, and as many rows as fill the tile (at most 16)."""
+    block_c = min(triton.next_power_of_2(n_cols), TILE[elem])
+    return max(1, min(16, TILE[elem] // block_c)), block_c
+
+
+_DTYPES = {
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+    "fp32": torch.float32,
+    "fp64": torch.float64,
+}
+
+
+def _spec(dtype: str, kind: int, grad: bool, n_cols: int, warps: int = 4) -> KernelSpec:
+    acc = "fp64" if dtype == "fp64" else "fp32"
+    block_r, block_c = blocks(n_cols, 8 if acc == "fp64" else 4)
+    signature = {
+        "s_ptr": f"*{dtype}",
+        "t_ptr": f"*{dtype}",
+        "mask_ptr": "*i8",
+        "params_ptr": f"*{acc}",
+        "row_kl_ptr": f"*{acc}",
+        "gs_ptr": f"*{dtype}",
+        "gt_ptr": f"*{dtype}",
+        "n_rows": "i64",
+        "n_cols": "i32",
+        "s_rs": "i64",
+        "s_cs": "i64",
+        "t_rs": "i64",
+        "t_cs": "i64",
+    }
+    constexprs = {"KIND": kind, "HAS_MASK": True, "GRAD_S": grad, "GRAD_T": grad}
+    constexprs |= {"BLOCK_R": block_r, "BLOCK_C": block_c}
+    signature |= {k: "constexpr" for k in constexprs}
+    return KernelSpec(
+        kd_loss_kernel,
+        signature,
+        constexprs,
+        num_warps=warps,
+        label=f"{dtype} kind={kind} grad={grad} BLOCK_R={block_r} BLOCK_C={block_c}",
+    )
+
+
+#: the launch configurations: every dtype, teacher logits with and without gradients
+#: (ImageNet-sized and large-vocabulary column blocks), the other teacher kinds.
+AOT_SPECS = [
+    _spec(dtype, 0, grad, n_cols)
+    for dtype in ("fp16", "bf16", "fp32")
+    for grad in (False, True)
+    for n_cols in (1000, 32000)
+] + [_spec(dtype, kind, True, 32000) for dtype, kind in (("fp64", 0), ("fp32", 1), ("fp32", 2))]
+
+
+def _check(student: Tensor, teacher: Tensor, reduction: str, teacher_kind: str) -> None:
+    if student.dim() != 2 or student.shape != teacher.shape:
+        raise ValueError(
+            f"kd_loss_triton: expected equal 2-D shapes, got {tuple(student.shape)} and "
+            f"{tuple(teacher.shape)}"
+        )
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"kd_loss_triton: unknown reduction {reduction!r}")
+    if teacher_kind not in TEACHER_KINDS:
+        raise ValueError(
+            f"kd_loss_triton: teacher must be logits, probs or log_probs, got {teacher_kind!r}"
+        )
+
+
+def _as_flags(mask: Tensor | None, rows: int, device) -> Tensor:
+    """The mask as contiguous int8 (a 1-element dummy when there is none)."""
+    if mask is None:
+        return torch.ones(1, dtype=torch.int8, device=device)
+    return mask.reshape(rows).contiguous().view(torch.int8)
+
+
+@torch.library.custom_op("kdfast::kd_loss_triton", mutates_args=())
+def kd_loss_triton(
+    student: Tensor,
+    teacher: Tensor,
+    temperature: float,
+    loss_scale: float,
+    reduction: str,
+    mask: Tensor | None,
+    teacher_kind: str,
+    compute_grad_student: bool,
+    compute_grad_teacher: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Fused softmax + KL with Triton (schema of ``kdfast::kd_loss_cpp``).
+
+    Args:
+        student, teacher: (rows, C) logits (teacher: logits, probs or log-probs at
+            temperature T, per ``teacher_kind``); any strides and floating dtypes.
+        temperature: T > 0. loss_scale: factor of the KL (T^2 for kd_loss, 1 for
+            per_sample_kl).
+        reduction: "batchmean", "sum", "mean" or "none". mask: optional bool (rows,).
+        compute_grad_student, compute_grad_teacher: write that gradient.
+
+    Returns:
+        (loss: () or (rows,) in promote_types(student, teacher, float32), grad_student
+        (rows, C) in student's dtype or (0,), grad_teacher likewise).
+    """
+    _check(student, teacher, reduction, teacher_kind)
+    rows, n_cols = student.shape
+    dtype = compute_dtype(student, teacher)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    device = student.device
+    if mask is None:
+        kept = torch.tensor(float(rows), dtype=torch.float64, device=device)
+    else:
+        kept = mask.sum().to(torch.float64)
+    if reduction == "batchmean":
+        scale64 = loss_scale / kept
+    elif reduction == "mean":
+        scale64 = loss_scale / (kept * n_cols)
+    else:
+        scale64 = torch.tensor(loss_scale, dtype=torch.float64, device=device)
+    grad_s = student.new_empty(student.shape if compute_grad_student else (0,))
+    grad_t = teacher.new_empty(teacher.shape if compute_grad_teacher else (0,))
+    row_kl = torch.empty(rows, dtype=acc, device=device)
+    block_r, block_c = blocks(n_cols, 8 if acc == torch.float64 else 4)
+    kd_loss_kernel[(triton.cdiv(rows, block_r),)](
+        student,
+        teacher,
+        _as_flags(mask, rows, device),
+        torch.stack([scale64, scale64.new_tensor(1.0 / temperature)]).to(acc),
+        row_kl,
+        grad_s,
+        grad_t,
+        rows,
+        n_cols,
+        student.stride(0),
+        student.stride(1),
+        teacher.stride(0),
+        teacher.stride(1),
+        KIND=TEACHER_KINDS[teacher_kind],
+        HAS_MASK=mask is not None,
+        GRAD_S=compute_grad_student,
+        GRAD_T=compute_grad_teacher,
+        BLOCK_R=block_r,
+        BLOCK_C=block_c,
+    )
+    if reduction == "none":
+        loss = (row_kl.to(torch.float64) * loss_scale).to(dtype)
+    else:
+        loss = (row_kl.to(torch.float64).sum() * scale64).to(dtype)
+    return loss, grad_s, grad_t
+
+
+register_op("kdfast::kd_loss_triton")
+register_backend("triton", torch.ops.kdfast.kd_loss_triton.default, None)
