@@ -257,3 +257,16 @@ def test_vertex_op_dispatches_to_a_kernel():
     assert chosen == ("triton" if "triton" in BACKENDS else "cpp")
     assert fn is kdfast._dispatch._IMPLS["rkd_angle_vertices"][chosen].fn
     assert isinstance(fn, (torch._ops.OpOverload, torch._library.custom_ops.CustomOpDef))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vertex_op_nan_propagates(backend):
+    """A NaN row inside or outside the vertex range makes every non-empty share NaN (it
+    takes part in the angles at every vertex), as in the reference."""
+    require_backend(backend)
+    for bad_row in (1, 4):
+        s, t = _randn(6, 3, seed=61), _randn(6, 3, seed=62)
+        s[bad_row, 0] = float("nan")
+        with kdfast.use_backend(backend):
+            assert torch.isnan(functional._call("rkd_angle_vertices", s, t, 0, 3))
+            assert functional._call("rkd_angle_vertices", s, t, 2, 2) == 0
