@@ -24,6 +24,11 @@ TORCH_LIBRARY_FRAGMENT(kdfast, m) {
   m.def(
       "rkd_angle_cpp_backward(Tensor grad, Tensor student, Tensor teacher, bool student_grad, "
       "bool teacher_grad) -> (Tensor, Tensor)");
+  // the share of the angle loss whose vertex lies in [start, stop) (gather=True, issue 7)
+  m.def("rkd_angle_vertices_cpp(Tensor student, Tensor teacher, int start, int stop) -> Tensor");
+  m.def(
+      "rkd_angle_vertices_cpp_backward(Tensor grad, Tensor student, Tensor teacher, int start, "
+      "int stop, bool student_grad, bool teacher_grad) -> (Tensor, Tensor)");
   // Fused logit losses: the gradient is computed in the forward pass when the flags ask for
   // it (set from torch.is_grad_enabled() and requires_grad); empty tensors otherwise.
   m.def(
@@ -48,6 +53,11 @@ TORCH_LIBRARY_FRAGMENT(kdfast, m) {
   m.def(
       "rkd_angle_cuda_backward(Tensor grad, Tensor student, Tensor teacher, bool student_grad, "
       "bool teacher_grad) -> (Tensor, Tensor)");
+  // the share of the angle loss whose vertex lies in [start, stop) (gather=True, issue 7)
+  m.def("rkd_angle_vertices_cuda(Tensor student, Tensor teacher, int start, int stop) -> Tensor");
+  m.def(
+      "rkd_angle_vertices_cuda_backward(Tensor grad, Tensor student, Tensor teacher, int start, "
+      "int stop, bool student_grad, bool teacher_grad) -> (Tensor, Tensor)");
 #endif
 }
 

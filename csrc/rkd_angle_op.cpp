@@ -51,29 +51,47 @@ at::Tensor angle_side_backward(const AngleSide& side, const AngleGradAccumulator
 
 }  // namespace
 
+void check_vertex_range(int64_t start, int64_t stop, int64_t n) {
+  TORCH_CHECK_VALUE(0 <= start && start <= stop && stop <= n,
+                    "rkd_angle_vertices: the vertex range [start, stop) must satisfy 0 <= start "
+                    "<= stop <= N = ",
+                    n, ", got start = ", start, ", stop = ", stop);
+}
+
 at::Tensor angle_loss(const at::Tensor& student, const at::Tensor& teacher,
-                      const AngleKernels& kernels) {
+                      const AngleKernels& kernels, int64_t start, int64_t stop) {
   const int64_t n = student.size(0);
+  check_vertex_range(start, stop, n);
+  const at::ScalarType dtype = angle_loss_dtype(student, teacher);
+  if (start == stop) return at::zeros({}, student.options().dtype(dtype));
   const AngleSide s = make_angle_side(student, kernels);
   const AngleSide t = make_angle_side(teacher, kernels);
-  const at::Tensor partial = kernels.forward(s.m, t.m);
+  const at::Tensor partial = kernels.forward(s.m, t.m, start, stop);
   const double count = static_cast<double>(n) * static_cast<double>(n) * static_cast<double>(n);
-  return (partial.sum() / count).to(angle_loss_dtype(student, teacher));
+  return (partial.sum() / count).to(dtype);
 }
 
 std::tuple<at::Tensor, at::Tensor> angle_loss_backward(const at::Tensor& grad,
                                                        const at::Tensor& student,
                                                        const at::Tensor& teacher,
                                                        bool student_grad, bool teacher_grad,
-                                                       const AngleKernels& kernels) {
+                                                       const AngleKernels& kernels, int64_t start,
+                                                       int64_t stop) {
+  check_vertex_range(start, stop, student.size(0));
   if (!student_grad && !teacher_grad) {
     return {at::empty({0}, student.options()), at::empty({0}, teacher.options())};
+  }
+  if (start == stop) {
+    return {student_grad ? at::zeros_like(student, at::MemoryFormat::Contiguous)
+                         : at::empty({0}, student.options()),
+            teacher_grad ? at::zeros_like(teacher, at::MemoryFormat::Contiguous)
+                         : at::empty({0}, teacher.options())};
   }
   const AngleSide s = make_angle_side(student, kernels);
   const AngleSide t = make_angle_side(teacher, kernels);
   AngleGradAccumulators acc_s = make_accumulators(s.m.gram, student_grad);
   AngleGradAccumulators acc_t = make_accumulators(t.m.gram, teacher_grad);
-  kernels.backward(s.m, t.m, acc_s, acc_t);
+  kernels.backward(s.m, t.m, acc_s, acc_t, start, stop);
   at::Tensor grad_s = student_grad
                           ? angle_side_backward(s, acc_s, grad, student.scalar_type())
                           : at::empty({0}, student.options());

@@ -28,13 +28,18 @@ struct AngleGradAccumulators {
   at::Tensor m, w, p;
 };
 
-// Partial sums (float64, any shape) of SmoothL1(A^s_ijk - A^t_ijk) over all triplets.
+// Partial sums (float64, any shape) of SmoothL1(A^s_ijk - A^t_ijk) over the triplets whose
+// vertex i lies in [start, stop) (0 <= start < stop <= N; all j, k).
 using AngleTripletForward = at::Tensor (*)(const AngleSideMatrices& student,
-                                           const AngleSideMatrices& teacher);
+                                           const AngleSideMatrices& teacher, int64_t start,
+                                           int64_t stop);
+// Accumulates the sums above over the vertices i in [start, stop) only (rows i of w and p
+// outside the range stay zero; m sums over those vertices).
 using AngleTripletBackward = void (*)(const AngleSideMatrices& student,
                                       const AngleSideMatrices& teacher,
                                       AngleGradAccumulators& grad_student,
-                                      AngleGradAccumulators& grad_teacher);
+                                      AngleGradAccumulators& grad_teacher, int64_t start,
+                                      int64_t stop);
 
 struct AngleKernels {
   AnglePairPass pairs;
@@ -42,13 +47,23 @@ struct AngleKernels {
   AngleTripletBackward backward;
 };
 
+// The loss sum over the triplets whose vertex i lies in [start, stop), divided by N^3
+// (the whole loss for [0, N); summed over a partition of the vertices it is the loss):
+// a scalar in promote_types(student, teacher, float32). An empty range gives 0. Raises
+// ValueError unless 0 <= start <= stop <= N.
 at::Tensor angle_loss(const at::Tensor& student, const at::Tensor& teacher,
-                      const AngleKernels& kernels);
+                      const AngleKernels& kernels, int64_t start, int64_t stop);
 
+// Gradients of angle_loss (same vertex range) with respect to every row of the inputs,
+// times grad; an empty (0,) tensor for a side that needs none.
 std::tuple<at::Tensor, at::Tensor> angle_loss_backward(const at::Tensor& grad,
                                                        const at::Tensor& student,
                                                        const at::Tensor& teacher,
                                                        bool student_grad, bool teacher_grad,
-                                                       const AngleKernels& kernels);
+                                                       const AngleKernels& kernels, int64_t start,
+                                                       int64_t stop);
+
+// Raises ValueError (TORCH_CHECK_VALUE) unless 0 <= start <= stop <= n.
+void check_vertex_range(int64_t start, int64_t stop, int64_t n);
 
 }  // namespace kdfast::rkd

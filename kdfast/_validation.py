@@ -139,3 +139,19 @@ def check_real(name: str, value: object) -> float:
 def check_positive(name: str, value: float) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
         raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+def check_vertex_range(start: object, stop: object, n: int) -> None:
+    """The vertex range ``[start, stop)`` of ``rkd_angle_vertices``: Python ints (bool
+    excluded; TypeError) with 0 <= start <= stop <= n (ValueError). The compiled kernels
+    raise the same ValueError."""
+    for name, value in (("start", start), ("stop", stop)):
+        if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
+            raise TypeError(
+                f"rkd_angle_vertices: {name} must be an int, got {type(value).__name__}"
+            )
+    if not (0 <= start <= stop <= n):
+        raise ValueError(
+            "rkd_angle_vertices: the vertex range [start, stop) must satisfy 0 <= start <= "
+            f"stop <= N = {n}, got start = {start}, stop = {stop}"
+        )

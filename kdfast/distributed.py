@@ -17,7 +17,8 @@ Data moved per call (N = global batch, D = feature width, C = classes, W = world
 * RKD distance: all-gather of the (n_r, D) features (every rank then evaluates the N x N
   loss with its fastest backend); backward: all-reduce of an (N, D) gradient.
 * RKD angle: the same all-gather, but each rank evaluates only the angles whose vertex
-  lies in its own rows (the ``rkd_angle_vertices`` op): N^3 / W work per rank, then one
+  lies in its own rows (the ``rkd_angle_vertices`` op, on the fused Gram-matrix kernels of
+  the cpp, triton and cuda backends: O(N^2) memory): N^3 / W work per rank, then one
   scalar all-reduce.
 * DIST: no logits move. The inter-class term is per row; the intra-class term needs the
   per-column moments, all-reduced in two rounds (counts and column sums, length 2C + 2;

@@ -83,11 +83,25 @@ def has_duplicate_rows(x: torch.Tensor) -> bool:
     return torch.unique(x.double(), dim=0).shape[0] < x.shape[0]
 
 
+def vertex_range(s: torch.Tensor) -> tuple[int, int]:
+    """A proper, non-empty vertex range of ``s``'s rows for the rkd_angle_vertices cases."""
+    n = s.shape[0]
+    return n // 3, n - 1
+
+
+def rkd_angle_vertices(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The rkd_angle_vertices op (gather=True's per-rank share) on ``vertex_range(s)``."""
+    return kdfast.functional._call("rkd_angle_vertices", s, t, *vertex_range(s))
+
+
 #: op -> (public function, case generator)
 CASES = {
     "rkd_distance": (kdfast.functional.rkd_distance, rkd_cases),
     "rkd_angle": (kdfast.functional.rkd_angle, rkd_angle_cases),
+    "rkd_angle_vertices": (rkd_angle_vertices, rkd_angle_cases),
 }
+#: op -> the custom op's non-tensor arguments after (student, teacher)
+EXTRA_ARGS = {"rkd_angle_vertices": vertex_range}
 
 PAIRS = [
     (op, backend)
@@ -174,10 +188,11 @@ def test_opcheck(op, backend):
     require_backend(backend)
     fn, make = CASES[op]
     custom_op = _dispatch._IMPLS[op][backend].fn
+    extra = EXTRA_ARGS.get(op, lambda s: ())
     for name in ("random", "duplicate_rows"):
         s, t = make(torch.float64)[name]
         for args in ((s, t), (s.float().requires_grad_(True), t.float())):
-            torch.library.opcheck(custom_op, args)
+            torch.library.opcheck(custom_op, (*args, *extra(args[0])))
 
 
 @pytest.mark.parametrize("op,backend", PAIRS)

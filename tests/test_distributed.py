@@ -9,6 +9,7 @@ the global batch. Each test spawns its processes once and runs several scenarios
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import tempfile
@@ -17,6 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import compiled_backends, require_backend
 
 import kdfast
 from kdfast import losses
@@ -72,8 +74,32 @@ def _check_parity(make, sizes, rank, world, ds, dt, teacher_grad=False, seed=0):
         assert rel_error(t_loc.grad, world * t_ref.grad[rows]) <= 1e-10, rank
 
 
+def _record_vertex_kernel_calls() -> list[tuple[str, int, int]] | None:
+    """Make the compiled CPU vertex op (cpp) record its (backend, start, stop) calls, after
+    checking that the dispatcher chooses it for float64 CPU features; None when the
+    extension is not built (KDFAST_NO_EXT=1)."""
+    from kdfast import _dispatch
+
+    if os.environ.get("KDFAST_NO_EXT") == "1":
+        return None
+    x = torch.zeros(4, 2, dtype=torch.float64)
+    assert _dispatch.select("rkd_angle_vertices", x, x, 0, 2)[0] == "cpp", _dispatch.explain(
+        "rkd_angle_vertices", "cpu", torch.float64
+    )
+    calls = []
+    impl = _dispatch._IMPLS["rkd_angle_vertices"]["cpp"]
+
+    def recording(s, t, start, stop):
+        calls.append(("cpp", start, stop))
+        return impl.fn(s, t, start, stop)
+
+    _dispatch._IMPLS["rkd_angle_vertices"]["cpp"] = dataclasses.replace(impl, fn=recording)
+    return calls
+
+
 def _parity_worker(rank: int, world: int, init: str) -> None:
     _setup(rank, world, init)
+    calls = _record_vertex_kernel_calls()
     mask_full = torch.tensor([True, False, True, True, True, False, True, True])
     rows = _slice(SIZES[world], rank)
     cases = [
@@ -86,6 +112,9 @@ def _parity_worker(rank: int, world: int, init: str) -> None:
     ]
     for make, ds, dt, teacher_grad in cases:
         _check_parity(make, SIZES[world], rank, world, ds, dt, teacher_grad)
+    if calls is not None:  # the angle cases ran the compiled kernel on this rank's vertices
+        rows = _slice(SIZES[world], rank)
+        assert calls and set(calls) == {("cpp", rows.start, rows.stop)}, calls
     # masked DIST: each rank passes its slice of the global mask
     _check_parity(
         lambda g: (
@@ -209,9 +238,11 @@ def test_gather_without_torch_distributed_is_local():
     assert losses.DISTLoss(gather=True)(s, s * 2) == losses.DISTLoss()(s, s * 2)
 
 
-@pytest.mark.parametrize("backend", ["reference"])
+@pytest.mark.parametrize("backend", ["reference", *compiled_backends("cpu")])
 def test_angle_vertex_shards_sum_to_the_angle_loss(backend):
-    """Single process: the sharded op over any partition of the vertices is rkd_angle."""
+    """Single process: the sharded op over any partition of the vertices is rkd_angle
+    (tests/test_rkd_kernels.py has the kernels' partition, parity and range tests)."""
+    require_backend(backend)
     g = torch.Generator().manual_seed(1)
     s = torch.randn(7, 4, generator=g, dtype=torch.float64, requires_grad=True)
     t = torch.randn(7, 3, generator=g, dtype=torch.float64, requires_grad=True)

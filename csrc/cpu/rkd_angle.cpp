@@ -1,7 +1,8 @@
 // CPU passes of the RKD angle op (csrc/rkd_angle.h): the pair pass and the streamed triple
 // loops, parallel over the middle index j (each task owns rows j of the accumulators, so no
-// per-thread copies), vertices i in sequence and the innermost k loop vectorisable. Blocks
-// of j rows and tiles of k keep the working set in L1. And the CPU registration.
+// per-thread copies), vertices i of the requested range [start, stop) in sequence and the
+// innermost k loop vectorisable. Blocks of j rows and tiles of k keep the working set in L1.
+// And the CPU registration of rkd_angle_cpp (all vertices) and rkd_angle_vertices_cpp.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -189,15 +190,16 @@ KDFAST_INLINE void grad_row(const RowArgs& a, AccView as_, AccView at_) {
   }
 }
 
-// One block of j rows [j0, j1) over every vertex i; compiled for AVX2 + FMA and for the
+// One block of j rows [j0, j1) over the vertices i in [i0, i1); compiled for AVX2 + FMA and for the
 // baseline ISA, chosen at load time. Rows with r_ij = 0 on both sides (j = i, degenerate
 // pairs) have every angle 0 and are skipped.
 __attribute__((target_clones("arch=haswell", "default"))) void loss_block(
-    int64_t n, SideView s, SideView t, int64_t j0, int64_t j1, double* out) {
+    int64_t n, SideView s, SideView t, int64_t i0, int64_t i1, int64_t j0, int64_t j1,
+    double* out) {
   for (int64_t j = j0; j < j1; ++j) out[j] = 0.0;
   for (int64_t k0 = 0; k0 < n; k0 += kTile) {
     const int64_t k1 = std::min(n, k0 + kTile);
-    for (int64_t i = 0; i < n; ++i) {
+    for (int64_t i = i0; i < i1; ++i) {
       for (int64_t j = j0; j < j1; ++j) {
         if (s.r[i * n + j] == 0.0 && t.r[i * n + j] == 0.0) continue;
         out[j] += loss_row({n, i, j, k0, k1, s, t});
@@ -207,12 +209,11 @@ __attribute__((target_clones("arch=haswell", "default"))) void loss_block(
 }
 
 template <bool kStudent, bool kTeacher>
-KDFAST_INLINE void grad_block_body(int64_t n, SideView s, SideView t,
-                                                           AccView as_, AccView at_,
-                                                           int64_t j0, int64_t j1) {
+KDFAST_INLINE void grad_block_body(int64_t n, SideView s, SideView t, AccView as_, AccView at_,
+                                   int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
   for (int64_t k0 = 0; k0 < n; k0 += kTile) {
     const int64_t k1 = std::min(n, k0 + kTile);
-    for (int64_t i = 0; i < n; ++i) {
+    for (int64_t i = i0; i < i1; ++i) {
       for (int64_t j = j0; j < j1; ++j) {
         if (s.r[i * n + j] == 0.0 && t.r[i * n + j] == 0.0) continue;
         grad_row<kStudent, kTeacher>({n, i, j, k0, k1, s, t}, as_, at_);
@@ -222,25 +223,28 @@ KDFAST_INLINE void grad_block_body(int64_t n, SideView s, SideView t,
 }
 
 __attribute__((target_clones("arch=haswell", "default"))) void grad_block_both(
-    int64_t n, SideView s, SideView t, AccView as_, AccView at_, int64_t j0, int64_t j1) {
-  grad_block_body<true, true>(n, s, t, as_, at_, j0, j1);
+    int64_t n, SideView s, SideView t, AccView as_, AccView at_, int64_t i0, int64_t i1,
+    int64_t j0, int64_t j1) {
+  grad_block_body<true, true>(n, s, t, as_, at_, i0, i1, j0, j1);
 }
 
 __attribute__((target_clones("arch=haswell", "default"))) void grad_block_student(
-    int64_t n, SideView s, SideView t, AccView as_, AccView at_, int64_t j0, int64_t j1) {
-  grad_block_body<true, false>(n, s, t, as_, at_, j0, j1);
+    int64_t n, SideView s, SideView t, AccView as_, AccView at_, int64_t i0, int64_t i1,
+    int64_t j0, int64_t j1) {
+  grad_block_body<true, false>(n, s, t, as_, at_, i0, i1, j0, j1);
 }
 
 __attribute__((target_clones("arch=haswell", "default"))) void grad_block_teacher(
-    int64_t n, SideView s, SideView t, AccView as_, AccView at_, int64_t j0, int64_t j1) {
-  grad_block_body<false, true>(n, s, t, as_, at_, j0, j1);
+    int64_t n, SideView s, SideView t, AccView as_, AccView at_, int64_t i0, int64_t i1,
+    int64_t j0, int64_t j1) {
+  grad_block_body<false, true>(n, s, t, as_, at_, i0, i1, j0, j1);
 }
 
 int64_t num_blocks(int64_t n) { return (n + kRowsPerBlock - 1) / kRowsPerBlock; }
 
-// partial[j] = sum over i, k of SmoothL1(A^s_ijk - A^t_ijk).
-at::Tensor triplet_forward_cpu(const AngleSideMatrices& student,
-                               const AngleSideMatrices& teacher) {
+// partial[j] = sum over i in [start, stop), all k of SmoothL1(A^s_ijk - A^t_ijk).
+at::Tensor triplet_forward_cpu(const AngleSideMatrices& student, const AngleSideMatrices& teacher,
+                               int64_t start, int64_t stop) {
   const int64_t n = student.gram.size(0);
   const SideView s = view(student), t = view(teacher);
   at::Tensor partial = at::empty({n}, student.gram.options());
@@ -248,7 +252,7 @@ at::Tensor triplet_forward_cpu(const AngleSideMatrices& student,
   at::parallel_for(0, num_blocks(n), 1, [&](int64_t b0, int64_t b1) {
     for (int64_t block = b0; block < b1; ++block) {
       const int64_t j0 = block * kRowsPerBlock;
-      loss_block(n, s, t, j0, std::min(n, j0 + kRowsPerBlock), out);
+      loss_block(n, s, t, start, stop, j0, std::min(n, j0 + kRowsPerBlock), out);
     }
   });
   return partial;
@@ -258,7 +262,7 @@ at::Tensor triplet_forward_cpu(const AngleSideMatrices& student,
 // applied by the caller (csrc/rkd_angle_op.cpp).
 void triplet_backward_cpu(const AngleSideMatrices& student, const AngleSideMatrices& teacher,
                           AngleGradAccumulators& grad_student,
-                          AngleGradAccumulators& grad_teacher) {
+                          AngleGradAccumulators& grad_teacher, int64_t start, int64_t stop) {
   const int64_t n = student.gram.size(0);
   const SideView s = view(student), t = view(teacher);
   const AccView as_ = view(grad_student), at_ = view(grad_teacher);
@@ -267,7 +271,7 @@ void triplet_backward_cpu(const AngleSideMatrices& student, const AngleSideMatri
   at::parallel_for(0, num_blocks(n), 1, [&](int64_t b0, int64_t b1) {
     for (int64_t block = b0; block < b1; ++block) {
       const int64_t j0 = block * kRowsPerBlock;
-      block_fn(n, s, t, as_, at_, j0, std::min(n, j0 + kRowsPerBlock));
+      block_fn(n, s, t, as_, at_, start, stop, j0, std::min(n, j0 + kRowsPerBlock));
     }
   });
 }
@@ -275,13 +279,28 @@ void triplet_backward_cpu(const AngleSideMatrices& student, const AngleSideMatri
 constexpr AngleKernels kCpuKernels{pairs_cpu, triplet_forward_cpu, triplet_backward_cpu};
 
 at::Tensor forward_cpu(const at::Tensor& student, const at::Tensor& teacher) {
-  return angle_loss(student, teacher, kCpuKernels);
+  return angle_loss(student, teacher, kCpuKernels, 0, student.size(0));
 }
 
 std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad, const at::Tensor& student,
                                                 const at::Tensor& teacher, bool student_grad,
                                                 bool teacher_grad) {
-  return angle_loss_backward(grad, student, teacher, student_grad, teacher_grad, kCpuKernels);
+  return angle_loss_backward(grad, student, teacher, student_grad, teacher_grad, kCpuKernels, 0,
+                             student.size(0));
+}
+
+at::Tensor vertices_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                int64_t start, int64_t stop) {
+  return angle_loss(student, teacher, kCpuKernels, start, stop);
+}
+
+std::tuple<at::Tensor, at::Tensor> vertices_backward_cpu(const at::Tensor& grad,
+                                                         const at::Tensor& student,
+                                                         const at::Tensor& teacher, int64_t start,
+                                                         int64_t stop, bool student_grad,
+                                                         bool teacher_grad) {
+  return angle_loss_backward(grad, student, teacher, student_grad, teacher_grad, kCpuKernels,
+                             start, stop);
 }
 
 }  // namespace
@@ -289,6 +308,8 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad, const at
 TORCH_LIBRARY_IMPL(kdfast, CPU, m) {
   m.impl("rkd_angle_cpp", &forward_cpu);
   m.impl("rkd_angle_cpp_backward", &backward_cpu);
+  m.impl("rkd_angle_vertices_cpp", &vertices_forward_cpu);
+  m.impl("rkd_angle_vertices_cpp_backward", &vertices_backward_cpu);
 }
 
 }  // namespace kdfast::rkd

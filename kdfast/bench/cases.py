@@ -91,6 +91,13 @@ def setup_rkd_angle(size, device, dtype):
     return (lambda: kdfast.functional.rkd_angle(s, t)), [s]
 
 
+def setup_rkd_angle_vertices(size, device, dtype):
+    """One rank's share of ``rkd_angle(gather=True)`` on W ranks: vertices [0, N / W)."""
+    n, ds, dt, world = size
+    s, t = _feature_pair((n, ds, dt), device, dtype)
+    return (lambda: kdfast.functional._call("rkd_angle_vertices", s, t, 0, n // world)), [s]
+
+
 def setup_vkd(size, device, dtype):
     b, ds, dt = size
     s, t = _feature_pair(size, device, dtype)
@@ -115,6 +122,13 @@ def _rkd_bytes(size):
     n, ds, dt = size
     # difference tensors (N, N, D) and their normalised copies, angle tensors (N, N, N), x2 sides
     return 4 * (4 * n * n * (ds + dt) + 6 * n**3)
+
+
+def _rkd_vertices_bytes(size):
+    n, ds, dt, world = size
+    rows = n // world
+    # (rows, N, D) differences and normalised copies, (rows, N, N) angles, x2 sides
+    return 4 * (2 * rows * n * (ds + dt) + 6 * rows * n * n)
 
 
 CASES: list[Case] = [
@@ -169,6 +183,18 @@ CASES: list[Case] = [
         {"smoke": [(16, 32, 32)], "quick": [(128, 512, 512)], "full": [(256, 2048, 2048)]},
         setup_rkd_angle,
         _rkd_bytes,
+    ),
+    Case(
+        "rkd_angle_vertices",
+        "rkd_angle_vertices [0, N/W) (N, Ds, Dt, W)",
+        "rkd_angle_vertices",
+        {
+            "smoke": [(16, 32, 32, 2)],
+            "quick": [(384, 128, 128, 3), (768, 128, 128, 4)],
+            "full": [(2048, 512, 512, 8)],
+        },
+        setup_rkd_angle_vertices,
+        _rkd_vertices_bytes,
     ),
     Case(
         "vkd",

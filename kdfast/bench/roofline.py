@@ -78,6 +78,18 @@ def rkd_angle(size, e):
     return fwd, bwd
 
 
+def rkd_angle_vertices(size, e):
+    """rkd_angle_vertices (N, Ds, Dt, W): one rank's share of rkd_angle(gather=True), the
+    vertices [0, N / W): the full Gram matrices, the triple loop over N^3 / W triples."""
+    n, ds, dt, world = size
+    fwd, bwd = rkd_angle((n, ds, dt), e)
+    share = 1 / world
+    return (
+        Work(fwd.bytes, fwd.mm_flops, fwd.flops * share),
+        Work(bwd.bytes, bwd.mm_flops, bwd.flops * share),
+    )
+
+
 def rkd(size, e):
     """RKDLoss (N, Ds, Dt): distance term plus the angle term over N^3 triples."""
     n = size[0]
@@ -121,19 +133,26 @@ FORMULAS = {
     "dist": dist,
     "rkd_distance": rkd_distance,
     "rkd_angle": rkd_angle,
+    "rkd_angle_vertices": rkd_angle_vertices,
     "rkd": rkd,
     "vkd": vkd,
     "expm": expm,
 }
 """Case name -> (size, element bytes) -> (forward Work, backward Work)."""
 
-MM_PRECISION = {"rkd_distance": torch.float64, "rkd_angle": torch.float64, "rkd": torch.float64}
+MM_PRECISION = {
+    "rkd_distance": torch.float64,
+    "rkd_angle": torch.float64,
+    "rkd_angle_vertices": torch.float64,
+    "rkd": torch.float64,
+}
 """Cases whose matrix products run in float64 whatever the input dtype (the float64 Gram
 matrix of csrc/rkd_distance_op.cpp)."""
 
 ELEMENTWISE_PRECISION = {
     "rkd_distance": torch.float64,
     "rkd_angle": torch.float64,
+    "rkd_angle_vertices": torch.float64,
     "rkd": torch.float64,
 }
 """Cases whose elementwise math runs in float64 whatever the input dtype (the pair

@@ -90,31 +90,44 @@ def setup_saved_grad(ctx, inputs, output) -> None:
     ctx.save_for_backward(grad_s, grad_t, inputs[0], inputs[1])
 
 
-def register_relational_loss(op: str, name: str, backward_op, backend: str, devices=None) -> None:
+def register_relational_loss(
+    op: str, name: str, backward_op, backend: str, devices=None, check_args=None
+) -> None:
     """Fake kernels, autograd and dispatcher entry of a relational loss op.
 
-    ``name`` is a custom op ``(student, teacher) -> loss`` (a scalar in
-    promote_types(student, teacher, float32)); ``backward_op`` is its companion
-    ``name_backward(grad, student, teacher, student_grad, teacher_grad) -> (grad_s,
+    ``name`` is a custom op ``(student, teacher, *extra) -> loss`` (a scalar in
+    promote_types(student, teacher, float32); ``extra`` are non-tensor arguments, e.g. the
+    vertex range of ``rkd_angle_vertices``); ``backward_op`` is its companion
+    ``name_backward(grad, student, teacher, *extra, student_grad, teacher_grad) -> (grad_s,
     grad_t)``, which returns an empty (0,) tensor for a side that needs no gradient and
     recomputes what it needs from the inputs (nothing of the forward is saved but them).
+    ``check_args(student, teacher, *extra)`` validates the arguments in the fake kernels
+    (the real kernels check them themselves).
     """
     from kdfast import _dispatch
 
-    torch.library.register_fake(name)(lambda student, teacher: scalar_like(student, teacher))
+    @torch.library.register_fake(name)
+    def _(student, teacher, *extra):
+        if check_args is not None:
+            check_args(student, teacher, *extra)
+        return scalar_like(student, teacher)
 
     @torch.library.register_fake(f"{name}_backward")
-    def _(grad, student, teacher, student_grad, teacher_grad):
+    def _(grad, student, teacher, *rest):
+        *extra, student_grad, teacher_grad = rest
+        if check_args is not None:
+            check_args(student, teacher, *extra)
         return grad_or_empty(student, student_grad), grad_or_empty(teacher, teacher_grad)
 
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
+        ctx.save_for_backward(*inputs[:2])
+        ctx.extra = tuple(inputs[2:])
 
     def backward(ctx, grad):
         student, teacher = ctx.saved_tensors
         need_s, need_t = ctx.needs_input_grad[:2]
-        grad_s, grad_t = backward_op(grad, student, teacher, need_s, need_t)
-        return (grad_s if need_s else None, grad_t if need_t else None)
+        grad_s, grad_t = backward_op(grad, student, teacher, *ctx.extra, need_s, need_t)
+        return (grad_s if need_s else None, grad_t if need_t else None) + (None,) * len(ctx.extra)
 
     torch.library.register_autograd(name, backward, setup_context=setup_context)
     forbid_double_backward(f"{name}_backward")

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdfast._validation import compute_dtype
+from kdfast._validation import check_vertex_range, compute_dtype
 
 
 def angles(x: Tensor) -> Tensor:
@@ -65,9 +65,14 @@ def rkd_angle_vertices(s: Tensor, t: Tensor, start: int, stop: int) -> Tensor:
 
     Returns:
         Scalar in promote_types(s, t, float32).
+
+    Raises:
+        TypeError: start or stop is not an int. ValueError: the range is out of order or
+            out of [0, N].
     """
     dtype = compute_dtype(s, t)
     n = s.shape[0]
+    check_vertex_range(start, stop, n)
 
     def vertex_angles(x: Tensor) -> Tensor:
         x = x.to(dtype)

@@ -1,5 +1,7 @@
-"""Triton passes of the RKD angle loss (SPEC 1.3, 1.5) and the custom op
-``kdfast::rkd_angle_triton``.
+"""Triton passes of the RKD angle loss (SPEC 1.3, 1.5) and the custom ops
+``kdfast::rkd_angle_triton`` (all vertices) and ``kdfast::rkd_angle_vertices_triton`` (the
+share of the loss whose vertex i lies in [start, stop): the ``rkd_angle_vertices`` op of
+``gather=True``).
 
 The launcher centres the rows and forms G with a float64 GEMM through torch for every
 input dtype (SPEC 1.5: never TF32). The kernels work in float64 (csrc/rkd_angle.h has the
@@ -7,9 +9,11 @@ derivation):
 
 * ``pair_kernel``, tiles (i-block, j-block): r_ij = 1 / max(||x_j - x_i||, 1e-12), 0 for
   j = i and degenerate pairs, and whether the gradient flows through the norm;
-* ``row_kernel``, programs (i, j-block) streaming k-blocks: per (i, j) the loss partial sum
-  over k, or w_ij = sum_k g r_ij r_ik and p_ij = sum_k g A_ijk of both sides;
-* ``column_kernel``, tiles (j-block, k-block) streaming i: m_jk = sum_i g r_ij r_ik.
+* ``row_kernel``, programs (i, j-block) for the vertices i in [start, stop), streaming
+  k-blocks: per (i, j) the loss partial sum over k, or w_ij = sum_k g r_ij r_ik and
+  p_ij = sum_k g A_ijk of both sides;
+* ``column_kernel``, tiles (j-block, k-block) streaming i over [start, stop):
+  m_jk = sum_i g r_ij r_ik.
 
 g = SmoothL1'(A^s - A^t) for the unit upstream gradient (the launcher scales by grad / N^3),
 -g on the teacher side. Every output has one writer: no atomics, deterministic. Launchers
@@ -23,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kdfast._validation import compute_dtype
+from kdfast._validation import check_vertex_range, compute_dtype
 from kdfast.ops._common import register_relational_loss
 from kdfast.triton.aot import KernelSpec
 from kdfast.triton.rkd_distance import centred_gram
@@ -105,10 +109,11 @@ def _clamp_unit(d):
 @triton.jit
 def row_kernel(
     gs_ptr, rs_ptr, fs_ptr, gt_ptr, rt_ptr, ft_ptr, loss_ptr, ws_ptr, ps_ptr, wt_ptr, pt_ptr, n,
-    GRAD: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+    start, GRAD: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """Program (i, j-block): the loss sums over k (GRAD false) or w and p of both sides."""
-    i = tl.program_id(0)
+    """Program (i - start, j-block): the loss sums over k (GRAD false; stored in row
+    i - start of loss) or w and p of both sides (row i)."""
+    i = start + tl.program_id(0)
     offs_j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
     mask_j = offs_j < n
     loss = tl.zeros((BLOCK_J,), tl.float64)
@@ -139,22 +144,23 @@ def row_kernel(
         else:
             a = tl.abs(d)
             loss += tl.sum(tl.where(a < 1.0, 0.5 * d * d, a - 0.5), axis=1)
-    out = tl.cast(i, tl.int64) * n + offs_j
     if GRAD:
+        out = tl.cast(i, tl.int64) * n + offs_j
         tl.store(ws_ptr + out, ws, mask=mask_j)
         tl.store(ps_ptr + out, ps, mask=mask_j)
         tl.store(wt_ptr + out, wt, mask=mask_j)
         tl.store(pt_ptr + out, pt, mask=mask_j)
     else:
-        tl.store(loss_ptr + out, loss, mask=mask_j)
+        tl.store(loss_ptr + tl.cast(tl.program_id(0), tl.int64) * n + offs_j, loss, mask=mask_j)
 
 
 @triton.jit
 def column_kernel(
-    gs_ptr, rs_ptr, fs_ptr, gt_ptr, rt_ptr, ft_ptr, ms_ptr, mt_ptr, n,
+    gs_ptr, rs_ptr, fs_ptr, gt_ptr, rt_ptr, ft_ptr, ms_ptr, mt_ptr, n, start, stop,
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """Tile (j-block, k-block): m[j, k] = sum_i g r_ij r_ik of both sides (-g: teacher)."""
+    """Tile (j-block, k-block): m[j, k] = sum over i in [start, stop) of g r_ij r_ik of both
+    sides (-g: teacher)."""
     offs_j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_j = offs_j < n
@@ -165,7 +171,7 @@ def column_kernel(
     gt_jk = tl.load(gt_ptr + tile, mask=mask, other=0.0)
     ms = tl.zeros((BLOCK_J, BLOCK_K), tl.float64)
     mt = tl.zeros((BLOCK_J, BLOCK_K), tl.float64)
-    for i in range(0, n):
+    for i in range(start, stop):
         cs, rs_ij, rs_ik = _cosines(
             gs_ptr, rs_ptr, fs_ptr, n, i, offs_j, offs_k, mask_j, mask_k, gs_jk
         )
@@ -202,6 +208,7 @@ AOT_SPECS = [
                 **_sig("gs_ptr", "rs_ptr", "fs_ptr", "gt_ptr", "rt_ptr", "ft_ptr", "loss_ptr"),
                 **_sig("ws_ptr", "ps_ptr", "wt_ptr", "pt_ptr"),
                 "n": "i32",
+                "start": "i32",
                 "GRAD": "constexpr",
                 "BLOCK_J": "constexpr",
                 "BLOCK_K": "constexpr",
@@ -216,6 +223,8 @@ AOT_SPECS = [
         {
             **_sig("gs_ptr", "rs_ptr", "fs_ptr", "gt_ptr", "rt_ptr", "ft_ptr", "ms_ptr", "mt_ptr"),
             "n": "i32",
+            "start": "i32",
+            "stop": "i32",
             "BLOCK_J": "constexpr",
             "BLOCK_K": "constexpr",
         },
@@ -236,20 +245,38 @@ def _side(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return centred, gram, r, active, fix
 
 
+def _forward(student: Tensor, teacher: Tensor, start: int, stop: int) -> Tensor:
+    """sum over i in [start, stop), all j, k of SmoothL1(A^s_ijk - A^t_ijk), / N^3: a scalar
+    in promote_types(student, teacher, float32)."""
+    n = student.shape[0]
+    check_vertex_range(start, stop, n)
+    dtype = compute_dtype(student, teacher)
+    if start == stop:
+        return student.new_zeros((), dtype=dtype)
+    _, gs, rs, _, fs = _side(student)
+    _, gt, rt, _, ft = _side(teacher)
+    partial = gs.new_empty((stop - start, n))
+    row_kernel[(stop - start, triton.cdiv(n, BLOCK_J))](
+        gs, rs, fs, gt, rt, ft, partial, partial, partial, partial, partial, n, start,
+        GRAD=False, BLOCK_J=BLOCK_J, BLOCK_K=BLOCK_K,
+    )  # fmt: skip
+    return (partial.sum() / float(n) ** 3).to(dtype)
+
+
 @torch.library.custom_op("kdfast::rkd_angle_triton", mutates_args=())
 def rkd_angle_triton(student: Tensor, teacher: Tensor) -> Tensor:
     """RKD angle loss (SPEC 1.3) with Triton kernels: scalar in
     promote_types(student, teacher, float32). student (N, Ds), teacher (N, Dt), N >= 3."""
-    _, gs, rs, _, fs = _side(student)
-    _, gt, rt, _, ft = _side(teacher)
-    n = gs.shape[0]
-    partial = torch.empty_like(gs)
-    grid = (n, triton.cdiv(n, BLOCK_J))
-    row_kernel[grid](
-        gs, rs, fs, gt, rt, ft, partial, partial, partial, partial, partial, n,
-        GRAD=False, BLOCK_J=BLOCK_J, BLOCK_K=BLOCK_K,
-    )  # fmt: skip
-    return (partial.sum() / float(n) ** 3).to(compute_dtype(student, teacher))
+    return _forward(student, teacher, 0, student.shape[0])
+
+
+@torch.library.custom_op("kdfast::rkd_angle_vertices_triton", mutates_args=())
+def rkd_angle_vertices_triton(student: Tensor, teacher: Tensor, start: int, stop: int) -> Tensor:
+    """The share of the RKD angle loss whose vertex i lies in [start, stop)
+    (:func:`kdfast.reference.rkd_angle.rkd_angle_vertices`), with Triton kernels: scalar in
+    promote_types(student, teacher, float32). student (N, Ds), teacher (N, Dt);
+    0 <= start <= stop <= N (ValueError otherwise; an empty range gives 0)."""
+    return _forward(student, teacher, start, stop)
 
 
 def _side_backward(centred, r, active, m, w, p, scale: Tensor, dtype) -> Tensor:
@@ -263,20 +290,38 @@ def _side_backward(centred, r, active, m, w, p, scale: Tensor, dtype) -> Tensor:
     return grad_centred.to(dtype)
 
 
-@torch.library.custom_op("kdfast::rkd_angle_triton_backward", mutates_args=())
-def rkd_angle_triton_backward(
-    grad: Tensor, student: Tensor, teacher: Tensor, student_grad: bool, teacher_grad: bool
+def _backward(
+    grad: Tensor,
+    student: Tensor,
+    teacher: Tensor,
+    start: int,
+    stop: int,
+    student_grad: bool,
+    teacher_grad: bool,
 ) -> tuple[Tensor, Tensor]:
-    """(dL/dstudent, dL/dteacher); an empty (0,) tensor for a side that needs none."""
+    """Gradients of :func:`_forward` with respect to every row (empty (0,): not needed)."""
+    n = student.shape[0]
+    check_vertex_range(start, stop, n)
+    if start == stop or not (student_grad or teacher_grad):
+        return (
+            torch.zeros_like(student, memory_format=torch.contiguous_format)
+            if student_grad
+            else student.new_empty((0,)),
+            torch.zeros_like(teacher, memory_format=torch.contiguous_format)
+            if teacher_grad
+            else teacher.new_empty((0,)),
+        )
     xs, gs, rs, active_s, fs = _side(student)
     xt, gt, rt, active_t, ft = _side(teacher)
-    n = gs.shape[0]
-    ws, ps, wt, pt, ms, mt = (torch.empty_like(gs) for _ in range(6))
-    row_kernel[(n, triton.cdiv(n, BLOCK_J))](
-        gs, rs, fs, gt, rt, ft, ws, ws, ps, wt, pt, n, GRAD=True, BLOCK_J=BLOCK_J, BLOCK_K=BLOCK_K
-    )
+    # w and p: the row kernel writes the rows i in [start, stop) only
+    ws, ps, wt, pt = (torch.zeros_like(gs) for _ in range(4))
+    ms, mt = torch.empty_like(gs), torch.empty_like(gs)
+    row_kernel[(stop - start, triton.cdiv(n, BLOCK_J))](
+        gs, rs, fs, gt, rt, ft, ws, ws, ps, wt, pt, n, start,
+        GRAD=True, BLOCK_J=BLOCK_J, BLOCK_K=BLOCK_K,
+    )  # fmt: skip
     column_kernel[(triton.cdiv(n, BLOCK_J), triton.cdiv(n, BLOCK_K))](
-        gs, rs, fs, gt, rt, ft, ms, mt, n, BLOCK_J=BLOCK_J, BLOCK_K=BLOCK_K
+        gs, rs, fs, gt, rt, ft, ms, mt, n, start, stop, BLOCK_J=BLOCK_J, BLOCK_K=BLOCK_K
     )
     scale = grad.to(torch.float64) / float(n) ** 3
     grad_s = (
@@ -292,6 +337,38 @@ def rkd_angle_triton_backward(
     return grad_s, grad_t
 
 
+@torch.library.custom_op("kdfast::rkd_angle_triton_backward", mutates_args=())
+def rkd_angle_triton_backward(
+    grad: Tensor, student: Tensor, teacher: Tensor, student_grad: bool, teacher_grad: bool
+) -> tuple[Tensor, Tensor]:
+    """(dL/dstudent, dL/dteacher); an empty (0,) tensor for a side that needs none."""
+    return _backward(grad, student, teacher, 0, student.shape[0], student_grad, teacher_grad)
+
+
+@torch.library.custom_op("kdfast::rkd_angle_vertices_triton_backward", mutates_args=())
+def rkd_angle_vertices_triton_backward(
+    grad: Tensor,
+    student: Tensor,
+    teacher: Tensor,
+    start: int,
+    stop: int,
+    student_grad: bool,
+    teacher_grad: bool,
+) -> tuple[Tensor, Tensor]:
+    """Gradients of ``rkd_angle_vertices_triton`` with respect to every row of student and
+    teacher; an empty (0,) tensor for a side that needs none."""
+    return _backward(grad, student, teacher, start, stop, student_grad, teacher_grad)
+
+
 register_relational_loss(
     "rkd_angle", "kdfast::rkd_angle_triton", rkd_angle_triton_backward, "triton"
+)
+register_relational_loss(
+    "rkd_angle_vertices",
+    "kdfast::rkd_angle_vertices_triton",
+    rkd_angle_vertices_triton_backward,
+    "triton",
+    check_args=lambda student, teacher, start, stop: check_vertex_range(
+        start, stop, student.shape[0]
+    ),
 )
