@@ -84,10 +84,10 @@ KDFAST_INLINE void stats_row_impl(const acc_t* u, const acc_t* v, acc_t* ys, acc
   }
 }
 
-KDFAST_CLONES void stats_row(const float* u, const float* v, float* ys, float* yt, int64_t n,
-                             bool sigmoid, double k, float* stats, double* col) {
-  stats_row_impl(u, v, ys, yt, n, sigmoid, k, stats, col);
-}
+KDFAST_ROW_DISPATCH(void, stats_row,
+                    (const float* u, const float* v, float* ys, float* yt, int64_t n,
+                     bool sigmoid, double k, float* stats, double* col),
+                    (u, v, ys, yt, n, sigmoid, k, stats, col), stats_row_impl)
 void stats_row(const double* u, const double* v, double* ys, double* yt, int64_t n,
                bool sigmoid, double k, double* stats, double* col) {
   stats_row_impl(u, v, ys, yt, n, sigmoid, k, stats, col);
@@ -150,11 +150,11 @@ KDFAST_INLINE void grad_row_impl(const acc_t* u, const acc_t* v, acc_t* ys, acc_
   }
 }
 
-KDFAST_CLONES void grad_row(const float* u, const float* v, float* ys, float* yt, float* gs,
-                            float* gt, int64_t n, bool sigmoid, const float* stats,
-                            const float* col, Weights<float> w) {
-  grad_row_impl(u, v, ys, yt, gs, gt, n, sigmoid, stats, col, w);
-}
+KDFAST_ROW_DISPATCH(void, grad_row,
+                    (const float* u, const float* v, float* ys, float* yt, float* gs,
+                     float* gt, int64_t n, bool sigmoid, const float* stats, const float* col,
+                     Weights<float> w),
+                    (u, v, ys, yt, gs, gt, n, sigmoid, stats, col, w), grad_row_impl)
 void grad_row(const double* u, const double* v, double* ys, double* yt, double* gs, double* gt,
               int64_t n, bool sigmoid, const double* stats, const double* col,
               Weights<double> w) {

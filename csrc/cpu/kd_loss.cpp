@@ -37,16 +37,22 @@ KDFAST_INLINE acc_t kl_row_impl(acc_t* u, acc_t* v, acc_t* es, acc_t* et, int64_
     const acc_t max_t = lt.max, log_sum_t = static_cast<acc_t>(std::log(lt.sum));
     const acc_t inv_sum_t = acc_t(1.0 / lt.sum);
     const acc_t dlse = static_cast<acc_t>(lse_s64 - lse_t64);
-    double kl_sum = 0.0;  // float64 sum: the terms cancel, rows can be long
-#pragma omp simd reduction(+ : kl_sum, sum_pt)
-    for (int64_t c = 0; c < n; ++c) {
-      const acc_t log_ps = (u[c] - max_s) - log_sum_s, log_pt = (v[c] - max_t) - log_sum_t;
-      const acc_t pt = et[c] * inv_sum_t;
-      kl_sum += static_cast<double>(pt * ((v[c] - u[c]) + dlse));
-      sum_pt += pt;
-      u[c] = log_ps, v[c] = pt, et[c] = log_pt;
+    // float64 across blocks: the terms cancel, rows can be long
+    double kl_sum = 0.0, sum_pt64 = 0.0;
+    for (int64_t b = 0; b < n; b += rows::kBlock) {
+      const int64_t e = std::min(n, b + rows::kBlock);
+      acc_t kl_part = 0, pt_part = 0;
+#pragma omp simd reduction(+ : kl_part, pt_part)
+      for (int64_t c = b; c < e; ++c) {
+        const acc_t log_ps = (u[c] - max_s) - log_sum_s, log_pt = (v[c] - max_t) - log_sum_t;
+        const acc_t pt = et[c] * inv_sum_t;
+        kl_part += pt * ((v[c] - u[c]) + dlse);
+        pt_part += pt;
+        u[c] = log_ps, v[c] = pt, et[c] = log_pt;
+      }
+      kl_sum += static_cast<double>(kl_part), sum_pt64 += static_cast<double>(pt_part);
     }
-    kl = static_cast<acc_t>(kl_sum);
+    kl = static_cast<acc_t>(kl_sum), sum_pt = static_cast<acc_t>(sum_pt64);
   } else if (kind == Teacher::kLogProbs) {
 #pragma omp simd reduction(+ : kl, sum_pt)
     for (int64_t c = 0; c < n; ++c) {
@@ -75,10 +81,10 @@ KDFAST_INLINE acc_t kl_row_impl(acc_t* u, acc_t* v, acc_t* es, acc_t* et, int64_
   return kl;
 }
 
-KDFAST_CLONES float kl_row(float* u, float* v, float* es, float* et, int64_t n, Teacher kind,
-                           bool grad_s, bool grad_t) {
-  return kl_row_impl(u, v, es, et, n, kind, grad_s, grad_t);
-}
+KDFAST_ROW_DISPATCH(float, kl_row,
+                    (float* u, float* v, float* es, float* et, int64_t n, Teacher kind,
+                     bool grad_s, bool grad_t),
+                    (u, v, es, et, n, kind, grad_s, grad_t), kl_row_impl)
 double kl_row(double* u, double* v, double* es, double* et, int64_t n, Teacher kind, bool grad_s,
               bool grad_t) {
   return kl_row_impl(u, v, es, et, n, kind, grad_s, grad_t);
