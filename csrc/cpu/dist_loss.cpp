@@ -282,8 +282,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dist_loss_cpu(
   const at::Tensor mask_c = mask.has_value() ? mask->contiguous() : at::Tensor();
   const Options o{beta,          gamma, tau, tau_squared ? tau * tau : 1.0, act == "sigmoid",
                   compute_grad_student, compute_grad_teacher};
-  at::Tensor grad_s = at::empty(o.grad_s ? s.sizes() : at::IntArrayRef{0}, s.options());
-  at::Tensor grad_t = at::empty(o.grad_t ? t.sizes() : at::IntArrayRef{0}, t.options());
+  at::Tensor grad_s =
+      rows::empty_output(o.grad_s ? s.sizes() : at::IntArrayRef{0}, s.options());
+  at::Tensor grad_t =
+      rows::empty_output(o.grad_t ? t.sizes() : at::IntArrayRef{0}, t.options());
   double loss = 0.0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "dist_loss_cpp", [&] {
     loss = dist_rows<scalar_t>(s, t, mask_c.defined() ? mask_c.const_data_ptr<bool>() : nullptr,
