@@ -161,7 +161,14 @@ inline at::Tensor unit_column_stride(const at::Tensor& x) {
   return x.stride(1) == 1 ? x : x.contiguous();
 }
 
-// Rows per parallel task: enough columns per task to amortise the task overhead.
-inline int64_t row_grain(int64_t columns) { return std::max<int64_t>(1, 16384 / columns); }
+// Elements per parallel task: about 0.3 ms of single-thread work. Splitting less saves at
+// most that much, while waking a second thread on a busy machine cost a scheduler tick
+// (4-8 ms per call measured at (256, 1000) on the shared 2-core CI machine).
+constexpr int64_t kTaskElements = 262144;
+
+// Rows per parallel task (at least kTaskElements elements).
+inline int64_t row_grain(int64_t columns) {
+  return std::max<int64_t>(1, kTaskElements / std::max<int64_t>(columns, 1));
+}
 
 }  // namespace kdfast::rows

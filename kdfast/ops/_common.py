@@ -100,7 +100,7 @@ def _is_plain_unit_grad(grad: torch.Tensor, saved: torch.Tensor, x: torch.Tensor
         and grad.device.type == "cpu"
         and grad.numel() == 1
         and saved.dtype == x.dtype
-        and bool(grad.reshape(()) == 1)
+        and grad.item() == 1.0
     )
 
 
