@@ -84,10 +84,10 @@ KDFAST_INLINE void stats_row_impl(const acc_t* u, const acc_t* v, acc_t* ys, acc
   }
 }
 
-KDFAST_CLONES void stats_row(const float* u, const float* v, float* ys, float* yt, int64_t n,
-                             bool sigmoid, double k, float* stats, double* col) {
-  stats_row_impl(u, v, ys, yt, n, sigmoid, k, stats, col);
-}
+KDFAST_ROW_DISPATCH(void, stats_row,
+                    (const float* u, const float* v, float* ys, float* yt, int64_t n,
+                     bool sigmoid, double k, float* stats, double* col),
+                    (u, v, ys, yt, n, sigmoid, k, stats, col), stats_row_impl)
 void stats_row(const double* u, const double* v, double* ys, double* yt, int64_t n,
                bool sigmoid, double k, double* stats, double* col) {
   stats_row_impl(u, v, ys, yt, n, sigmoid, k, stats, col);
@@ -150,11 +150,11 @@ KDFAST_INLINE void grad_row_impl(const acc_t* u, const acc_t* v, acc_t* ys, acc_
   }
 }
 
-KDFAST_CLONES void grad_row(const float* u, const float* v, float* ys, float* yt, float* gs,
-                            float* gt, int64_t n, bool sigmoid, const float* stats,
-                            const float* col, Weights<float> w) {
-  grad_row_impl(u, v, ys, yt, gs, gt, n, sigmoid, stats, col, w);
-}
+KDFAST_ROW_DISPATCH(void, grad_row,
+                    (const float* u, const float* v, float* ys, float* yt, float* gs,
+                     float* gt, int64_t n, bool sigmoid, const float* stats, const float* col,
+                     Weights<float> w),
+                    (u, v, ys, yt, gs, gt, n, sigmoid, stats, col, w), grad_row_impl)
 void grad_row(const double* u, const double* v, double* ys, double* yt, double* gs, double* gt,
               int64_t n, bool sigmoid, const double* stats, const double* col,
               Weights<double> w) {
@@ -178,7 +178,9 @@ double dist_rows(const at::Tensor& s, const at::Tensor& t, const bool* mask, con
   auto kept_row = [&](int64_t i) { return mask == nullptr || mask[i]; };
 
   // Pass 1: blocks of rows, each with its own column moments.
-  const int64_t blocks = std::min<int64_t>(rows, 2 * at::get_num_threads());
+  const int64_t max_blocks =
+      std::max<int64_t>(1, std::min<int64_t>(rows, 2 * at::get_num_threads()));
+  const int64_t blocks = std::clamp<int64_t>(rows * n / rows::kTaskElements, 1, max_blocks);
   const int64_t block_rows = (rows + blocks - 1) / blocks;
   std::vector<acc_t> stats(rows * kRowFields, acc_t(0));
   std::vector<double> col(blocks * kColFields * n, 0.0);
@@ -282,8 +284,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dist_loss_cpu(
   const at::Tensor mask_c = mask.has_value() ? mask->contiguous() : at::Tensor();
   const Options o{beta,          gamma, tau, tau_squared ? tau * tau : 1.0, act == "sigmoid",
                   compute_grad_student, compute_grad_teacher};
-  at::Tensor grad_s = at::empty(o.grad_s ? s.sizes() : at::IntArrayRef{0}, s.options());
-  at::Tensor grad_t = at::empty(o.grad_t ? t.sizes() : at::IntArrayRef{0}, t.options());
+  at::Tensor grad_s =
+      rows::empty_output(o.grad_s ? s.sizes() : at::IntArrayRef{0}, s.options());
+  at::Tensor grad_t =
+      rows::empty_output(o.grad_t ? t.sizes() : at::IntArrayRef{0}, t.options());
   double loss = 0.0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "dist_loss_cpp", [&] {
     loss = dist_rows<scalar_t>(s, t, mask_c.defined() ? mask_c.const_data_ptr<bool>() : nullptr,

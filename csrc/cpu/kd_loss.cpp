@@ -8,6 +8,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "../kd_loss.h"
@@ -19,34 +20,43 @@ namespace {
 using rows::exp_approx;
 
 // One row on acc_t buffers. Entry: u = zs / T; v = zt / T (logits) or the teacher values.
-// Returns KL; on exit es = T dKL/dzs (if grad_s) and et = T dKL/dzt (logits) or dKL/dzt
-// (probs, log-probs) (if grad_t). u, v are overwritten.
+// Returns KL; on exit es = coef_s T dKL/dzs (if grad_s; es may be the output row) and
+// et = T dKL/dzt (logits) or dKL/dzt (probs, log-probs) (if grad_t). u, v are overwritten.
 template <typename acc_t>
 KDFAST_INLINE acc_t kl_row_impl(acc_t* u, acc_t* v, acc_t* es, acc_t* et, int64_t n,
-                                Teacher kind, bool grad_s, bool grad_t) {
+                                Teacher kind, bool grad_s, bool grad_t, acc_t coef_s) {
   const rows::Lse<acc_t> ls = rows::exp_row(u, n, es);
   // log p = (u - max) - log(sum): a float32 lse of extreme logits would be off by an ulp
   // of ~60.
   const double lse_s64 = ls.lse();
   const acc_t max_s = ls.max, log_sum_s = static_cast<acc_t>(std::log(ls.sum));
   acc_t kl = 0, sum_pt = 0;
-  // After these loops: u = log ps, v = pt, et = log pt.
+  // After these loops: u = log ps, v = pt, et = log pt (except pt_in_et below).
+  bool pt_in_et = false;  // teacher logits without grad_t: et = exp(v - max_t), pt = et / sum
+  acc_t inv_sum_t = 1;
   if (kind == Teacher::kLogits) {
     const rows::Lse<acc_t> lt = rows::exp_row(v, n, et);
     const double lse_t64 = lt.lse();
     const acc_t max_t = lt.max, log_sum_t = static_cast<acc_t>(std::log(lt.sum));
-    const acc_t inv_sum_t = acc_t(1.0 / lt.sum);
+    inv_sum_t = acc_t(1.0 / lt.sum);
+    pt_in_et = !grad_t;
     const acc_t dlse = static_cast<acc_t>(lse_s64 - lse_t64);
-    double kl_sum = 0.0;  // float64 sum: the terms cancel, rows can be long
-#pragma omp simd reduction(+ : kl_sum, sum_pt)
-    for (int64_t c = 0; c < n; ++c) {
-      const acc_t log_ps = (u[c] - max_s) - log_sum_s, log_pt = (v[c] - max_t) - log_sum_t;
-      const acc_t pt = et[c] * inv_sum_t;
-      kl_sum += static_cast<double>(pt * ((v[c] - u[c]) + dlse));
-      sum_pt += pt;
-      u[c] = log_ps, v[c] = pt, et[c] = log_pt;
+    // float64 across blocks: the terms cancel, rows can be long
+    double kl_sum = 0.0, sum_pt64 = 0.0;
+    for (int64_t b = 0; b < n; b += rows::kBlock) {
+      const int64_t e = std::min(n, b + rows::kBlock);
+      acc_t kl_part = 0, pt_part = 0;
+#pragma omp simd reduction(+ : kl_part, pt_part)
+      for (int64_t c = b; c < e; ++c) {
+        const acc_t log_ps = (u[c] - max_s) - log_sum_s, log_pt = (v[c] - max_t) - log_sum_t;
+        const acc_t pt = et[c] * inv_sum_t;
+        kl_part += pt * ((v[c] - u[c]) + dlse);
+        pt_part += pt;
+        if (!pt_in_et) u[c] = log_ps, v[c] = pt, et[c] = log_pt;
+      }
+      kl_sum += static_cast<double>(kl_part), sum_pt64 += static_cast<double>(pt_part);
     }
-    kl = static_cast<acc_t>(kl_sum);
+    kl = static_cast<acc_t>(kl_sum), sum_pt = static_cast<acc_t>(sum_pt64);
   } else if (kind == Teacher::kLogProbs) {
 #pragma omp simd reduction(+ : kl, sum_pt)
     for (int64_t c = 0; c < n; ++c) {
@@ -65,9 +75,15 @@ KDFAST_INLINE acc_t kl_row_impl(acc_t* u, acc_t* v, acc_t* es, acc_t* et, int64_
     }
   }
   if (grad_s) {
-    const acc_t scale = static_cast<acc_t>(sum_pt / ls.sum);
+    const acc_t scale = static_cast<acc_t>(sum_pt / ls.sum) * coef_s;
+    if (pt_in_et) {
+      const acc_t pt_scale = inv_sum_t * coef_s;
 #pragma omp simd
-    for (int64_t c = 0; c < n; ++c) es[c] = es[c] * scale - v[c];
+      for (int64_t c = 0; c < n; ++c) es[c] = es[c] * scale - et[c] * pt_scale;
+    } else {
+#pragma omp simd
+      for (int64_t c = 0; c < n; ++c) es[c] = es[c] * scale - v[c] * coef_s;
+    }
   }
   if (grad_t) {
     for (int64_t c = 0; c < n; ++c) et[c] = teacher_grad(v[c], et[c], u[c], kl, kind);
@@ -75,13 +91,13 @@ KDFAST_INLINE acc_t kl_row_impl(acc_t* u, acc_t* v, acc_t* es, acc_t* et, int64_
   return kl;
 }
 
-KDFAST_CLONES float kl_row(float* u, float* v, float* es, float* et, int64_t n, Teacher kind,
-                           bool grad_s, bool grad_t) {
-  return kl_row_impl(u, v, es, et, n, kind, grad_s, grad_t);
-}
+KDFAST_ROW_DISPATCH(float, kl_row,
+                    (float* u, float* v, float* es, float* et, int64_t n, Teacher kind,
+                     bool grad_s, bool grad_t, float coef_s),
+                    (u, v, es, et, n, kind, grad_s, grad_t, coef_s), kl_row_impl)
 double kl_row(double* u, double* v, double* es, double* et, int64_t n, Teacher kind, bool grad_s,
-              bool grad_t) {
-  return kl_row_impl(u, v, es, et, n, kind, grad_s, grad_t);
+              bool grad_t, double coef_s) {
+  return kl_row_impl(u, v, es, et, n, kind, grad_s, grad_t, coef_s);
 }
 
 struct Options {
@@ -106,6 +122,7 @@ void kl_rows(const at::Tensor& s, const at::Tensor& t, const bool* mask, const O
   const acc_t teacher_scale = o.kind == Teacher::kLogits ? inv_t : acc_t(1);
   const acc_t coef_s = acc_t(o.loss_scale * o.weight / o.temperature);
   const acc_t coef_t = acc_t(o.loss_scale * o.weight) * teacher_scale;
+  constexpr bool direct = std::is_same_v<scalar_t, acc_t>;
   at::parallel_for(0, rows, rows::row_grain(n), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buffers(4 * n);
     acc_t *u = buffers.data(), *v = u + n, *es = v + n, *et = es + n;
@@ -118,8 +135,10 @@ void kl_rows(const at::Tensor& s, const at::Tensor& t, const bool* mask, const O
       }
       rows::load_row(s_data + i * s_stride, n, inv_t, u);
       rows::load_row(t_data + i * t_stride, n, teacher_scale, v);
-      row_kl[i] = kl_row(u, v, es, et, n, o.kind, gs != nullptr, gt != nullptr);
-      if (gs) rows::store_row(es, n, coef_s, gs + i * n);
+      // float / double gradients are written in place (es is the output row)
+      acc_t* es_row = direct && gs ? reinterpret_cast<acc_t*>(gs + i * n) : es;
+      row_kl[i] = kl_row(u, v, es_row, et, n, o.kind, gs != nullptr, gt != nullptr, coef_s);
+      if (gs && !direct) rows::store_row(es, n, acc_t(1), gs + i * n);
       if (gt) rows::store_row(et, n, coef_t, gt + i * n);
     }
   });
@@ -151,8 +170,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_cpu(
   Options o{temperature, loss_scale, row_weight(reduction, static_cast<double>(kept), n),
             parse_teacher(std::string(teacher_kind)), compute_grad_student,
             compute_grad_teacher};
-  at::Tensor grad_s = at::empty(o.grad_s ? s.sizes() : at::IntArrayRef{0}, s.options());
-  at::Tensor grad_t = at::empty(o.grad_t ? t.sizes() : at::IntArrayRef{0}, t.options());
+  at::Tensor grad_s =
+      rows::empty_output(o.grad_s ? s.sizes() : at::IntArrayRef{0}, s.options());
+  at::Tensor grad_t =
+      rows::empty_output(o.grad_t ? t.sizes() : at::IntArrayRef{0}, t.options());
   std::vector<double> row_kl(rows);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "kd_loss_cpp", [&] {
     kl_rows<scalar_t>(s, t, mask.has_value() ? mask_c.const_data_ptr<bool>() : nullptr, o,

@@ -1,33 +1,63 @@
 // CPU row helpers shared by the fused logit losses (csrc/cpu/kd_loss.cpp, dist_loss.cpp):
 // a vectorisable float32 exp, row loads into accumulation buffers, and reductions.
-// Hot loops are plain `omp simd` loops over acc_t buffers; the float32 versions are built
-// twice (AVX2+FMA and baseline x86-64) and picked at load time (GCC target_clones).
+// Hot loops are plain `omp simd` loops over acc_t buffers; the float32 row kernels are built
+// twice (AVX2+FMA and baseline x86-64) and picked at run time by KDFAST_ROW_DISPATCH.
+// (GCC target_clones did not work here: "arch=haswell" is resolved by CPU model, so AMD
+// CPUs ran the baseline clone; the "arch=x86-64-v3" resolver also picked the baseline clone
+// in this shared library (GCC 12, observed with perf; it works in an executable).)
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 
+#include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <vector>
 
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-#define KDFAST_CLONES __attribute__((target_clones("arch=haswell", "default")))
-#else
-#define KDFAST_CLONES
+#ifdef __linux__
+#include <sys/mman.h>
 #endif
-// Row helpers are inlined into the cloned entry points, so they get the clone's ISA.
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define KDFAST_X86_DISPATCH 1
+#define KDFAST_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#endif
+// Row helpers are inlined into the dispatched entry points, so they get their ISA.
 #define KDFAST_INLINE inline __attribute__((always_inline))
 
 namespace kdfast::rows {
+
+#ifdef KDFAST_X86_DISPATCH
+inline bool cpu_has_avx2_fma() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+}
+// Defines `ret name params` returning `impl args`, built for AVX2+FMA (used when the CPU
+// has them) and for baseline x86-64.
+#define KDFAST_ROW_DISPATCH(ret, name, params, args, impl)                            \
+  KDFAST_TARGET_AVX2 ret name##_avx2 params { return impl args; }                    \
+  ret name##_base params { return impl args; }                                       \
+  ret name params {                                                                   \
+    return ::kdfast::rows::cpu_has_avx2_fma() ? name##_avx2 args : name##_base args; \
+  }
+#else
+#define KDFAST_ROW_DISPATCH(ret, name, params, args, impl) \
+  ret name params { return impl args; }
+#endif
 
 // exp for float32 (Cephes expf polynomial, about 1 ulp), written so that loops over it
 // vectorise: no branches, no calls. -inf gives 0, NaN propagates, overflow gives inf.
 KDFAST_INLINE float exp_approx(float x) {
   const float clamped = x < -87.5f ? -87.5f : (x > 88.5f ? 88.5f : x);
-  const float n = std::floor(clamped * 1.44269504088896341f + 0.5f);
+  // n = round(clamped / ln 2) by the 1.5 * 2^23 trick (|n| < 2^22): no floor call, so the
+  // loop also vectorises without SSE4.1.
+  constexpr float kRound = 12582912.0f;
+  const float shifted = clamped * 1.44269504088896341f + kRound;
+  const float n = shifted - kRound;
   const float r = clamped - n * 0.693359375f - n * -2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -36,10 +66,10 @@ KDFAST_INLINE float exp_approx(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   const float poly = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  float y = poly * scale;
+  // 2^n from the integer in the low mantissa bits of `shifted` (no float -> int conversion)
+  const int32_t bits =
+      (std::bit_cast<int32_t>(shifted) - std::bit_cast<int32_t>(kRound) + 127) << 23;
+  float y = poly * std::bit_cast<float>(bits);  // bit_cast, not memcpy: keeps it vectorisable
   y = x < -87.3f ? 0.0f : y;
   y = x > 88.7f ? std::numeric_limits<float>::infinity() : y;
   return x != x ? x : y;
@@ -72,6 +102,12 @@ KDFAST_INLINE acc_t row_max(const acc_t* x, int64_t n) {
   return m;
 }
 
+// Row reductions run over blocks of kBlock columns: acc_t lane partials inside a block (a
+// float64 accumulator in an `omp simd` loop over float32 data stops the vectorisation of
+// the exp), folded into float64 per block. A float32 block sum of terms of one sign has a
+// relative error of about 1e-7.
+constexpr int64_t kBlock = 1024;
+
 // A shifted softmax denominator: exp(x - max) sums to `sum`; lse = max + log(sum). The
 // sum and the lse are float64 (also for float32 rows): KL subtracts two lses, and their
 // float32 rounding alone was 1e-5 of a KL of 0.06 at C = 700.
@@ -89,12 +125,35 @@ KDFAST_INLINE Lse<acc_t> exp_row(const acc_t* x, int64_t n, acc_t* out) {
   acc_t m = row_max(x, n);
   if (m == -std::numeric_limits<acc_t>::infinity()) m = 0;
   double sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t c = 0; c < n; ++c) {
-    out[c] = exp_approx(x[c] - m);
-    sum += static_cast<double>(out[c]);
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t e = std::min(n, b + kBlock);
+    acc_t part = 0;
+#pragma omp simd reduction(+ : part)
+    for (int64_t c = b; c < e; ++c) {
+      out[c] = exp_approx(x[c] - m);
+      part += out[c];
+    }
+    sum += static_cast<double>(part);
   }
   return {m, sum};
+}
+
+// at::empty(sizes, options), with large buffers advised to use transparent huge pages
+// (Linux, THP in "madvise" mode): the gradients are written once, and the first touch of
+// 4 KiB pages (a fault and a page clear each) cost more than the whole kernel's compute at
+// (4096, 32000) on the 2-core CI machine (0.39 s of about 1 s). Advice only: errors ignored.
+inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor out = at::empty(sizes, options);
+#ifdef __linux__
+  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  const uintptr_t bytes = out.nbytes();
+  if (bytes >= 8 * kHuge) {
+    const uintptr_t p = reinterpret_cast<uintptr_t>(out.data_ptr());
+    const uintptr_t begin = (p + kHuge - 1) & ~(kHuge - 1), end = (p + bytes) & ~(kHuge - 1);
+    if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+  }
+#endif
+  return out;
 }
 
 // Contiguous columns (stride 1) or a copy; the row stride is kept (expanded rows allowed).
@@ -102,7 +161,14 @@ inline at::Tensor unit_column_stride(const at::Tensor& x) {
   return x.stride(1) == 1 ? x : x.contiguous();
 }
 
-// Rows per parallel task: enough columns per task to amortise the task overhead.
-inline int64_t row_grain(int64_t columns) { return std::max<int64_t>(1, 16384 / columns); }
+// Elements per parallel task: about 0.3 ms of single-thread work. Splitting less saves at
+// most that much, while waking a second thread on a busy machine cost a scheduler tick
+// (4-8 ms per call measured at (256, 1000) on the shared 2-core CI machine).
+constexpr int64_t kTaskElements = 262144;
+
+// Rows per parallel task (at least kTaskElements elements).
+inline int64_t row_grain(int64_t columns) {
+  return std::max<int64_t>(1, kTaskElements / std::max<int64_t>(columns, 1));
+}
 
 }  // namespace kdfast::rows

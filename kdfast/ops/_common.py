@@ -68,6 +68,8 @@ def saved_grad_backward(ctx, grad: torch.Tensor, saved_names=("student", "teache
     the gradients of the first two inputs (None for inputs that need none).
     """
     grad_s, grad_t, student, teacher = ctx.saved_tensors
+    if grad is None:  # gradients are not materialised (setup_saved_grad): the loss got none
+        return None, None
     out = []
     for i, (saved, x) in enumerate(((grad_s, student), (grad_t, teacher))):
         if not ctx.needs_input_grad[i]:
@@ -78,8 +80,28 @@ def saved_grad_backward(ctx, grad: torch.Tensor, saved_names=("student", "teache
                 f"the {saved_names[i]} gradient was not computed in the forward pass (it was "
                 "called under no_grad or with compute_grad_{saved_names[i]}=False)"
             )
-        out.append(scale_saved_grad(grad, saved, x))
+        if _is_plain_unit_grad(grad, saved, x):
+            out.append(saved)  # the usual loss.backward(): no (rows, C) multiply and copy
+        else:
+            out.append(scale_saved_grad(grad, saved, x))
     return tuple(out)
+
+
+def _is_plain_unit_grad(grad: torch.Tensor, saved: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether the saved gradient can be returned as it is: an upstream gradient of exactly 1
+    on the CPU, in eager mode without create_graph (grad mode is off in such a backward, so
+    no double backward can go through the returned tensor; otherwise scale_saved_grad keeps
+    raising on it), on real tensors (not traced)."""
+    return (
+        not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and type(grad) is torch.Tensor  # not a fake / functional tensor of a tracer
+        and type(saved) is torch.Tensor
+        and grad.device.type == "cpu"
+        and grad.numel() == 1
+        and saved.dtype == x.dtype
+        and grad.item() == 1.0
+    )
 
 
 def setup_saved_grad(ctx, inputs, output) -> None:
@@ -87,6 +109,9 @@ def setup_saved_grad(ctx, inputs, output) -> None:
     (student, teacher)."""
     _, grad_s, grad_t = output
     ctx.mark_non_differentiable(grad_s, grad_t)
+    # the backward ignores the (rows, C) gradient outputs' own gradients: without this,
+    # autograd materialises them as zeros (a (rows, C) fill per backward)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(grad_s, grad_t, inputs[0], inputs[1])
 
 

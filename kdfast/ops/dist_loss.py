@@ -48,15 +48,11 @@ def make_impl(op):
 
 if _extension.unavailable_reason() is None:
     register_op("kdfast::dist_loss_cpp")
-    # measured single-threaded on the 2-core CI machine (issue 4): correct but not yet faster
-    # than the reference, so the dispatcher picks it only when forced
     _dispatch.implement(
         "dist_loss",
         "cpp",
         make_impl(torch.ops.kdfast.dist_loss_cpp.default),
         devices={"cpu"},
-        opt_in="CPU kernel not yet faster than the reference (0.2x at (256, 1000), "
-        "1.15x at (1024, 32000))",
     )
 if _dispatch.BACKENDS["triton"].unavailable is None:
     import kdfast.triton.dist_loss  # noqa: F401  (registers kdfast::dist_loss_triton)
