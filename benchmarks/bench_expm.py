@@ -3,7 +3,11 @@
 Each (case, implementation) runs in a fresh process (``--one``); the driver prints one
 line per cell: median seconds of forward+backward and the torch/kdfast ratio.
 
-    PYTHONPATH=. python benchmarks/bench_expm.py [--reps 3]
+    PYTHONPATH=. python benchmarks/bench_expm.py [--reps 3] [--threads 1 --cpu-time]
+
+``--cpu-time`` times with ``time.process_time`` (CPU seconds of the process) instead of the
+wall clock: with ``--threads 1`` it counts the work done and not the waits, so ratios stay
+stable on a shared, loaded machine (wall-clock medians there varied 5x between runs).
 
 Cases: skew A (n = 768) with ||A||_2 in {0.1, 1, 8} and upstream G = randn (unit) or
 randn / n (loss-like), kdfast.linalg.expm(skew=True) vs torch.linalg.matrix_exp; batch 1024
@@ -42,13 +46,16 @@ def _skew(batch: int, n: int, norm2: float) -> torch.Tensor:
     return S.float().squeeze(0)
 
 
+CLOCK = time.perf_counter
+
+
 def _time(fn, reps: int) -> float:
     fn()  # warm-up
     times = []
     for _ in range(reps):
-        start = time.perf_counter()
+        start = CLOCK()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(CLOCK() - start)
     return statistics.median(times)
 
 
@@ -103,12 +110,20 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--one", nargs=4, metavar=("CASE", "ARG", "GRAD", "IMPL"))
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--cpu-time", action="store_true", help="time.process_time clock")
     args = parser.parse_args()
+    global CLOCK
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.cpu_time:
+        CLOCK = time.process_time
     if args.one:
         case, arg, grad, impl = args.one
         print(json.dumps(run_one(case, float(arg), grad, impl, args.reps)))
         return
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    clock = "CPU time" if args.cpu_time else "wall clock"
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {clock}")
     for case, arg, grad in CELLS:
         t = {}
         for impl in ("kdfast", "torch"):
@@ -117,6 +132,8 @@ def main() -> None:
                 __file__,
                 "--reps",
                 str(args.reps),
+                *(["--threads", str(args.threads)] if args.threads else []),
+                *(["--cpu-time"] if args.cpu_time else []),
                 "--one",
                 case,
                 str(arg),

@@ -42,6 +42,13 @@ TORCH_LIBRARY_FRAGMENT(kdfast, m) {
   // matrix exponential (SPEC 6): ATen path (any n) and the fused small-matrix kernel (n <= 32)
   m.def("expm_cpp(Tensor A, bool skew) -> Tensor");
   m.def("expm_frechet_cpp(Tensor A, Tensor E, bool skew=False) -> (Tensor, Tensor)");
+  // forward that keeps its powers and LU (thresholds l_m), and the backward that reuses them
+  m.def(
+      "expm_save_cpp(Tensor A, bool skew) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+      "Tensor)");
+  m.def(
+      "expm_backward_cpp(Tensor grad, Tensor powers, Tensor LUt, Tensor pivots, Tensor R0t, "
+      "Tensor m, Tensor s) -> Tensor");
   m.def("expm_small_cpp(Tensor A, bool skew) -> Tensor");
   m.def("expm_frechet_small_cpp(Tensor A, Tensor E, bool skew=False) -> (Tensor, Tensor)");
 #ifdef WITH_CUDA

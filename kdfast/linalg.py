@@ -34,7 +34,9 @@ def expm(A: Tensor, skew: bool = False) -> Tensor:
     s = max(0, ceil(log2(eta / theta_m))), eta from the estimates ||A^p||_1^(1/p).
     Accuracy in float64: relative error <= 100 u max(1, ||A||_1) for small matrices, and
     1e-13 max(1, ||A||_2) for skew-symmetric or symmetric ones (SPEC 6). The gradient is
-    grad_A = L(A^T, grad_out), the Frechet derivative from :func:`expm_frechet`.
+    grad_A = L(A^T, grad_out), the Frechet derivative from :func:`expm_frechet`. On the cpp
+    backend (n > 32), when a gradient will be needed the forward chooses (m, s) with the
+    joint thresholds l_m and keeps its powers and LU, which the backward reuses.
 
     Args:
         A: (..., n, n) float16, bfloat16, float32 or float64. Half inputs are computed in

@@ -178,3 +178,51 @@ def test_float32_gradient_and_orthogonality_n768(kind):
     assert err <= 2e-6 and rel_error(X32, X64) <= 1e-5
     if kind == "skew":
         assert float((X32.mT @ X32 - torch.eye(n)).abs().max()) <= 1e-5
+
+
+def _grad_via_save(A, G, skew):
+    a = A.clone().requires_grad_(True)
+    X = linalg.expm(a, skew=skew)
+    (g,) = torch.autograd.grad(X, a, G)
+    return X.detach(), g
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
+@pytest.mark.parametrize("skew", [False, True])
+@pytest.mark.parametrize("scales", ["mixed", "small", "large"])
+def test_saved_state_backward_matches_joint_op(scales, skew, dtype):
+    """The ATen backward from the forward's powers and LU (kdfast::expm_save_cpp and
+    kdfast::expm_backward_cpp) equals L(A^T, G) from the reference's joint algorithm:
+    a batch mixing every degree and scaling (gathered groups), all degree 3 (only A^2
+    formed) and all of one high degree (powers written in place)."""
+    n = 40
+    A = mixed_batch(n, dtype, seed=11, skew=skew)
+    if scales == "small":
+        A = A[: 2 if dtype == F64 else 3]  # degree 3 from the bound on ||A^2|| alone
+    elif scales == "large":
+        A = A[6:] if dtype == F64 else A[5:7]
+    G = torch.randn(A.shape, generator=torch.Generator().manual_seed(2), dtype=F64).to(dtype)
+    X, g = _grad_via_save(A, G, skew)
+    X_ref, g_ref = ref.expm_frechet(A.mT, G, skew)
+    tol = 1e-13 if dtype == F64 else 2e-6
+    for i in range(A.shape[0]):
+        assert rel_error(X[i], ref.expm(A[i], skew)) <= tol * 300, i
+        assert rel_error(g[i], g_ref[i]) <= tol * 300, i
+    if scales == "small":
+        m, _ = ref.scaling_parameters(A, skew, frechet=True)
+        assert (m == 3).all()
+
+
+def test_saved_state_is_used_and_opcheck():
+    g = torch.Generator().manual_seed(9)
+    A = (torch.randn(2, 36, 36, generator=g, dtype=F64) / 6).requires_grad_()
+    X = linalg.expm(A)
+    assert "expm_save_cpp" in type(X.grad_fn).__name__
+    out = ops().expm_save_cpp(A.detach(), False)
+    assert out[1].shape == (2, 5, 36, 36) and out[3].dtype == torch.int32
+    G = torch.randn(2, 36, 36, generator=g, dtype=F64)
+    torch.library.opcheck(ops().expm_save_cpp, (A, False))
+    torch.library.opcheck(ops().expm_save_cpp, ((A - A.mT).detach().float(), True))
+    torch.library.opcheck(ops().expm_backward_cpp, (G, *out[1:]))
+    with torch.no_grad():  # no gradient needed: the plain op (thresholds theta_m)
+        assert linalg.expm(A).grad_fn is None

@@ -105,14 +105,17 @@ _dispatch.implement("expm_frechet", "reference", _expm_frechet, dtypes=_FLOATS)
 # ``kdfast::expm_small_cpp`` / ``kdfast::expm_frechet_small_cpp``: the fused per-matrix
 # kernel (csrc/expm_small.h; CPU under at::parallel_for, CUDA one matrix per block).
 #
-# Backward choice: recompute, not save. The backward of expm calls the joint op on
-# (A^T, grad) with the Frechet thresholds l_m, which recomputes the powers and the LU
-# instead of receiving them as extra outputs of the forward. Cost in n x n matmul units
-# (m = 13, skew): forward 3 powers + 3 + LU + 1 solve + s; backward 3 powers + 3 (U, V)
-# + 6 (M_2, M_4, M_6) + 5 (Lu, Lv, the right-hand side) + LU + 2 solves + 3 s. Saving
-# would skip 6 units + one LU of the backward but keep 3-5 extra n x n tensors alive per
-# call, and the forward would have to run with l_m (more squarings) whenever a gradient
-# might be needed; the forward stays cheapest and exact to theta_m this way.
+# Backward of the ATen path: save, not recompute (SPEC 6). When a gradient will be needed
+# (grad mode on and A requires grad) the forward runs ``kdfast::expm_save_cpp``: the
+# Frechet-safe thresholds l_m, and it returns its scaled powers, the LU of V - U, r_m and
+# (m, s) as extra outputs; ``kdfast::expm_backward_cpp`` computes grad_A = L(A, G^T)^T from
+# them: the M_p (2 matmuls each), Lu, the right-hand side, one solve and the s squarings
+# (R recomputed, 3 matmuls each). n x n matmul units (float32, m = 7, skew): forward
+# 3 powers + U + LU + solve + s, backward 9 + solve + 3 s - 1 (recomputing instead cost
+# 3 + 12 + LU + 2 solves + 3 s). The powers are only formed as far as the degree needs:
+# when ||A^2||_1^(1/2) passes the degree-3 test, only A^2 (csrc/expm_op.cpp).
+# Higher derivatives (create_graph) take the differentiable joint op on (A^T, G) instead.
+# The fused small kernel still recomputes (its per-matrix work is cache-resident).
 
 #: largest n the fused per-matrix kernel takes (csrc/expm_small.h: kMaxN), per device
 SMALL_N = {"cpu": 32, "cuda": 32}
@@ -130,7 +133,49 @@ def _cpp_frechet(A: Tensor, E: Tensor, skew: bool) -> tuple[Tensor, Tensor]:
 
 def _cpp_expm(A: Tensor, skew: bool) -> Tensor:
     ops = torch.ops.kdfast
-    return (ops.expm_small_cpp if _use_small(A) else ops.expm_cpp)(A, skew)
+    if _use_small(A):
+        return ops.expm_small_cpp(A, skew)
+    if A.requires_grad and torch.is_grad_enabled():
+        return ops.expm_save_cpp(A, skew)[0]
+    return ops.expm_cpp(A, skew)
+
+
+def _register_save() -> None:
+    """Fake and autograd of ``kdfast::expm_save_cpp`` / ``kdfast::expm_backward_cpp``."""
+
+    @torch.library.register_fake("kdfast::expm_save_cpp")
+    def _(A, skew):
+        n = A.shape[-1]
+        batch = A.numel() // (n * n) if n else 0
+        slots = 5 if A.dtype == torch.float64 else 4
+        square = A.new_empty(batch, n, n)
+        return (
+            A.new_empty(A.shape),
+            A.new_empty(batch, slots, n, n),
+            square,
+            A.new_empty(batch, n, dtype=torch.int32),
+            A.new_empty(batch, n, n),
+            A.new_empty(batch, dtype=torch.long),
+            A.new_empty(batch, dtype=torch.long),
+        )
+
+    torch.library.register_fake("kdfast::expm_backward_cpp")(
+        lambda grad, powers, LUt, pivots, R0t, m, s: grad.new_empty(grad.shape)
+    )
+
+    def setup_context(ctx, inputs, output):
+        A, skew = inputs
+        ctx.skew = skew
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.save_for_backward(A, *output[1:])
+
+    def backward(ctx, grad, *_):
+        A, *state = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: the differentiable joint op
+            return _cpp_frechet(A.mT, grad, ctx.skew)[1], None
+        return torch.ops.kdfast.expm_backward_cpp(grad, *state), None
+
+    torch.library.register_autograd("kdfast::expm_save_cpp", backward, setup_context=setup_context)
 
 
 def _register_cpp(expm_name: str, frechet_name: str) -> None:
@@ -175,5 +220,6 @@ def _cpp_expm_frechet(A: Tensor, E: Tensor) -> tuple[Tensor, Tensor]:
 if _extension.unavailable_reason() is None:
     _register_cpp("expm_cpp", "expm_frechet_cpp")
     _register_cpp("expm_small_cpp", "expm_frechet_small_cpp")
+    _register_save()
     _dispatch.implement("expm", "cpp", _cpp_expm, dtypes=_FLOATS)
     _dispatch.implement("expm_frechet", "cpp", _cpp_expm_frechet, dtypes=_FLOATS)
