@@ -76,12 +76,14 @@ def test_small_kernel_float64_parity_with_reference():
         assert rel_error(ops().expm_small_cpp(A, False), ref.expm(A)) <= 1e-14
 
 
-def test_dispatch_uses_small_kernel_up_to_32():
+def test_dispatch_uses_small_kernel_up_to_its_limit(monkeypatch):
     A = mixed_batch(32, F64)[:4]
-    assert torch.equal(linalg.expm(A), ops().expm_small_cpp(A, False))
     B = mixed_batch(33, F64)[:4]
+    assert torch.equal(linalg.expm(A), ops().expm_cpp(A, False))  # CPU default: ATen path
+    monkeypatch.setitem(expm_ops.SMALL_N, "cpu", expm_ops.FUSED_MAX_N)  # as on CUDA
+    assert torch.equal(linalg.expm(A), ops().expm_small_cpp(A, False))
     assert torch.equal(linalg.expm(B), ops().expm_cpp(B, False))
-    assert expm_ops.SMALL_N["cpu"] == 32
+    assert expm_ops.SMALL_N["cuda"] == expm_ops.FUSED_MAX_N == 32
 
 
 def test_non_contiguous_and_batched_leading_dims():
