@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from kdfast.bench.__main__ import COLUMNS, format_table
+import json
+
+from kdfast.bench.__main__ import COLUMNS, format_table, main
 
 
 def _row(**results):
@@ -17,7 +19,13 @@ def _row(**results):
 
 ROWS = [
     _row(
-        kdfast={"backend": "cpp", "median_s": 0.002, "peak_bytes": 2**20},
+        kdfast={
+            "backend": "cpp",
+            "median_s": 0.002,
+            "min_s": 0.0019,
+            "max_s": 0.0025,
+            "peak_bytes": 2**20,
+        },
         reference={"median_s": 0.010, "peak_bytes": 8 * 2**20},
         compiled={"skipped": "predicted OOM (30.0 GB)"},
     )
@@ -30,7 +38,7 @@ def test_markdown_table_has_a_cell_per_column_and_the_ratios():
     header, cells = lines[0], [c.strip() for c in lines[2].strip("|").split("|")]
     assert header.count("|") == len(COLUMNS) + 1 and len(cells) == len(COLUMNS)
     named = dict(zip([name for name, _ in COLUMNS], cells, strict=True))
-    assert named["backend"] == "cpp" and named["kdfast ms"] == "2.00"
+    assert named["backend"] == "cpp" and named["kdfast ms"] == "2.00" and named["spread"] == "30%"
     assert named["x ref"] == "5.00" and named["x comp"] == "skip"
     assert named["kd MB"] == "1" and named["ref MB"] == "8" and named["grad err"] == "3.0e-07"
 
@@ -39,3 +47,10 @@ def test_fixed_width_table_aligns_columns():
     header, rule, line = format_table(ROWS).splitlines()
     assert len(header) == len(rule) == len(line) == sum(width for _, width in COLUMNS)
     assert "5.00" in line and "skip" in line
+
+
+def test_table_from_an_earlier_runs_json(tmp_path, capsys):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"metadata": {}, "suite": "quick", "rows": ROWS}))
+    assert main(["--table-from", str(path), "--markdown"]) == 0
+    assert capsys.readouterr().out.strip() == format_table(ROWS, markdown=True)

@@ -73,7 +73,7 @@ def _mb(nbytes):
 
 COLUMNS = (
     ("case", 36), ("size", 22), ("mode", 17), ("backend", 10), ("kdfast ms", 10),
-    ("ref ms", 10), ("x ref", 7), ("comp ms", 10), ("x comp", 7), ("kd MB", 7),
+    ("spread", 8), ("ref ms", 10), ("x ref", 7), ("comp ms", 10), ("x comp", 7), ("kd MB", 7),
     ("ref MB", 8), ("comp MB", 8), ("loss err", 10), ("grad err", 10),
 )  # fmt: skip
 
@@ -91,6 +91,10 @@ def table_cells(row: dict) -> list[str]:
             return "skip" if "skipped" in res.get(impl, {}) else "-"
         return f"{base / ours:.2f}" if ours else "-"
 
+    def spread(impl):  # (max - min) / median of the timed runs
+        low, high, mid = (get(impl, key) for key in ("min_s", "max_s", "median_s"))
+        return "-" if mid is None or low is None or high is None else f"{(high - low) / mid:.0%}"
+
     err = row.get("errors", {})
     return [
         row["title"],
@@ -98,6 +102,7 @@ def table_cells(row: dict) -> list[str]:
         row["mode"],
         str(get("kdfast", "backend")),
         _ms(get("kdfast", "median_s")),
+        spread("kdfast"),
         _ms(get("reference", "median_s")),
         ratio("reference"),
         _ms(get("compiled", "median_s")),
@@ -203,7 +208,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--markdown", action="store_true", help="print the summary table as Markdown"
     )
+    parser.add_argument(
+        "--table-from",
+        metavar="JSON",
+        help="print the summary table of an earlier run's JSON and exit (nothing is measured)",
+    )
     args = parser.parse_args(argv)
+    if args.table_from:
+        with open(args.table_from) as f:
+            print(format_table(json.load(f)["rows"], markdown=args.markdown))
+        return 0
     suite_name = args.suite or "quick"
     repeats = args.repeats or (1 if suite_name == "smoke" else 5)
 
