@@ -133,9 +133,11 @@ def test_custom_ops_called_directly_under_autocast(amp_dtype):
     with torch.autocast("cpu", dtype=amp_dtype):
         got = torch.ops.kdfast.expm_reference(a, False)
         public = kdfast.linalg.expm(a)
+        with_grad = kdfast.linalg.expm(a.clone().requires_grad_(True))  # saves its state
         frechet = torch.ops.kdfast.expm_frechet_reference(a, a, False)[1]
-    assert got.dtype == public.dtype == torch.float32
+    assert got.dtype == public.dtype == with_grad.dtype == torch.float32
     assert rel_error(got, want) <= 1e-6 and rel_error(public, want) <= 1e-6
+    assert rel_error(with_grad, want) <= 1e-6
     assert rel_error(frechet, torch.ops.kdfast.expm_frechet_reference(a, a, False)[1]) <= 1e-6
     for backend in ("cpp",):
         impl = _dispatch._IMPLS["rkd_distance"].get(backend)

@@ -18,10 +18,19 @@ from __future__ import annotations
 
 import torch
 
-from kdfast import _dispatch
+from kdfast import _dispatch, _extension
 
 #: custom ops reached through Python wrappers (not visible in the dispatcher table)
 EXTRA_OPS = {"kdfast::expm_reference": None, "kdfast::expm_frechet_reference": None}
+#: compiled ops reached through Python wrappers (kdfast/ops/expm.py), when the extension is
+#: built: the ATen path's matmuls and solves would otherwise run in autocast's half precision
+EXTRA_COMPILED_OPS = (
+    "kdfast::expm_cpp",
+    "kdfast::expm_frechet_cpp",
+    "kdfast::expm_save_cpp",
+    "kdfast::expm_small_cpp",
+    "kdfast::expm_frechet_small_cpp",
+)
 AUTOCAST_DEVICES = ("cpu", "cuda")
 
 _registered: set[tuple[str, str]] = set()
@@ -59,4 +68,7 @@ def register_all() -> list[tuple[str, str]]:
             _register(name, devices)
     for name, devices in EXTRA_OPS.items():
         _register(name, devices)
+    if _extension.unavailable_reason() is None:
+        for name in EXTRA_COMPILED_OPS:
+            _register(name, None)
     return sorted(_registered)
