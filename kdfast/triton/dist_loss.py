@@ -39,6 +39,7 @@ from torch import Tensor
 from kdfast import _dispatch
 from kdfast._validation import compute_dtype
 from kdfast.ops.dist_loss import make_impl, register_op
+from kdfast.triton._common import mask_flags
 from kdfast.triton.aot import KernelSpec
 
 #: csrc/dist_loss.h: eps added to the product of the norms
@@ -540,11 +541,10 @@ def dist_loss_triton(
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     device = student.device
     sigmoid = activation == "sigmoid"
+    flags = mask_flags(mask, rows, device)
     if mask is None:
-        flags = torch.ones(1, dtype=torch.int8, device=device)
         kept = torch.tensor(float(rows), dtype=torch.float64, device=device)
     else:
-        flags = mask.reshape(rows).contiguous().view(torch.int8)
         kept = mask.sum().to(torch.float64)
     scale = tau * tau if tau_squared else 1.0
     strides = (student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1))

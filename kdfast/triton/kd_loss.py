@@ -26,6 +26,7 @@ from torch import Tensor
 
 from kdfast._validation import compute_dtype
 from kdfast.ops.kd_loss import register_backend, register_op
+from kdfast.triton._common import mask_flags
 from kdfast.triton.aot import KernelSpec
 
 #: teacher kinds and reductions, as the kernel's constexpr codes (csrc/kd_loss.h)
@@ -237,13 +238,6 @@ def _check(student: Tensor, teacher: Tensor, reduction: str, teacher_kind: str) 
         )
 
 
-def _as_flags(mask: Tensor | None, rows: int, device) -> Tensor:
-    """The mask as contiguous int8 (a 1-element dummy when there is none)."""
-    if mask is None:
-        return torch.ones(1, dtype=torch.int8, device=device)
-    return mask.reshape(rows).contiguous().view(torch.int8)
-
-
 @torch.library.custom_op("kdfast::kd_loss_triton", mutates_args=())
 def kd_loss_triton(
     student: Tensor,
@@ -292,7 +286,7 @@ def kd_loss_triton(
     kd_loss_kernel[(triton.cdiv(rows, block_r),)](
         student,
         teacher,
-        _as_flags(mask, rows, device),
+        mask_flags(mask, rows, device),
         torch.stack([scale64, scale64.new_tensor(1.0 / temperature)]).to(acc),
         row_kl,
         grad_s,
