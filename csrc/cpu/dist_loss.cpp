@@ -1,6 +1,6 @@
 // CPU fused DIST (SPEC 2) in the minimum passes: pass 1 reads each row once (row
-// log-sum-exps, row correlation sums, per-block column moments by Welford, blocks merged
-// with Chan-Golub-LeVeque); pass 2 reads each row once more and, from a per-thread row
+// log-sum-exps, row correlation sums, column moments of 16-row tiles merged into per-block
+// moments and the blocks merged with Chan-Golub-LeVeque); pass 2 reads each row once more and, from a per-thread row
 // buffer, computes <g, y> and writes the gradient (passes 2 and 3 of SPEC 2 share one
 // read). 2 reads of each input, 1 write per gradient, no (rows, C) temporaries.
 #include <ATen/Dispatch.h>
@@ -11,6 +11,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "../dist_loss.h"
@@ -46,51 +47,103 @@ KDFAST_INLINE void activate(const acc_t* u, int64_t n, bool sigmoid, acc_t* y,
   max_inv_sum[2] = inv_sum;
 }
 
-// Pass 1 on one row: activations into ys / yt, row statistics into `stats`, and the
-// Welford update (the block's k-th kept row) of the block's column moments `col`.
+// Pass 1 on one row: activations into ys / yt and row statistics into `stats`.
 template <typename acc_t>
 KDFAST_INLINE void stats_row_impl(const acc_t* u, const acc_t* v, acc_t* ys, acc_t* yt,
-                                  int64_t n, bool sigmoid, double k, acc_t* stats, double* col) {
+                                  int64_t n, bool sigmoid, acc_t* stats) {
   activate(u, n, sigmoid, ys, stats + kMaxS);
   activate(v, n, sigmoid, yt, stats + kMaxT);
-  // Row sums in float64: a constant row then has its exact mean and a = 0 exactly (its
-  // Pearson term divides by |a| |b| + 1e-8).
-  double sum_s = 0, sum_t = 0;
+  // A constant row must get a = 0 exactly (its Pearson term divides by |a| |b| + 1e-8).
+  // Softmax rows have mean 1 / n (a uniform row is exactly 1 / n in every entry; for other
+  // rows the error of centring on 1 / n instead of the mean of the rounded y enters the
+  // sums below only at second order). Sigmoid rows: float64 sums of acc_t values (exact).
+  acc_t mean_s = static_cast<acc_t>(1.0 / double(n)), mean_t = mean_s;
+  if (sigmoid) {
+    double sum_s = 0, sum_t = 0;
 #pragma omp simd reduction(+ : sum_s, sum_t)
-  for (int64_t c = 0; c < n; ++c) sum_s += double(ys[c]), sum_t += double(yt[c]);
-  const acc_t mean_s = acc_t(sum_s / double(n)), mean_t = acc_t(sum_t / double(n));
+    for (int64_t c = 0; c < n; ++c) sum_s += double(ys[c]), sum_t += double(yt[c]);
+    mean_s = acc_t(sum_s / double(n)), mean_t = acc_t(sum_t / double(n));
+  }
+  // acc_t lane partials per block of columns, folded into float64 (as rows::exp_row).
   double saa = 0, sbb = 0, sab = 0;
-#pragma omp simd reduction(+ : saa, sbb, sab)
-  for (int64_t c = 0; c < n; ++c) {
-    const acc_t a = ys[c] - mean_s, b = yt[c] - mean_t;
-    saa += double(a * a), sbb += double(b * b), sab += double(a * b);
+  for (int64_t b0 = 0; b0 < n; b0 += rows::kBlock) {
+    const int64_t e = std::min(n, b0 + rows::kBlock);
+    acc_t paa = 0, pbb = 0, pab = 0;
+#pragma omp simd reduction(+ : paa, pbb, pab)
+    for (int64_t c = b0; c < e; ++c) {
+      const acc_t a = ys[c] - mean_s, b = yt[c] - mean_t;
+      paa += a * a, pbb += b * b, pab += a * b;
+    }
+    saa += double(paa), sbb += double(pbb), sab += double(pab);
   }
   stats[kMeanS] = mean_s, stats[kMeanT] = mean_t;
   stats[kSaa] = acc_t(saa), stats[kSbb] = acc_t(sbb), stats[kSab] = acc_t(sab);
-  // Column moments in float64 (Welford): columns of few rows are ill-conditioned.
-  double *ms = col + kColMeanS * n, *mt = col + kColMeanT * n, *m2s = col + kColM2S * n,
-         *m2t = col + kColM2T * n, *cst = col + kColC * n;
-  const double inv_k = 1.0 / k;
-#pragma omp simd
-  for (int64_t c = 0; c < n; ++c) {
-    const double x = ys[c], y = yt[c];
-    const double dx = x - ms[c], dy = y - mt[c];
-    ms[c] += dx * inv_k;
-    mt[c] += dy * inv_k;
-    const double ey = y - mt[c];
-    m2s[c] += dx * (x - ms[c]);
-    m2t[c] += dy * ey;
-    cst[c] += dx * ey;
-  }
 }
 
 KDFAST_ROW_DISPATCH(void, stats_row,
                     (const float* u, const float* v, float* ys, float* yt, int64_t n,
-                     bool sigmoid, double k, float* stats, double* col),
-                    (u, v, ys, yt, n, sigmoid, k, stats, col), stats_row_impl)
+                     bool sigmoid, float* stats),
+                    (u, v, ys, yt, n, sigmoid, stats), stats_row_impl)
 void stats_row(const double* u, const double* v, double* ys, double* yt, int64_t n,
-               bool sigmoid, double k, double* stats, double* col) {
-  stats_row_impl(u, v, ys, yt, n, sigmoid, k, stats, col);
+               bool sigmoid, double* stats) {
+  stats_row_impl(u, v, ys, yt, n, sigmoid, stats);
+}
+
+// Rows per tile of pass 1: a tile's column moments are taken around the tile's own means in
+// acc_t (a few rows, no cancellation to speak of) and merged into the block's float64
+// moments by Chan et al., once per tile instead of a float64 Welford update per element.
+constexpr int64_t kTileRows = 16;
+
+// Merge the column moments of the m x n tile (ys, yt) into `col` (moments of `count` rows).
+// `scratch` holds 5 n acc_t. One row (B = 1) gives its own values as the means, exactly.
+template <typename acc_t>
+KDFAST_INLINE void tile_moments_impl(const acc_t* ys, const acc_t* yt, int64_t m, int64_t n,
+                                     double count, double* col, acc_t* scratch) {
+  acc_t *ms = scratch, *mt = ms + n, *m2s = mt + n, *m2t = m2s + n, *cst = m2t + n;
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) ms[c] = ys[c], mt[c] = yt[c];
+  for (int64_t j = 1; j < m; ++j) {
+    const acc_t *ys_j = ys + j * n, *yt_j = yt + j * n;
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) ms[c] += ys_j[c], mt[c] += yt_j[c];
+  }
+  const acc_t rows = static_cast<acc_t>(m);
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) {
+    ms[c] /= rows, mt[c] /= rows;
+    m2s[c] = 0, m2t[c] = 0, cst[c] = 0;
+  }
+  for (int64_t j = 0; j < m; ++j) {
+    const acc_t *ys_j = ys + j * n, *yt_j = yt + j * n;
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) {
+      const acc_t a = ys_j[c] - ms[c], b = yt_j[c] - mt[c];
+      m2s[c] += a * a, m2t[c] += b * b, cst[c] += a * b;
+    }
+  }
+  double *cms = col + kColMeanS * n, *cmt = col + kColMeanT * n, *cm2s = col + kColM2S * n,
+         *cm2t = col + kColM2T * n, *ccst = col + kColC * n;
+  if (count == 0.0) {
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) {
+      cms[c] = ms[c], cmt[c] = mt[c], cm2s[c] = m2s[c], cm2t[c] = m2t[c], ccst[c] = cst[c];
+    }
+    return;
+  }
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) {
+    merge_moments(count, double(m), cms[c], cmt[c], cm2s[c], cm2t[c], ccst[c], double(ms[c]),
+                  double(mt[c]), double(m2s[c]), double(m2t[c]), double(cst[c]));
+  }
+}
+
+KDFAST_ROW_DISPATCH(void, tile_moments,
+                    (const float* ys, const float* yt, int64_t m, int64_t n, double count,
+                     double* col, float* scratch),
+                    (ys, yt, m, n, count, col, scratch), tile_moments_impl)
+void tile_moments(const double* ys, const double* yt, int64_t m, int64_t n, double count,
+                  double* col, double* scratch) {
+  tile_moments_impl(ys, yt, m, n, count, col, scratch);
 }
 
 // Weights of the two terms in the gradient: d loss / d rho_row and d loss / d rho_col.
@@ -99,8 +152,9 @@ struct Weights {
   acc_t row, col, inv_tau;
 };
 
-// Pass 2 on one row: y from the saved lse, g = dL/dy, then dL/dz into gs / gt (per side,
-// when requested). `col` holds the column means and the Pearson coefficients.
+// Pass 2 on one row: y from the saved lse (a side whose z is null already has its y, as
+// saved by pass 1), g = dL/dy, then dL/dz into gs / gt (per side, when requested). `col`
+// holds the column means and the Pearson coefficients.
 template <typename acc_t>
 KDFAST_INLINE void grad_row_impl(const acc_t* u, const acc_t* v, acc_t* ys, acc_t* yt,
                                  acc_t* gs, acc_t* gt, int64_t n, bool sigmoid,
@@ -108,6 +162,7 @@ KDFAST_INLINE void grad_row_impl(const acc_t* u, const acc_t* v, acc_t* ys, acc_
   for (int side = 0; side < 2; ++side) {
     const acc_t* z = side == 0 ? u : v;
     acc_t* y = side == 0 ? ys : yt;
+    if (z == nullptr) continue;
     const acc_t max = stats[side == 0 ? kMaxS : kMaxT];
     const acc_t inv_sum = stats[side == 0 ? kInvSumS : kInvSumT];
     if (sigmoid) {
@@ -115,7 +170,7 @@ KDFAST_INLINE void grad_row_impl(const acc_t* u, const acc_t* v, acc_t* ys, acc_
       for (int64_t c = 0; c < n; ++c) y[c] = acc_t(1) / (acc_t(1) + exp_approx(-z[c]));
     } else {
 #pragma omp simd
-      for (int64_t c = 0; c < n; ++c) y[c] = exp_approx(z[c] - max) * inv_sum;
+      for (int64_t c = 0; c < n; ++c) y[c] = exp_approx<true>(z[c] - max) * inv_sum;
     }
   }
   const Pearson<acc_t> r = pearson(stats[kSaa], stats[kSbb], stats[kSab]);
@@ -131,13 +186,18 @@ KDFAST_INLINE void grad_row_impl(const acc_t* u, const acc_t* v, acc_t* ys, acc_
     const acc_t mean_self = side == 0 ? mean_s : mean_t, mean_other = side == 0 ? mean_t : mean_s;
     const acc_t k_row = side == 0 ? r.k_a : r.k_b;
     double dot_sum = 0;
-#pragma omp simd reduction(+ : dot_sum)
-    for (int64_t c = 0; c < n; ++c) {
-      const acc_t row_part = (other[c] - mean_other) * r.inv_d - k_row * (y[c] - mean_self);
-      const acc_t col_part =
-          (other[c] - m_other[c]) * inv_d[c] - k_col[c] * (y[c] - m_self[c]);
-      g[c] = w.row * row_part + w.col * col_part;
-      dot_sum += double(g[c] * y[c]);
+    for (int64_t b0 = 0; b0 < n; b0 += rows::kBlock) {
+      const int64_t e = std::min(n, b0 + rows::kBlock);
+      acc_t part = 0;
+#pragma omp simd reduction(+ : part)
+      for (int64_t c = b0; c < e; ++c) {
+        const acc_t row_part = (other[c] - mean_other) * r.inv_d - k_row * (y[c] - mean_self);
+        const acc_t col_part =
+            (other[c] - m_other[c]) * inv_d[c] - k_col[c] * (y[c] - m_self[c]);
+        g[c] = w.row * row_part + w.col * col_part;
+        part += g[c] * y[c];
+      }
+      dot_sum += double(part);
     }
     const acc_t dot = acc_t(dot_sum);
     if (sigmoid) {
@@ -185,17 +245,37 @@ double dist_rows(const at::Tensor& s, const at::Tensor& t, const bool* mask, con
   std::vector<acc_t> stats(rows * kRowFields, acc_t(0));
   std::vector<double> col(blocks * kColFields * n, 0.0);
   std::vector<int64_t> count(blocks, 0);
+  // Pass 1 keeps the activations of one side in the other side's gradient rows (float and
+  // double, when that gradient is requested): pass 2 then reads them instead of reading the
+  // logits again and recomputing their exp (it writes those rows last).
+  scalar_t* gs_data = o.grad_s ? grad_s.mutable_data_ptr<scalar_t>() : nullptr;
+  scalar_t* gt_data = o.grad_t ? grad_t.mutable_data_ptr<scalar_t>() : nullptr;
+  constexpr bool direct = std::is_same_v<scalar_t, acc_t>;
+  acc_t* saved_yt = direct ? reinterpret_cast<acc_t*>(gs_data) : nullptr;
+  acc_t* saved_ys = direct ? reinterpret_cast<acc_t*>(gt_data) : nullptr;
   at::parallel_for(0, blocks, 1, [&](int64_t b_begin, int64_t b_end) {
-    std::vector<acc_t> buffers(4 * n);
-    acc_t *u = buffers.data(), *v = u + n, *ys = v + n, *yt = ys + n;
+    std::vector<acc_t> buffers((2 + 2 * kTileRows + 5) * n);
+    acc_t *u = buffers.data(), *v = u + n, *ys = v + n, *yt = ys + kTileRows * n,
+          *scratch = yt + kTileRows * n;
     for (int64_t b = b_begin; b < b_end; ++b) {
+      double* col_b = col.data() + b * kColFields * n;
+      int64_t m = 0;  // rows in the tile
+      auto flush = [&] {
+        if (m == 0) return;
+        tile_moments(ys, yt, m, n, double(count[b]), col_b, scratch);
+        count[b] += m;
+        m = 0;
+      };
       for (int64_t i = b * block_rows; i < std::min(rows, (b + 1) * block_rows); ++i) {
         if (!kept_row(i)) continue;
         rows::load_row(s_data + i * s_stride, n, inv_tau, u);
         rows::load_row(t_data + i * t_stride, n, inv_tau, v);
-        stats_row(u, v, ys, yt, n, o.sigmoid, double(++count[b]), stats.data() + i * kRowFields,
-                  col.data() + b * kColFields * n);
+        stats_row(u, v, ys + m * n, yt + m * n, n, o.sigmoid, stats.data() + i * kRowFields);
+        if (saved_yt) std::copy_n(yt + m * n, n, saved_yt + i * n);
+        if (saved_ys) std::copy_n(ys + m * n, n, saved_ys + i * n);
+        if (++m == kTileRows) flush();
       }
+      flush();
     }
   });
   // Merge the blocks (Chan et al.), then turn the moments into Pearson coefficients.
@@ -242,8 +322,6 @@ double dist_rows(const at::Tensor& s, const at::Tensor& t, const bool* mask, con
   // Pass 2: gradients.
   const Weights<acc_t> w{acc_t(-o.beta * o.scale / kept_d),
                          acc_t(-o.gamma * o.scale / static_cast<double>(n)), inv_tau};
-  scalar_t* gs_data = o.grad_s ? grad_s.mutable_data_ptr<scalar_t>() : nullptr;
-  scalar_t* gt_data = o.grad_t ? grad_t.mutable_data_ptr<scalar_t>() : nullptr;
   at::parallel_for(0, rows, rows::row_grain(n), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buffers(6 * n);
     acc_t *u = buffers.data(), *v = u + n, *ys = v + n, *yt = ys + n, *gs = yt + n,
@@ -254,9 +332,12 @@ double dist_rows(const at::Tensor& s, const at::Tensor& t, const bool* mask, con
         if (gt_data) rows::zero_row(n, gt_data + i * n);
         continue;
       }
-      rows::load_row(s_data + i * s_stride, n, inv_tau, u);
-      rows::load_row(t_data + i * t_stride, n, inv_tau, v);
-      grad_row(u, v, ys, yt, gs_data ? gs : nullptr, gt_data ? gt : nullptr, n, o.sigmoid,
+      acc_t* ys_row = saved_ys ? saved_ys + i * n : ys;
+      acc_t* yt_row = saved_yt ? saved_yt + i * n : yt;
+      if (!saved_ys) rows::load_row(s_data + i * s_stride, n, inv_tau, u);
+      if (!saved_yt) rows::load_row(t_data + i * t_stride, n, inv_tau, v);
+      grad_row(saved_ys ? nullptr : u, saved_yt ? nullptr : v, ys_row, yt_row,
+               gs_data ? gs : nullptr, gt_data ? gt : nullptr, n, o.sigmoid,
                stats.data() + i * kRowFields, coef.data(), w);
       if (gs_data) rows::store_row(gs, n, acc_t(1), gs_data + i * n);
       if (gt_data) rows::store_row(gt, n, acc_t(1), gt_data + i * n);
