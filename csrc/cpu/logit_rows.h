@@ -168,9 +168,10 @@ inline at::Tensor unit_column_stride(const at::Tensor& x) {
   return x.stride(1) == 1 ? x : x.contiguous();
 }
 
-// Elements per parallel task: about 0.3 ms of single-thread work. Splitting less saves at
-// most that much, while waking a second thread on a busy machine cost a scheduler tick
-// (4-8 ms per call measured at (256, 1000) on the shared 2-core CI machine).
+// Elements per parallel task: about 0.1 ms of single-thread work, so (256, 1000) splits in
+// 4 and runs on both threads (as torch.compile's code does). On a busy machine, waking a
+// second thread can cost a scheduler tick (4-8 ms per call seen at (256, 1000) on the shared
+// 2-core CI machine); an idle one pays a few microseconds.
 constexpr int64_t kTaskElements = 65536;
 
 // Rows per parallel task (at least kTaskElements elements).
