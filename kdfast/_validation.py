@@ -49,12 +49,27 @@ def check_rank(name: str, x: Tensor, min_rank: int) -> None:
         raise ValueError(f"{name} must have at least {min_rank} dims, got shape {tuple(x.shape)}")
 
 
-def as_rows(name: str, x: Tensor) -> Tensor:
-    """View logits (B, C) or (N, C, *) as (rows, C), class dimension last (SPEC 0)."""
+def as_logits(name: str, x: Tensor) -> Tensor:
+    """Logits (B, C) as they are, (N, C, *) as (N, C, S) with S = prod(*) (SPEC 0).
+
+    The class dimension stays at 1 and rows are r = n * S + s: a view whenever the trailing
+    dims can be flattened, never a permuted copy (the compiled kernels read the strides).
+    """
     check_rank(name, x, 2)
     if x.dim() == 2:
         return x
-    return x.movedim(1, -1).reshape(-1, x.shape[1])
+    return x.reshape(x.shape[0], x.shape[1], -1)
+
+
+def logit_rows(x: Tensor) -> int:
+    """Number of rows of (B, C) or (N, C, S) logits: B or N * S."""
+    return x.shape[0] if x.dim() == 2 else x.shape[0] * x.shape[2]
+
+
+def rows_2d(x: Tensor) -> Tensor:
+    """(rows, C) form of (B, C) or (N, C, S) logits, row r = n * S + s (a permuted copy for
+    S > 1; for the references and the cross-rank gather, not for the kernels)."""
+    return x if x.dim() == 2 else x.movedim(1, -1).reshape(-1, x.shape[1])
 
 
 def check_logit_pair(
@@ -63,7 +78,8 @@ def check_logit_pair(
     names=("student_logits", "teacher_logits"),
     allow_no_rows: bool = False,
 ):
-    """Validate a (student, teacher) logit pair and return both as (rows, C).
+    """Validate a (student, teacher) logit pair and return both as (B, C) or (N, C, S)
+    (:func:`as_logits`).
 
     ``allow_no_rows``: accept 0 rows (a rank's empty share of a gathered batch).
     """
@@ -78,8 +94,8 @@ def check_logit_pair(
             f"{sn} and {tn} must have the same shape, got {tuple(student.shape)} "
             f"and {tuple(teacher.shape)}"
         )
-    s, t = as_rows(sn, student), as_rows(tn, teacher)
-    if (s.shape[0] == 0 and not allow_no_rows) or s.shape[1] == 0:
+    s, t = as_logits(sn, student), as_logits(tn, teacher)
+    if (logit_rows(s) == 0 and not allow_no_rows) or s.shape[1] == 0:
         raise ValueError(f"{sn} must be non-empty, got shape {tuple(student.shape)}")
     return s, t
 

@@ -27,6 +27,8 @@ from kdfast._validation import (
     check_real,
     check_same_device,
     check_tensor,
+    logit_rows,
+    rows_2d,
 )
 
 
@@ -86,7 +88,7 @@ def kd_loss(
     check_positive("temperature", temperature)
     check_choice("reduction", reduction, KD_REDUCTIONS)
     check_choice("teacher", teacher, KD_TEACHER_KINDS)
-    mask = check_mask(mask, s.shape[0], s.device)
+    mask = check_mask(mask, logit_rows(s), s.device)
     return _call("kd_loss", s, t, float(temperature), reduction, mask, teacher)
 
 
@@ -139,12 +141,12 @@ def dist_loss(
     check_choice("activation", activation, DIST_ACTIVATIONS)
     if not isinstance(tau_squared, bool):
         raise TypeError(f"tau_squared must be a bool, got {type(tau_squared).__name__}")
-    mask = check_mask(mask, s.shape[0], s.device)
+    mask = check_mask(mask, logit_rows(s), s.device)
     if gathered:
         with _autocast_off(s.device):
             return _distributed.dist_loss_global(
-                s,
-                t,
+                rows_2d(s),
+                rows_2d(t),
                 float(beta),
                 float(gamma),
                 float(tau),

@@ -11,6 +11,7 @@ backward raises; non-contiguous, expanded and (N, C, *) inputs.
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import pytest
@@ -19,6 +20,7 @@ from conftest import compiled_backends, require_backend
 
 import kdfast
 from kdfast import _dispatch
+from kdfast._validation import rows_2d
 from kdfast.functional import dist_loss, kd_loss, per_sample_kl
 from kdfast.testing import rel_error, tolerance
 
@@ -283,6 +285,76 @@ def test_strided_expanded_and_nc_star_inputs(op, backend):
             want = OPS[op](a2, b.contiguous())
         (w,) = torch.autograd.grad(want.sum(), a2)
         assert rel_error(got, want) <= 1e-9 and rel_error(g, w) <= 1e-7
+
+
+#: (N, C, *) shapes: rows are N * prod(*), C = 37
+NC_STAR_SHAPES = [(4, 37, 3), (1, 37, 7), (2, 37, 2, 3), (3, 37, 1)]
+#: copies a kernel reading (N, C, *) logits in place must not make
+COPY_OPS = {"aten::copy_", "aten::clone", "aten::contiguous", "aten::_to_copy"}
+
+
+def _logit_sized(event, logits: torch.Tensor) -> bool:
+    """Whether a profiled op had an input as large as ``logits`` (not a mask or a scalar)."""
+    return any(math.prod(shape) >= logits.numel() for shape in event.input_shapes if shape)
+
+
+@pytest.mark.parametrize("op,backend", _pairs(OPS))
+def test_nc_star_inputs_read_in_place(op, backend):
+    """SPEC 0: (N, C, *) logits are N * prod(*) rows, row n * S + s, read without a permuted
+    copy; masks and reduction "none" use that row order."""
+    require_backend(backend)
+    impl = _dispatch._IMPLS[op][backend].fn
+    g = torch.Generator().manual_seed(3)
+    for shape in NC_STAR_SHAPES:
+        s = torch.randn(shape, generator=g, dtype=torch.float64)
+        t = torch.randn(shape, generator=g, dtype=torch.float64)
+        rows = s.numel() // shape[1]
+        mask = torch.arange(rows) % 3 != 1
+        options = [{}] if op == "per_sample_kl" else [{}, {"mask": mask}]
+        if op == "kd_loss":
+            options += [{"reduction": "none", "mask": mask, "temperature": 2.0}]
+        if op == "dist_loss":
+            options += [{"activation": "sigmoid", "mask": mask}]
+        for option in options:
+            a, b = s.clone().requires_grad_(True), t.clone().requires_grad_(True)
+            profile = torch.profiler.profile(record_shapes=True)
+            with kdfast.use_backend(backend), profile as prof:
+                got = OPS[op](a, b, **option)
+                weights = torch.linspace(0.5, 1.5, got.numel(), dtype=got.dtype)
+                (got.reshape(-1) * weights).sum().backward()
+            if impl.nc_star and shape[-1] != 1:
+                copies = [
+                    e.name for e in prof.events() if e.name in COPY_OPS and _logit_sized(e, s)
+                ]
+                assert not copies, (shape, option, copies)
+            # the same rows as a (rows, C) batch, through the reference
+            a2 = rows_2d(s.reshape(shape[0], shape[1], -1)).requires_grad_(True)
+            b2 = rows_2d(t.reshape(shape[0], shape[1], -1)).requires_grad_(True)
+            with kdfast.use_backend("reference"):
+                want = OPS[op](a2, b2, **option)
+            (want.reshape(-1) * weights).sum().backward()
+            assert got.shape == want.shape and rel_error(got, want) <= 1e-9, (shape, option)
+            for x, x2 in ((a, a2), (b, b2)):
+                permuted = rows_2d(x.grad.reshape(shape[0], shape[1], -1))
+                assert x.grad.shape == x.shape and rel_error(permuted, x2.grad) <= 1e-7
+
+
+@pytest.mark.parametrize("op,backend", _pairs(OPS))
+def test_nc_star_gradcheck_and_opcheck(op, backend):
+    require_backend(backend)
+    g = torch.Generator().manual_seed(4)
+    s = torch.randn(2, 5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(2, 5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([True, False, True, True, True, False])
+    option = {} if op == "per_sample_kl" else {"mask": mask}
+    with kdfast.use_backend(backend):
+        assert torch.autograd.gradcheck(lambda x, y: OPS[op](x, y, **option), (s, t))
+    custom_op = _dispatch._IMPLS[op][backend].fn.op
+    if _dispatch._IMPLS[op][backend].fn.nc_star:
+        torch.library.opcheck(custom_op, _op_args(op, s, t, option.get("mask"), True, True))
+        if op == "kd_loss":
+            args = (s, t.detach(), 1.0, 1.0, "none", mask, "logits", True, False)
+            torch.library.opcheck(custom_op, args)
 
 
 @pytest.mark.parametrize("op,backend", _pairs(["kd_loss", "dist_loss"]))

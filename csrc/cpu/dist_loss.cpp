@@ -230,10 +230,9 @@ template <typename scalar_t>
 double dist_rows(const at::Tensor& s, const at::Tensor& t, const bool* mask, const Options& o,
                  at::Tensor& grad_s, at::Tensor& grad_t) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t rows = s.size(0), n = s.size(1);
-  const int64_t s_stride = s.stride(0), t_stride = t.stride(0);
-  const scalar_t* s_data = s.const_data_ptr<scalar_t>();
-  const scalar_t* t_data = t.const_data_ptr<scalar_t>();
+  const int64_t rows = rows::row_count(s), n = s.size(1);
+  const auto sv = rows::row_view(s, s.const_data_ptr<scalar_t>());
+  const auto tv = rows::row_view(t, t.const_data_ptr<scalar_t>());
   const acc_t inv_tau = acc_t(1.0 / o.tau);
   auto kept_row = [&](int64_t i) { return mask == nullptr || mask[i]; };
 
@@ -246,11 +245,13 @@ double dist_rows(const at::Tensor& s, const at::Tensor& t, const bool* mask, con
   std::vector<double> col(blocks * kColFields * n, 0.0);
   std::vector<int64_t> count(blocks, 0);
   // Pass 1 keeps the activations of one side in the other side's gradient rows (float and
-  // double, when that gradient is requested): pass 2 then reads them instead of reading the
-  // logits again and recomputing their exp (it writes those rows last).
+  // double, (rows, C) layout, when that gradient is requested): pass 2 then reads them
+  // instead of reading the logits again and recomputing their exp (it writes those rows
+  // last).
   scalar_t* gs_data = o.grad_s ? grad_s.mutable_data_ptr<scalar_t>() : nullptr;
   scalar_t* gt_data = o.grad_t ? grad_t.mutable_data_ptr<scalar_t>() : nullptr;
-  constexpr bool direct = std::is_same_v<scalar_t, acc_t>;
+  const auto gsv = rows::row_view(grad_s, gs_data), gtv = rows::row_view(grad_t, gt_data);
+  const bool direct = std::is_same_v<scalar_t, acc_t> && s.dim() == 2;
   acc_t* saved_yt = direct ? reinterpret_cast<acc_t*>(gs_data) : nullptr;
   acc_t* saved_ys = direct ? reinterpret_cast<acc_t*>(gt_data) : nullptr;
   at::parallel_for(0, blocks, 1, [&](int64_t b_begin, int64_t b_end) {
@@ -268,8 +269,8 @@ double dist_rows(const at::Tensor& s, const at::Tensor& t, const bool* mask, con
       };
       for (int64_t i = b * block_rows; i < std::min(rows, (b + 1) * block_rows); ++i) {
         if (!kept_row(i)) continue;
-        rows::load_row(s_data + i * s_stride, n, inv_tau, u);
-        rows::load_row(t_data + i * t_stride, n, inv_tau, v);
+        rows::load_row(sv.row(i), n, sv.stride_c, inv_tau, u);
+        rows::load_row(tv.row(i), n, tv.stride_c, inv_tau, v);
         stats_row(u, v, ys + m * n, yt + m * n, n, o.sigmoid, stats.data() + i * kRowFields);
         if (saved_yt) std::copy_n(yt + m * n, n, saved_yt + i * n);
         if (saved_ys) std::copy_n(ys + m * n, n, saved_ys + i * n);
@@ -328,19 +329,19 @@ double dist_rows(const at::Tensor& s, const at::Tensor& t, const bool* mask, con
           *gt = gs + n;
     for (int64_t i = begin; i < end; ++i) {
       if (!kept_row(i)) {
-        if (gs_data) rows::zero_row(n, gs_data + i * n);
-        if (gt_data) rows::zero_row(n, gt_data + i * n);
+        if (gs_data) rows::zero_row(n, gsv.row(i), gsv.stride_c);
+        if (gt_data) rows::zero_row(n, gtv.row(i), gtv.stride_c);
         continue;
       }
       acc_t* ys_row = saved_ys ? saved_ys + i * n : ys;
       acc_t* yt_row = saved_yt ? saved_yt + i * n : yt;
-      if (!saved_ys) rows::load_row(s_data + i * s_stride, n, inv_tau, u);
-      if (!saved_yt) rows::load_row(t_data + i * t_stride, n, inv_tau, v);
+      if (!saved_ys) rows::load_row(sv.row(i), n, sv.stride_c, inv_tau, u);
+      if (!saved_yt) rows::load_row(tv.row(i), n, tv.stride_c, inv_tau, v);
       grad_row(saved_ys ? nullptr : u, saved_yt ? nullptr : v, ys_row, yt_row,
                gs_data ? gs : nullptr, gt_data ? gt : nullptr, n, o.sigmoid,
                stats.data() + i * kRowFields, coef.data(), w);
-      if (gs_data) rows::store_row(gs, n, acc_t(1), gs_data + i * n);
-      if (gt_data) rows::store_row(gt, n, acc_t(1), gt_data + i * n);
+      if (gs_data) rows::store_row(gs, n, acc_t(1), gsv.row(i), gsv.stride_c);
+      if (gt_data) rows::store_row(gt, n, acc_t(1), gtv.row(i), gtv.stride_c);
     }
   });
   return loss;
@@ -350,9 +351,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dist_loss_cpu(
     const at::Tensor& student, const at::Tensor& teacher, double beta, double gamma, double tau,
     bool tau_squared, c10::string_view activation, const std::optional<at::Tensor>& mask,
     bool compute_grad_student, bool compute_grad_teacher) {
-  TORCH_CHECK(student.dim() == 2 && student.sizes() == teacher.sizes(),
-              "dist_loss_cpp: expected equal 2-D shapes, got ", student.sizes(), " and ",
-              teacher.sizes());
+  rows::check_logit_shapes("dist_loss_cpp", student, teacher);
   const std::string act(activation);
   TORCH_CHECK(act == "softmax" || act == "sigmoid", "dist_loss_cpp: unknown activation ", act);
   const at::ScalarType dtype =

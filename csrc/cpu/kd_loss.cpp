@@ -119,39 +119,41 @@ struct Options {
 };
 
 // Per-row KL into row_kl (0 for masked rows); gradients (scaled for the reduction) into
-// grad_s / grad_t. s and t share scalar_t and have unit column stride.
+// grad_s / grad_t. s and t share scalar_t; (rows, C) or (N, C, S) (rows::RowView).
 template <typename scalar_t>
 void kl_rows(const at::Tensor& s, const at::Tensor& t, const bool* mask, const Options& o,
              std::vector<double>& row_kl, at::Tensor& grad_s, at::Tensor& grad_t) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t rows = s.size(0), n = s.size(1);
-  const int64_t s_stride = s.stride(0), t_stride = t.stride(0);
-  const scalar_t* s_data = s.const_data_ptr<scalar_t>();
-  const scalar_t* t_data = t.const_data_ptr<scalar_t>();
-  scalar_t* gs = o.grad_s ? grad_s.mutable_data_ptr<scalar_t>() : nullptr;
-  scalar_t* gt = o.grad_t ? grad_t.mutable_data_ptr<scalar_t>() : nullptr;
+  const int64_t rows = rows::row_count(s), n = s.size(1);
+  const auto sv = rows::row_view(s, s.const_data_ptr<scalar_t>());
+  const auto tv = rows::row_view(t, t.const_data_ptr<scalar_t>());
+  const auto gsv = rows::row_view(grad_s, o.grad_s ? grad_s.mutable_data_ptr<scalar_t>() : nullptr);
+  const auto gtv = rows::row_view(grad_t, o.grad_t ? grad_t.mutable_data_ptr<scalar_t>() : nullptr);
   const acc_t inv_t = acc_t(1.0 / o.temperature);
   const acc_t teacher_scale = o.kind == Teacher::kLogits ? inv_t : acc_t(1);
   const acc_t coef_s = acc_t(o.loss_scale * o.weight / o.temperature);
   const acc_t coef_t = acc_t(o.loss_scale * o.weight) * teacher_scale;
-  constexpr bool direct = std::is_same_v<scalar_t, acc_t>;
+  // float / double gradients with unit class stride are written in place (es is the output
+  // row); otherwise through a buffer.
+  const bool direct = std::is_same_v<scalar_t, acc_t> && gsv.stride_c == 1;
   at::parallel_for(0, rows, rows::row_grain(n), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buffers(4 * n);
     acc_t *u = buffers.data(), *v = u + n, *es = v + n, *et = es + n;
     for (int64_t i = begin; i < end; ++i) {
+      scalar_t* gs = o.grad_s ? gsv.row(i) : nullptr;
+      scalar_t* gt = o.grad_t ? gtv.row(i) : nullptr;
       if (mask != nullptr && !mask[i]) {
         row_kl[i] = 0.0;
-        if (gs) rows::zero_row(n, gs + i * n);
-        if (gt) rows::zero_row(n, gt + i * n);
+        if (gs) rows::zero_row(n, gs, gsv.stride_c);
+        if (gt) rows::zero_row(n, gt, gtv.stride_c);
         continue;
       }
-      rows::load_row(s_data + i * s_stride, n, inv_t, u);
-      rows::load_row(t_data + i * t_stride, n, teacher_scale, v);
-      // float / double gradients are written in place (es is the output row)
-      acc_t* es_row = direct && gs ? reinterpret_cast<acc_t*>(gs + i * n) : es;
+      rows::load_row(sv.row(i), n, sv.stride_c, inv_t, u);
+      rows::load_row(tv.row(i), n, tv.stride_c, teacher_scale, v);
+      acc_t* es_row = direct && gs ? reinterpret_cast<acc_t*>(gs) : es;
       row_kl[i] = kl_row(u, v, es_row, et, n, o.kind, gs != nullptr, gt != nullptr, coef_s);
-      if (gs && !direct) rows::store_row(es, n, acc_t(1), gs + i * n);
-      if (gt) rows::store_row(et, n, coef_t, gt + i * n);
+      if (gs && !direct) rows::store_row(es, n, acc_t(1), gs, gsv.stride_c);
+      if (gt) rows::store_row(et, n, coef_t, gt, gtv.stride_c);
     }
   });
 }
@@ -160,9 +162,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_cpu(
     const at::Tensor& student, const at::Tensor& teacher, double temperature, double loss_scale,
     c10::string_view reduction_name, const std::optional<at::Tensor>& mask,
     c10::string_view teacher_kind, bool compute_grad_student, bool compute_grad_teacher) {
-  TORCH_CHECK(student.dim() == 2 && student.sizes() == teacher.sizes(),
-              "kd_loss_cpp: expected equal 2-D shapes, got ", student.sizes(), " and ",
-              teacher.sizes());
+  rows::check_logit_shapes("kd_loss_cpp", student, teacher);
   const Reduction reduction = parse_reduction(std::string(reduction_name));
   const at::ScalarType dtype =
       at::promote_types(at::promote_types(student.scalar_type(), teacher.scalar_type()),
@@ -172,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_cpu(
   const bool mixed = student.scalar_type() != teacher.scalar_type();
   const at::Tensor s = rows::unit_column_stride(mixed ? student.to(dtype) : student);
   const at::Tensor t = rows::unit_column_stride(mixed ? teacher.to(dtype) : teacher);
-  const int64_t rows = s.size(0), n = s.size(1);
+  const int64_t rows = rows::row_count(s), n = s.size(1);
   at::Tensor mask_c;
   int64_t kept = rows;
   if (mask.has_value()) {

@@ -83,22 +83,49 @@ KDFAST_INLINE double exp_approx(double x) {
   return std::exp(x);
 }
 
-// buf[c] = scale * x[c] in acc_t (x may be half; columns contiguous).
-template <typename scalar_t, typename acc_t>
-KDFAST_INLINE void load_row(const scalar_t* x, int64_t n, acc_t scale, acc_t* buf) {
-#pragma omp simd
-  for (int64_t c = 0; c < n; ++c) buf[c] = static_cast<acc_t>(x[c]) * scale;
+// Rows of logits (B, C) or (N, C, S), read in place (SPEC 0: class dim 1, row r = n S + s,
+// no permuted copy): row r starts at (r / S) stride_n + (r % S) stride_s and its C entries
+// are stride_c apart (1 for 2-D inputs after unit_column_stride(), S for contiguous 3-D).
+template <typename T>
+struct RowView {
+  T* data;
+  int64_t spatial, stride_n, stride_s, stride_c;
+  T* row(int64_t r) const { return data + (r / spatial) * stride_n + (r % spatial) * stride_s; }
+};
+
+template <typename T>
+RowView<T> row_view(const at::Tensor& x, T* data) {
+  if (x.dim() < 2) return {data, 1, 0, 0, 1};  // an unrequested (0,) gradient
+  if (x.dim() == 2) return {data, 1, x.stride(0), 0, x.stride(1)};
+  return {data, x.size(2), x.stride(0), x.stride(2), x.stride(1)};
 }
 
-// out[c] = scale * buf[c] rounded to scalar_t.
+// Number of rows of (B, C) or (N, C, S) logits.
+inline int64_t row_count(const at::Tensor& x) {
+  return x.dim() == 2 ? x.size(0) : x.size(0) * x.size(2);
+}
+
+// buf[c] = scale * x[c * stride] in acc_t (x may be half).
 template <typename scalar_t, typename acc_t>
-void store_row(const acc_t* buf, int64_t n, acc_t scale, scalar_t* out) {
-  for (int64_t c = 0; c < n; ++c) out[c] = static_cast<scalar_t>(buf[c] * scale);
+KDFAST_INLINE void load_row(const scalar_t* x, int64_t n, int64_t stride, acc_t scale,
+                            acc_t* buf) {
+  if (stride == 1) {
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) buf[c] = static_cast<acc_t>(x[c]) * scale;
+    return;
+  }
+  for (int64_t c = 0; c < n; ++c) buf[c] = static_cast<acc_t>(x[c * stride]) * scale;
+}
+
+// out[c * stride] = scale * buf[c] rounded to scalar_t.
+template <typename scalar_t, typename acc_t>
+void store_row(const acc_t* buf, int64_t n, acc_t scale, scalar_t* out, int64_t stride) {
+  for (int64_t c = 0; c < n; ++c) out[c * stride] = static_cast<scalar_t>(buf[c] * scale);
 }
 
 template <typename scalar_t>
-void zero_row(int64_t n, scalar_t* out) {
-  for (int64_t c = 0; c < n; ++c) out[c] = scalar_t(0);
+void zero_row(int64_t n, scalar_t* out, int64_t stride) {
+  for (int64_t c = 0; c < n; ++c) out[c * stride] = scalar_t(0);
 }
 
 template <typename acc_t>
@@ -163,9 +190,17 @@ inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& o
   return out;
 }
 
-// Contiguous columns (stride 1) or a copy; the row stride is kept (expanded rows allowed).
+// 2-D logits: contiguous columns (stride 1) or a copy; the row stride is kept (expanded rows
+// allowed). (N, C, S) logits are read with their strides as they are.
 inline at::Tensor unit_column_stride(const at::Tensor& x) {
-  return x.stride(1) == 1 ? x : x.contiguous();
+  return x.dim() != 2 || x.stride(1) == 1 ? x : x.contiguous();
+}
+
+// Validates (B, C) / (N, C, S) logits of one shape for the op `name`.
+inline void check_logit_shapes(const char* name, const at::Tensor& s, const at::Tensor& t) {
+  TORCH_CHECK((s.dim() == 2 || s.dim() == 3) && s.sizes() == t.sizes(), name,
+              ": expected equal (rows, C) or (N, C, S) shapes, got ", s.sizes(), " and ",
+              t.sizes());
 }
 
 // Elements per parallel task: about 0.1 ms of single-thread work, so (256, 1000) splits in

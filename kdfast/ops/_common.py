@@ -45,11 +45,14 @@ def scale_saved_grad(grad: torch.Tensor, saved: torch.Tensor, input: torch.Tenso
 
     Args:
         grad: () for a scalar loss, or (rows,) for a per-row loss (row i scales row i).
-        saved: (rows, C) gradient of the loss (of each row's loss) with grad = 1.
-        input: the differentiated input (rows, C); unused except as the autograd link, so
-            that differentiating this backward raises (once-differentiable).
+        saved: (rows, C) or (N, C, S) (rows r = n * S + s) gradient of the loss (of each
+            row's loss) with grad = 1.
+        input: the differentiated input, shaped as ``saved``; unused except as the autograd
+            link, so that differentiating this backward raises (once-differentiable).
     """
-    scale = grad.reshape(-1, 1) if grad.dim() == 1 else grad
+    scale = grad
+    if grad.dim() == 1:
+        scale = grad.reshape(-1, 1) if saved.dim() == 2 else grad.reshape(len(saved), 1, -1)
     return (saved * scale).to(input.dtype)
 
 
@@ -78,7 +81,7 @@ def saved_grad_backward(ctx, grad: torch.Tensor, saved_names=("student", "teache
         if saved.numel() == 0 and x.numel() != 0:
             raise RuntimeError(
                 f"the {saved_names[i]} gradient was not computed in the forward pass (it was "
-                "called under no_grad or with compute_grad_{saved_names[i]}=False)"
+                f"called under no_grad or with compute_grad_{saved_names[i]}=False)"
             )
         if _is_plain_unit_grad(grad, saved, x):
             out.append(saved)  # the usual loss.backward(): no (rows, C) multiply and copy

@@ -5,8 +5,9 @@ Huang, You, Wang, Qian, Xu, "Knowledge Distillation from A Stronger Teacher", Ne
 intra = 1 - mean over classes of the Pearson correlation across the batch; both on
 softmax(z / tau) (or the element-wise sigmoid of the detection heads).
 
-Inputs arrive validated from :mod:`kdfast.functional`: 2-D (rows, C), original dtypes.
-Everything is computed in ``compute_dtype(s, t)`` and returned in it.
+Inputs arrive validated from :mod:`kdfast.functional`: (rows, C) or (N, C, S) (taken as
+N * S rows, r = n * S + s), original dtypes. Everything is computed in
+``compute_dtype(s, t)`` and returned in it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kdfast._validation import compute_dtype
+from kdfast._validation import compute_dtype, rows_2d
 
 #: Added to the product of the norms, as the official code does (not F.cosine_similarity,
 #: which clamps each norm separately).
@@ -45,8 +46,8 @@ def dist_loss(
     """DIST loss of student logits ``s`` against teacher logits ``t``.
 
     Args:
-        s: (rows, C) student logits.
-        t: (rows, C) teacher logits.
+        s: (rows, C) or (N, C, S) student logits (rows = N * S).
+        t: teacher logits of the same shape.
         beta: weight of the inter (per-sample) term.
         gamma: weight of the intra (per-class) term.
         tau: temperature > 0, applied before the activation.
@@ -62,6 +63,7 @@ def dist_loss(
         one entry is the zero vector), with zero gradient.
     """
     dtype = compute_dtype(s, t)
+    s, t = rows_2d(s), rows_2d(t)
     act = torch.sigmoid if activation == "sigmoid" else (lambda z: torch.softmax(z, dim=1))
     ys, yt = act(s.to(dtype) / tau), act(t.to(dtype) / tau)
     scale = tau**2 if tau_squared else 1.0

@@ -2,9 +2,10 @@
 
 Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network", 2015.
 
-Inputs arrive validated from :mod:`kdfast.functional`: 2-D (rows, C), one device, original
-dtypes (student and teacher may differ, may be half, may be non-contiguous). Everything is
-computed in ``compute_dtype(s, t)`` and returned in it.
+Inputs arrive validated from :mod:`kdfast.functional`: (rows, C) or (N, C, S) (taken as
+N * S rows, r = n * S + s), one device, original dtypes (student and teacher may differ, may
+be half, may be non-contiguous). Everything is computed in ``compute_dtype(s, t)`` and
+returned in it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdfast._validation import compute_dtype
+from kdfast._validation import compute_dtype, rows_2d
 
 
 def _row_kl(s: Tensor, t: Tensor, temperature: float, teacher: str) -> Tensor:
@@ -23,6 +24,7 @@ def _row_kl(s: Tensor, t: Tensor, temperature: float, teacher: str) -> Tensor:
     already at temperature T (cached teacher outputs, used as given).
     """
     dtype = compute_dtype(s, t)
+    s, t = rows_2d(s), rows_2d(t)
     log_ps = F.log_softmax(s.to(dtype) / temperature, dim=1)
     t = t.to(dtype)
     if teacher == "probs":
@@ -38,8 +40,8 @@ def per_sample_kl(s: Tensor, t: Tensor, temperature: float) -> Tensor:
     """Per-row KL(p_t || p_s) at temperature T, without the T^2 factor.
 
     Args:
-        s: (rows, C) student logits.
-        t: (rows, C) teacher logits.
+        s: (rows, C) or (N, C, S) student logits (rows = N * S).
+        t: teacher logits of the same shape.
         temperature: T > 0.
 
     Returns:
@@ -59,9 +61,9 @@ def kd_loss(
     """``T^2 * KL(p_t || p_s)`` reduced over rows.
 
     Args:
-        s: (rows, C) student logits.
-        t: (rows, C) teacher logits, or probabilities / log-probabilities at temperature T
-            when ``teacher`` is "probs" / "log_probs".
+        s: (rows, C) or (N, C, S) student logits (rows = N * S).
+        t: teacher logits of the same shape, or probabilities / log-probabilities at
+            temperature T when ``teacher`` is "probs" / "log_probs".
         temperature: T > 0.
         reduction: "batchmean" (sum / kept rows), "sum", "mean" (sum / (kept rows * C), as
             ``F.kl_div``) or "none" ((rows,) vector of T^2 * per-row KL).

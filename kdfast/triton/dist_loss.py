@@ -589,4 +589,6 @@ def dist_loss_triton(
 
 
 register_op("kdfast::dist_loss_triton")
-_dispatch.implement("dist_loss", "triton", make_impl(torch.ops.kdfast.dist_loss_triton.default))
+_dispatch.implement(
+    "dist_loss", "triton", make_impl(torch.ops.kdfast.dist_loss_triton.default, nc_star=False)
+)

@@ -312,4 +312,4 @@ def kd_loss_triton(
 
 
 register_op("kdfast::kd_loss_triton")
-register_backend("triton", torch.ops.kdfast.kd_loss_triton.default, None)
+register_backend("triton", torch.ops.kdfast.kd_loss_triton.default, None, nc_star=False)
