@@ -54,3 +54,25 @@ def test_table_from_an_earlier_runs_json(tmp_path, capsys):
     path.write_text(json.dumps({"metadata": {}, "suite": "quick", "rows": ROWS}))
     assert main(["--table-from", str(path), "--markdown"]) == 0
     assert capsys.readouterr().out.strip() == format_table(ROWS, markdown=True)
+
+
+def test_skipped_error_measurement_shows_skip():
+    row = {**ROWS[0], "errors": {"skipped": "predicted OOM (37.5 GB)"}}
+    cells = [c.strip() for c in format_table([row], markdown=True).splitlines()[2].split("|")]
+    named = dict(zip([name for name, _ in COLUMNS], cells[1:-1], strict=True))
+    assert named["loss err"] == "skip" and named["grad err"] == "skip"
+
+
+def test_huge_logit_cases_skip_the_float64_truth(monkeypatch):
+    """(8192, 128000) in the full suite: no baseline and no float64 error run on 24 GiB."""
+    from kdfast.bench import __main__ as bench
+
+    calls = []
+    monkeypatch.setattr(bench, "_ram_bytes", lambda: 24 * 2**30)
+    monkeypatch.setattr(bench, "measure_in_subprocess", lambda **job: calls.append(job) or {})
+    rows = bench.run("full", ["kd"], ["forward+backward"], ["kdfast", "reference"], 1, "cpu", str)
+    assert [row["size"] for row in rows] == [[4096, 32000], [8192, 128000]]
+    huge = [job for job in calls if job["size"] == [8192, 128000]]
+    assert [job.get("impl") for job in huge] == ["kdfast"]
+    assert "skipped" in rows[1]["errors"] and "skipped" in rows[1]["results"]["reference"]
+    assert "skipped" not in rows[0]["errors"]

@@ -110,8 +110,10 @@ def table_cells(row: dict) -> list[str]:
         _mb(get("kdfast", "peak_bytes")),
         _mb(get("reference", "peak_bytes")),
         _mb(get("compiled", "peak_bytes")),
-        f"{err.get('loss_error', float('nan')):.1e}",
-        f"{err.get('grad_error', float('nan')):.1e}",
+        *(
+            "skip" if "skipped" in err else f"{err.get(key, float('nan')):.1e}"
+            for key in ("loss_error", "grad_error")
+        ),
     ]
 
 
@@ -160,9 +162,13 @@ def run(suite, case_names, modes, impls, repeats, device, log=print) -> list[dic
             )
         if mode == modes[0]:
             truth = "reference" if predicted <= RAM_FRACTION * _ram_bytes() else "kdfast"
-            row["errors"] = measure_in_subprocess(
-                what="errors", case=case.name, size=list(size), device=device, truth=truth
-            )
+            truth_bytes = case.truth_bytes(size)
+            if truth == "kdfast" and truth_bytes > RAM_FRACTION * _ram_bytes():
+                row["errors"] = {"skipped": f"predicted OOM ({truth_bytes / 2**30:.1f} GB)"}
+            else:
+                row["errors"] = measure_in_subprocess(
+                    what="errors", case=case.name, size=list(size), device=device, truth=truth
+                )
         rows.append(row)
         summary = ", ".join(
             f"{impl} {_ms(v.get('median_s'))} ms" if "median_s" in v else f"{impl} {v}"

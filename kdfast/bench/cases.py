@@ -33,6 +33,9 @@ class Case:
         setup: (size, device, dtype) -> (forward, params).
         reference_bytes: size -> estimated peak bytes of the eager reference, used to skip
             baselines predicted to exceed 60% of RAM (compiled assumed the same).
+        truth_bytes: size -> estimated peak bytes of the error measurement when kdfast's own
+            float64 run is the truth (float32 and float64 inputs and gradients); the error
+            columns are skipped above 60% of RAM.
     """
 
     name: str
@@ -41,6 +44,7 @@ class Case:
     sizes: dict[str, list[tuple[int, ...]]]
     setup: Callable
     reference_bytes: Callable[[tuple[int, ...]], int] = field(default=lambda size: 0)
+    truth_bytes: Callable[[tuple[int, ...]], int] = field(default=lambda size: 0)
 
 
 def _randn(*shape, device, dtype, seed, grad=False):
@@ -118,6 +122,11 @@ def _logit_bytes(size):
     return 12 * b * c * 4  # about a dozen (B, C) float32 temporaries
 
 
+def _logit_truth_bytes(size):
+    b, c = size
+    return 3 * b * c * (4 + 8)  # student, teacher and gradient in float32 and in float64
+
+
 def _rkd_bytes(size):
     n, ds, dt = size
     # difference tensors (N, N, D) and their normalised copies, angle tensors (N, N, N), x2 sides
@@ -143,6 +152,7 @@ CASES: list[Case] = [
         },
         setup_kd,
         _logit_bytes,
+        _logit_truth_bytes,
     ),
     Case(
         "dist",
@@ -155,6 +165,7 @@ CASES: list[Case] = [
         },
         setup_dist,
         _logit_bytes,
+        _logit_truth_bytes,
     ),
     Case(
         "rkd_distance",
