@@ -1,10 +1,8 @@
 // CPU row helpers shared by the fused logit losses (csrc/cpu/kd_loss.cpp, dist_loss.cpp):
 // a vectorisable float32 exp, row loads into accumulation buffers, and reductions.
 // Hot loops are plain `omp simd` loops over acc_t buffers; the float32 row kernels are built
-// twice (AVX2+FMA and baseline x86-64) and picked at run time by KDFAST_ROW_DISPATCH.
-// (GCC target_clones did not work here: "arch=haswell" is resolved by CPU model, so AMD
-// CPUs ran the baseline clone; the "arch=x86-64-v3" resolver also picked the baseline clone
-// in this shared library (GCC 12, observed with perf; it works in an executable).)
+// twice (AVX2+FMA and baseline x86-64) and picked at run time by KDFAST_ROW_DISPATCH
+// (csrc/cpu/isa_dispatch.h).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -22,32 +20,11 @@
 #include <sys/mman.h>
 #endif
 
-#if defined(__GNUC__) && defined(__x86_64__)
-#define KDFAST_X86_DISPATCH 1
-#define KDFAST_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#endif
-// Row helpers are inlined into the dispatched entry points, so they get their ISA.
-#define KDFAST_INLINE inline __attribute__((always_inline))
+#include "isa_dispatch.h"
 
 namespace kdfast::rows {
 
-#ifdef KDFAST_X86_DISPATCH
-inline bool cpu_has_avx2_fma() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-}
-// Defines `ret name params` returning `impl args`, built for AVX2+FMA (used when the CPU
-// has them) and for baseline x86-64.
-#define KDFAST_ROW_DISPATCH(ret, name, params, args, impl)                            \
-  KDFAST_TARGET_AVX2 ret name##_avx2 params { return impl args; }                    \
-  ret name##_base params { return impl args; }                                       \
-  ret name params {                                                                   \
-    return ::kdfast::rows::cpu_has_avx2_fma() ? name##_avx2 args : name##_base args; \
-  }
-#else
-#define KDFAST_ROW_DISPATCH(ret, name, params, args, impl) \
-  ret name params { return impl args; }
-#endif
+using ::kdfast::isa::cpu_has_avx2_fma;
 
 // exp for float32 (Cephes expf polynomial, about 1 ulp), written so that loops over it
 // vectorise: no branches, no calls. -inf gives 0, NaN propagates (every comparison below is

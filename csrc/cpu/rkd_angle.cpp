@@ -11,6 +11,7 @@
 
 #include "../rkd_angle.h"
 #include "../rkd_angle_op.h"
+#include "isa_dispatch.h"
 
 namespace kdfast::rkd {
 namespace {
@@ -65,14 +66,13 @@ AccView view(AngleGradAccumulators& acc) {
           acc.p.mutable_data_ptr<double>()};
 }
 
-// The k loops run on 4-wide double vectors (GCC vector extensions: AVX2 in the haswell
-// clones below, SSE2 pairs otherwise) with a scalar tail; both compute the same per-element
-// math as csrc/rkd_angle.h.
+// The k loops run on 4-wide double vectors (GCC vector extensions: AVX2 in the AVX2
+// variants of the block entry points below, SSE2 pairs otherwise) with a scalar tail; both
+// compute the same per-element math as csrc/rkd_angle.h. The helpers are KDFAST_INLINE
+// (csrc/cpu/isa_dispatch.h), so each entry point's variant compiles them with its ISA.
 typedef double v4d __attribute__((vector_size(32)));
 typedef int64_t v4l __attribute__((vector_size(32)));
 constexpr int64_t kWidth = 4;
-
-#define KDFAST_INLINE __attribute__((always_inline)) inline
 
 KDFAST_INLINE v4d load4(const double* p) {
   v4d v;
@@ -190,12 +190,10 @@ KDFAST_INLINE void grad_row(const RowArgs& a, AccView as_, AccView at_) {
   }
 }
 
-// One block of j rows [j0, j1) over the vertices i in [i0, i1); compiled for AVX2 + FMA and for the
-// baseline ISA, chosen at load time. Rows with r_ij = 0 on both sides (j = i, degenerate
-// pairs) have every angle 0 and are skipped.
-__attribute__((target_clones("arch=haswell", "default"))) void loss_block(
-    int64_t n, SideView s, SideView t, int64_t i0, int64_t i1, int64_t j0, int64_t j1,
-    double* out) {
+// One block of j rows [j0, j1) over the vertices i in [i0, i1). Rows with r_ij = 0 on both
+// sides (j = i, degenerate pairs) have every angle 0 and are skipped.
+KDFAST_INLINE void loss_block_body(int64_t n, SideView s, SideView t, int64_t i0, int64_t i1,
+                                   int64_t j0, int64_t j1, double* out) {
   for (int64_t j = j0; j < j1; ++j) out[j] = 0.0;
   for (int64_t k0 = 0; k0 < n; k0 += kTile) {
     const int64_t k1 = std::min(n, k0 + kTile);
@@ -222,23 +220,25 @@ KDFAST_INLINE void grad_block_body(int64_t n, SideView s, SideView t, AccView as
   }
 }
 
-__attribute__((target_clones("arch=haswell", "default"))) void grad_block_both(
-    int64_t n, SideView s, SideView t, AccView as_, AccView at_, int64_t i0, int64_t i1,
-    int64_t j0, int64_t j1) {
-  grad_block_body<true, true>(n, s, t, as_, at_, i0, i1, j0, j1);
-}
-
-__attribute__((target_clones("arch=haswell", "default"))) void grad_block_student(
-    int64_t n, SideView s, SideView t, AccView as_, AccView at_, int64_t i0, int64_t i1,
-    int64_t j0, int64_t j1) {
-  grad_block_body<true, false>(n, s, t, as_, at_, i0, i1, j0, j1);
-}
-
-__attribute__((target_clones("arch=haswell", "default"))) void grad_block_teacher(
-    int64_t n, SideView s, SideView t, AccView as_, AccView at_, int64_t i0, int64_t i1,
-    int64_t j0, int64_t j1) {
-  grad_block_body<false, true>(n, s, t, as_, at_, i0, i1, j0, j1);
-}
+// The block entry points, each compiled for AVX2 and for baseline x86-64 and picked at run
+// time by the CPU's feature bits (csrc/cpu/isa_dispatch.h). Without FMA: both variants give
+// bit-identical results.
+KDFAST_ROW_DISPATCH_NO_FMA(void, loss_block,
+                    (int64_t n, SideView s, SideView t, int64_t i0, int64_t i1, int64_t j0,
+                     int64_t j1, double* out),
+                    (n, s, t, i0, i1, j0, j1, out), loss_block_body)
+KDFAST_ROW_DISPATCH_NO_FMA(void, grad_block_both,
+                    (int64_t n, SideView s, SideView t, AccView as_, AccView at_, int64_t i0,
+                     int64_t i1, int64_t j0, int64_t j1),
+                    (n, s, t, as_, at_, i0, i1, j0, j1), (grad_block_body<true, true>))
+KDFAST_ROW_DISPATCH_NO_FMA(void, grad_block_student,
+                    (int64_t n, SideView s, SideView t, AccView as_, AccView at_, int64_t i0,
+                     int64_t i1, int64_t j0, int64_t j1),
+                    (n, s, t, as_, at_, i0, i1, j0, j1), (grad_block_body<true, false>))
+KDFAST_ROW_DISPATCH_NO_FMA(void, grad_block_teacher,
+                    (int64_t n, SideView s, SideView t, AccView as_, AccView at_, int64_t i0,
+                     int64_t i1, int64_t j0, int64_t j1),
+                    (n, s, t, as_, at_, i0, i1, j0, j1), (grad_block_body<false, true>))
 
 int64_t num_blocks(int64_t n) { return (n + kRowsPerBlock - 1) / kRowsPerBlock; }
 
