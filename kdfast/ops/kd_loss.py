@@ -11,6 +11,8 @@ differentiating that backward raises (once-differentiable). The DeiT soft term i
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -20,7 +22,8 @@ from kdfast.ops._common import grad_flags, grad_or_empty, saved_grad_backward, s
 
 
 def _fake(s, t, temperature, loss_scale, reduction, mask, teacher_kind, grad_s, grad_t):
-    shape = (s.shape[0],) if reduction == "none" else ()
+    # (rows,) for "none": rows = N * prod(*) of a (N, C, *) input (the Triton op's 3-D layout)
+    shape = (s.shape[0] * math.prod(s.shape[2:]),) if reduction == "none" else ()
     loss = s.new_empty(shape, dtype=compute_dtype(s, t))
     return loss, grad_or_empty(s, grad_s), grad_or_empty(t, grad_t)
 
