@@ -3,7 +3,8 @@
 Same contract as ``kdfast::dist_loss_cpp`` (:mod:`kdfast.ops.dist_loss`): the op returns
 ``(loss, grad_student, grad_teacher)``, the gradients written in the forward pass only when
 the flags ask for them, empty (0,) tensors otherwise; once-differentiable. Options:
-tau_squared, activation="sigmoid", mask; inputs read in place with any strides.
+tau_squared, activation="sigmoid", mask. Inputs: (rows, C) with any strides, or contiguous
+(N, C, S) read in place as N * S rows (r = n * S + s; gradients of the input's shape).
 
 Three kernels (csrc/dist_loss.h has the per-element math):
 
@@ -21,12 +22,26 @@ Three kernels (csrc/dist_loss.h has the per-element math):
 * ``dist_grad_kernel``, programs over row tiles: per row <g, y> (softmax), then the gradient
   write y (g - <g, y>) / tau (softmax) or g y (1 - y) / tau (sigmoid).
 
-Reads: 2 of each input for the loss, 2 more for the gradient (4 in all; SPEC 2's minimum
-is 3 of zs and 2 of zt, see the issue 4 report); 1 write per gradient. Temporaries: per-row
-values and G x 5 x C column moments (G capped so they stay within COLUMN_BUDGET bytes); no
-(rows, C) buffer, also for half inputs (computed in float32 registers; float64 in float64).
-Row offsets are 64-bit. Launchers accept CPU tensors (TRITON_INTERPRET=1). Import only when
-triton is importable.
+Reads of the (rows, C) logits per call (tests/test_logit_kernels.py counts them under the
+interpreter), each of zs and zt alike:
+
+* RESIDENT (a row padded to a power of two fits RESIDENT_TILE elements: C <= 2048 in
+  float32 / half, 1024 in float64): the tile of BLOCK_R whole rows is loaded once per
+  kernel and every sweep runs on the registers; the stats programs also keep their column
+  moments in registers (stored once). 1 read for the loss, 2 with gradients: within SPEC
+  2's budget (3 of zs, 2 of zt).
+* chunked (wider rows, up to 262144 and beyond): 2 reads for the loss (log-sum-exp, then y),
+  4 with softmax gradients (<g, y>, then the write), 3 with sigmoid gradients. SPEC 2's
+  budget is not reachable here without holding a row on chip: y needs the row's final
+  log-sum-exp before the column moments, and every gradient element needs yt (through
+  g) after the column merge, for <g, y> and again for the write; Triton has no explicit
+  shared memory to keep a 32000-class row, and a scratch copy of y would cost the same
+  traffic as the read it replaces.
+
+1 write per gradient. Temporaries: per-row values and G x 5 x C column moments (G capped so
+they stay within COLUMN_BUDGET bytes); no (rows, C) buffer, also for half inputs (computed
+in float32 registers; float64 in float64). Row offsets are 64-bit. Launchers accept CPU
+tensors (TRITON_INTERPRET=1). Import only when triton is importable.
 """
 
 from __future__ import annotations
@@ -39,7 +54,7 @@ from torch import Tensor
 from kdfast import _dispatch
 from kdfast._validation import compute_dtype
 from kdfast.ops.dist_loss import make_impl, register_op
-from kdfast.triton._common import mask_flags
+from kdfast.triton._common import grad_offsets, logit_layout, logit_ptrs, mask_flags
 from kdfast.triton.aot import KernelSpec
 
 #: csrc/dist_loss.h: eps added to the product of the norms
@@ -53,6 +68,9 @@ COL_FIELDS = 5
 #: elements per tile of the stats and gradient kernels
 STATS_TILE = {4: 1024, 8: 512}
 GRAD_TILE = {4: 1024, 8: 512}
+#: elements per input of a RESIDENT tile (whole rows held in registers)
+RESIDENT_TILE = {4: 2048, 8: 1024}
+RESIDENT_WARPS = 8
 MERGE_BLOCK = 256
 #: bytes allowed for the per-program column moments
 COLUMN_BUDGET = 256 * 2**20
@@ -100,9 +118,9 @@ def _merge(na, nb, mean_x, mean_y, m2x, m2y, cxy, b_mean_x, b_mean_y, b_m2x, b_m
 
 
 @triton.jit
-def _load(ptr, offs_r, rs, cs, cols, ok, ACC: tl.constexpr):
-    offs = offs_r[:, None] * rs + cols.to(tl.int64)[None, :] * cs
-    return tl.load(ptr + offs, mask=ok, other=0.0).to(ACC)
+def _load(ptr, offs_r, cols, ok, rs, cs, S, SPATIAL: tl.constexpr):
+    """A (BLOCK_R, BLOCK_C) tile of logits in their own dtype (0 where not ok)."""
+    return tl.load(logit_ptrs(ptr, offs_r, cols, rs, cs, S, SPATIAL), mask=ok, other=0.0)
 
 
 @triton.jit
@@ -120,14 +138,18 @@ def dist_stats_kernel(
     s_cs,
     t_rs,
     t_cs,
+    S,
     SIGMOID: tl.constexpr,
     HAS_MASK: tl.constexpr,
+    RESIDENT: tl.constexpr,
+    SPATIAL: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     """Pass 1: per-row values into row (rows, 10) and this program's column moments into
     col[program] (5, C) (zero-initialised), its kept-row count into count[program].
-    params = [1 / tau, C] in the compute dtype (that of row, col, count)."""
+    params = [1 / tau, C] in the compute dtype (that of row, col, count). RESIDENT: C <=
+    BLOCK_C, each tile read once, column moments in registers."""
     ACC = row_ptr.dtype.element_ty
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
@@ -136,6 +158,12 @@ def dist_stats_kernel(
     n64 = pid.to(tl.int64) * 0 + n_cols  # 64-bit field offsets
     col_base = col_ptr + pid.to(tl.int64) * 5 * n64
     na = tl.sum(tl.zeros((BLOCK_R,), ACC), axis=0)
+    if RESIDENT:  # this program's column moments
+        acc_mean_s = tl.zeros((BLOCK_C,), ACC)
+        acc_mean_t = tl.zeros((BLOCK_C,), ACC)
+        acc_m2s = tl.zeros((BLOCK_C,), ACC)
+        acc_m2t = tl.zeros((BLOCK_C,), ACC)
+        acc_cst = tl.zeros((BLOCK_C,), ACC)
     n_tiles = tl.cdiv(n_rows, BLOCK_R)
     for tile in range(pid, n_tiles, n_programs):
         offs_r = (tl.zeros((BLOCK_R,), tl.int64) + tile) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -143,6 +171,11 @@ def dist_stats_kernel(
         keep = row_ok
         if HAS_MASK:
             keep = keep & (tl.load(mask_ptr + offs_r, mask=row_ok, other=0) != 0)
+        if RESIDENT:  # the only read of this tile
+            cols = tl.arange(0, BLOCK_C)
+            ok = row_ok[:, None] & (cols < n_cols)[None, :]
+            zs_tile = _load(s_ptr, offs_r, cols, ok, s_rs, s_cs, S, SPATIAL)
+            zt_tile = _load(t_ptr, offs_r, cols, ok, t_rs, t_cs, S, SPATIAL)
         # sweep 1: softmax max / sum (sigmoid: sum of y)
         max_s = tl.full((BLOCK_R,), float("-inf"), ACC)
         max_t = tl.full((BLOCK_R,), float("-inf"), ACC)
@@ -152,8 +185,14 @@ def dist_stats_kernel(
             cols = c0 + tl.arange(0, BLOCK_C)
             col_ok = cols < n_cols
             ok = row_ok[:, None] & col_ok[None, :]
-            u = _load(s_ptr, offs_r, s_rs, s_cs, cols, ok, ACC) * inv_tau
-            v = _load(t_ptr, offs_r, t_rs, t_cs, cols, ok, ACC) * inv_tau
+            if RESIDENT:
+                zs = zs_tile
+                zt = zt_tile
+            else:
+                zs = _load(s_ptr, offs_r, cols, ok, s_rs, s_cs, S, SPATIAL)
+                zt = _load(t_ptr, offs_r, cols, ok, t_rs, t_cs, S, SPATIAL)
+            u = zs.to(ACC) * inv_tau
+            v = zt.to(ACC) * inv_tau
             if SIGMOID:
                 sum_s += tl.sum(tl.where(ok, 1.0 / (1.0 + tl.exp(-u)), 0.0), axis=1)
                 sum_t += tl.sum(tl.where(ok, 1.0 / (1.0 + tl.exp(-v)), 0.0), axis=1)
@@ -188,12 +227,14 @@ def dist_stats_kernel(
             cols = c0 + tl.arange(0, BLOCK_C)
             col_ok = cols < n_cols
             ok = row_ok[:, None] & col_ok[None, :]
-            ys = _activate(
-                _load(s_ptr, offs_r, s_rs, s_cs, cols, ok, ACC), inv_tau, max_s, inv_sum_s, SIGMOID
-            )
-            yt = _activate(
-                _load(t_ptr, offs_r, t_rs, t_cs, cols, ok, ACC), inv_tau, max_t, inv_sum_t, SIGMOID
-            )
+            if RESIDENT:
+                zs = zs_tile
+                zt = zt_tile
+            else:
+                zs = _load(s_ptr, offs_r, cols, ok, s_rs, s_cs, S, SPATIAL)
+                zt = _load(t_ptr, offs_r, cols, ok, t_rs, t_cs, S, SPATIAL)
+            ys = _activate(zs.to(ACC), inv_tau, max_s, inv_sum_s, SIGMOID)
+            yt = _activate(zt.to(ACC), inv_tau, max_t, inv_sum_t, SIGMOID)
             ds = tl.where(ok, ys - shift_s[:, None], 0.0)
             dt = tl.where(ok, yt - shift_t[:, None], 0.0)
             sd_s += tl.sum(ds, axis=1)
@@ -209,29 +250,38 @@ def dist_stats_kernel(
             b_mean_t = tl.sum(yt, axis=0) / nb_safe
             cs = tl.where(kept, ys - b_mean_s[None, :], 0.0)
             ct = tl.where(kept, yt - b_mean_t[None, :], 0.0)
-            fields = col_base + cols
-            mean_s, mean_t, m2s, m2t, cst = _merge(
-                na,
-                nb,
-                tl.load(fields, mask=col_ok, other=0.0),
-                tl.load(fields + n64, mask=col_ok, other=0.0),
-                tl.load(fields + 2 * n64, mask=col_ok, other=0.0),
-                tl.load(fields + 3 * n64, mask=col_ok, other=0.0),
-                tl.load(fields + 4 * n64, mask=col_ok, other=0.0),
-                b_mean_s,
-                b_mean_t,
-                tl.sum(cs * cs, axis=0),
-                tl.sum(ct * ct, axis=0),
-                tl.sum(cs * ct, axis=0),
-            )
-            tl.store(fields, mean_s, mask=col_ok)
-            tl.store(fields + n64, mean_t, mask=col_ok)
-            tl.store(fields + 2 * n64, m2s, mask=col_ok)
-            tl.store(fields + 3 * n64, m2t, mask=col_ok)
-            tl.store(fields + 4 * n64, cst, mask=col_ok)
-            # The next tile reloads these moments, possibly in other threads (replicated
-            # layouts store once): make the stores visible to the whole program.
-            tl.debug_barrier()
+            b_m2s = tl.sum(cs * cs, axis=0)
+            b_m2t = tl.sum(ct * ct, axis=0)
+            b_cst = tl.sum(cs * ct, axis=0)
+            if RESIDENT:
+                acc_mean_s, acc_mean_t, acc_m2s, acc_m2t, acc_cst = _merge(
+                    na, nb, acc_mean_s, acc_mean_t, acc_m2s, acc_m2t, acc_cst,
+                    b_mean_s, b_mean_t, b_m2s, b_m2t, b_cst,
+                )  # fmt: skip
+            else:
+                fields = col_base + cols
+                mean_s, mean_t, m2s, m2t, cst = _merge(
+                    na,
+                    nb,
+                    tl.load(fields, mask=col_ok, other=0.0),
+                    tl.load(fields + n64, mask=col_ok, other=0.0),
+                    tl.load(fields + 2 * n64, mask=col_ok, other=0.0),
+                    tl.load(fields + 3 * n64, mask=col_ok, other=0.0),
+                    tl.load(fields + 4 * n64, mask=col_ok, other=0.0),
+                    b_mean_s,
+                    b_mean_t,
+                    b_m2s,
+                    b_m2t,
+                    b_cst,
+                )
+                tl.store(fields, mean_s, mask=col_ok)
+                tl.store(fields + n64, mean_t, mask=col_ok)
+                tl.store(fields + 2 * n64, m2s, mask=col_ok)
+                tl.store(fields + 3 * n64, m2t, mask=col_ok)
+                tl.store(fields + 4 * n64, cst, mask=col_ok)
+                # The next tile reloads these moments, possibly in other threads (replicated
+                # layouts store once): make the stores visible to the whole program.
+                tl.debug_barrier()
         na += nb
         saa = tl.maximum(sdd_s - sd_s * sd_s / n_f, 0.0)
         sbb = tl.maximum(sdd_t - sd_t * sd_t / n_f, 0.0)
@@ -248,6 +298,15 @@ def dist_stats_kernel(
         tl.store(out + 7, k_a, mask=row_ok)
         tl.store(out + 8, k_b, mask=row_ok)
         tl.store(out + 9, tl.where(keep, rho, 0.0), mask=row_ok)
+    if RESIDENT:
+        cols = tl.arange(0, BLOCK_C)
+        col_ok = cols < n_cols
+        fields = col_base + cols
+        tl.store(fields, acc_mean_s, mask=col_ok)
+        tl.store(fields + n64, acc_mean_t, mask=col_ok)
+        tl.store(fields + 2 * n64, acc_m2s, mask=col_ok)
+        tl.store(fields + 3 * n64, acc_m2t, mask=col_ok)
+        tl.store(fields + 4 * n64, acc_cst, mask=col_ok)
     tl.store(count_ptr + pid, na)
 
 
@@ -331,15 +390,19 @@ def dist_grad_kernel(
     s_cs,
     t_rs,
     t_cs,
+    S,
     SIGMOID: tl.constexpr,
     HAS_MASK: tl.constexpr,
     GRAD_S: tl.constexpr,
     GRAD_T: tl.constexpr,
+    RESIDENT: tl.constexpr,
+    SPATIAL: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """Passes 2 and 3: dL/dzs, dL/dzt into gs, gt (contiguous (rows, C); zero for masked
-    rows). params = [1 / tau, dL/drho_row = -beta s / kept, dL/drho_col = -gamma s / C]."""
+    """Passes 2 and 3: dL/dzs, dL/dzt into gs, gt (contiguous, the inputs' layout: (rows, C)
+    or (N, C, S); zero for masked rows). params = [1 / tau, dL/drho_row = -beta s / kept,
+    dL/drho_col = -gamma s / C]. RESIDENT: C <= BLOCK_C, each tile read once."""
     ACC = row_ptr.dtype.element_ty
     offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = offs_r < n_rows
@@ -355,18 +418,25 @@ def dist_grad_kernel(
     inv_sum_s = tl.load(row + 1)
     max_t = tl.load(row + 2)
     inv_sum_t = tl.load(row + 3)
+    if RESIDENT:  # the only read of this tile
+        cols = tl.arange(0, BLOCK_C)
+        ok = row_ok[:, None] & (cols < n_cols)[None, :]
+        zs_tile = _load(s_ptr, offs_r, cols, ok, s_rs, s_cs, S, SPATIAL)
+        zt_tile = _load(t_ptr, offs_r, cols, ok, t_rs, t_cs, S, SPATIAL)
     dot_s = tl.zeros((BLOCK_R,), ACC)
     dot_t = tl.zeros((BLOCK_R,), ACC)
     if not SIGMOID:
         for c0 in range(0, n_cols, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
             ok = row_ok[:, None] & (cols < n_cols)[None, :]
-            ys = _activate(
-                _load(s_ptr, offs_r, s_rs, s_cs, cols, ok, ACC), inv_tau, max_s, inv_sum_s, SIGMOID
-            )
-            yt = _activate(
-                _load(t_ptr, offs_r, t_rs, t_cs, cols, ok, ACC), inv_tau, max_t, inv_sum_t, SIGMOID
-            )
+            if RESIDENT:
+                zs = zs_tile
+                zt = zt_tile
+            else:
+                zs = _load(s_ptr, offs_r, cols, ok, s_rs, s_cs, S, SPATIAL)
+                zt = _load(t_ptr, offs_r, cols, ok, t_rs, t_cs, S, SPATIAL)
+            ys = _activate(zs.to(ACC), inv_tau, max_s, inv_sum_s, SIGMOID)
+            yt = _activate(zt.to(ACC), inv_tau, max_t, inv_sum_t, SIGMOID)
             if GRAD_S:
                 g = _dloss_dy(ys, yt, cols, ok, row, coef_ptr, n64, w_row, w_col, True)
                 dot_s += tl.sum(g * ys, axis=1)
@@ -376,13 +446,15 @@ def dist_grad_kernel(
     for c0 in range(0, n_cols, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         ok = row_ok[:, None] & (cols < n_cols)[None, :]
-        ys = _activate(
-            _load(s_ptr, offs_r, s_rs, s_cs, cols, ok, ACC), inv_tau, max_s, inv_sum_s, SIGMOID
-        )
-        yt = _activate(
-            _load(t_ptr, offs_r, t_rs, t_cs, cols, ok, ACC), inv_tau, max_t, inv_sum_t, SIGMOID
-        )
-        out = offs_r[:, None] * n_cols + cols.to(tl.int64)[None, :]
+        if RESIDENT:
+            zs = zs_tile
+            zt = zt_tile
+        else:
+            zs = _load(s_ptr, offs_r, cols, ok, s_rs, s_cs, S, SPATIAL)
+            zt = _load(t_ptr, offs_r, cols, ok, t_rs, t_cs, S, SPATIAL)
+        ys = _activate(zs.to(ACC), inv_tau, max_s, inv_sum_s, SIGMOID)
+        yt = _activate(zt.to(ACC), inv_tau, max_t, inv_sum_t, SIGMOID)
+        out = grad_offsets(offs_r, cols, n_cols, S, SPATIAL)
         if GRAD_S:
             g = _dloss_dy(ys, yt, cols, ok, row, coef_ptr, n64, w_row, w_col, True)
             if SIGMOID:
@@ -401,18 +473,34 @@ def dist_grad_kernel(
             tl.store(gt_ptr + out, g.to(gt_ptr.dtype.element_ty), mask=ok)
 
 
-def stats_blocks(n_rows: int, n_cols: int, elem: int) -> tuple[int, int]:
-    """(BLOCK_R, BLOCK_C) of the stats kernel: tall tiles (up to 16 rows), so that the
-    column moments are read and written once per 16 rows."""
+def _resident_rows(n_rows: int, n_cols: int, elem: int) -> int:
+    """BLOCK_R of a RESIDENT tile (whole rows, padded to a power of two), 0 when a row does
+    not fit RESIDENT_TILE."""
+    width = triton.next_power_of_2(n_cols)
+    if width > RESIDENT_TILE[elem]:
+        return 0
+    return max(1, min(16, RESIDENT_TILE[elem] // width, triton.next_power_of_2(n_rows)))
+
+
+def stats_blocks(n_rows: int, n_cols: int, elem: int) -> tuple[int, int, bool]:
+    """(BLOCK_R, BLOCK_C, RESIDENT) of the stats kernel: whole rows when they fit, else tall
+    tiles (up to 16 rows), so that the column moments are read and written once per 16
+    rows."""
+    block_r = _resident_rows(n_rows, n_cols, elem)
+    if block_r:
+        return block_r, triton.next_power_of_2(n_cols), True
     block_r = min(16, triton.next_power_of_2(n_rows))
-    return block_r, min(triton.next_power_of_2(n_cols), STATS_TILE[elem] // block_r)
+    return block_r, min(triton.next_power_of_2(n_cols), STATS_TILE[elem] // block_r), False
 
 
-def grad_blocks(n_cols: int, elem: int) -> tuple[int, int]:
-    """(BLOCK_R, BLOCK_C) of the gradient kernel (``elem``-byte compute floats): wide
-    column blocks, rows to fill a tile."""
+def grad_blocks(n_rows: int, n_cols: int, elem: int) -> tuple[int, int, bool]:
+    """(BLOCK_R, BLOCK_C, RESIDENT) of the gradient kernel (``elem``-byte compute floats):
+    whole rows when they fit, else wide column blocks, rows to fill a tile."""
+    block_r = _resident_rows(n_rows, n_cols, elem)
+    if block_r:
+        return block_r, triton.next_power_of_2(n_cols), True
     block_c = min(triton.next_power_of_2(n_cols), GRAD_TILE[elem])
-    return max(1, min(16, GRAD_TILE[elem] // block_c)), block_c
+    return max(1, min(16, GRAD_TILE[elem] // block_c)), block_c, False
 
 
 def n_programs(n_rows: int, n_cols: int, block_r: int, elem: int, device) -> int:
@@ -426,12 +514,12 @@ def n_programs(n_rows: int, n_cols: int, block_r: int, elem: int, device) -> int
     return max(1, min(triton.cdiv(n_rows, block_r), target, budget))
 
 
-_STRIDES = {"s_rs": "i64", "s_cs": "i64", "t_rs": "i64", "t_cs": "i64"}
+_STRIDES = {"s_rs": "i64", "s_cs": "i64", "t_rs": "i64", "t_cs": "i64", "S": "i64"}
 
 
-def _stats_spec(dtype: str, sigmoid: bool, n_cols: int) -> KernelSpec:
+def _stats_spec(dtype: str, sigmoid: bool, n_cols: int, spatial: bool = False) -> KernelSpec:
     acc = "fp64" if dtype == "fp64" else "fp32"
-    block_r, block_c = stats_blocks(1 << 20, n_cols, 8 if acc == "fp64" else 4)
+    block_r, block_c, resident = stats_blocks(1 << 20, n_cols, 8 if acc == "fp64" else 4)
     signature = {
         "s_ptr": f"*{dtype}",
         "t_ptr": f"*{dtype}",
@@ -444,10 +532,13 @@ def _stats_spec(dtype: str, sigmoid: bool, n_cols: int) -> KernelSpec:
         "n_cols": "i32",
         **_STRIDES,
     }
-    constexprs = {"SIGMOID": sigmoid, "HAS_MASK": True, "BLOCK_R": block_r, "BLOCK_C": block_c}
+    constexprs = {"SIGMOID": sigmoid, "HAS_MASK": True, "RESIDENT": resident}
+    constexprs |= {"SPATIAL": spatial, "BLOCK_R": block_r, "BLOCK_C": block_c}
     signature |= {k: "constexpr" for k in constexprs}
-    label = f"{dtype} sigmoid={sigmoid} BLOCK_R={block_r} BLOCK_C={block_c}"
-    return KernelSpec(dist_stats_kernel, signature, constexprs, label=label)
+    label = f"{dtype} sigmoid={sigmoid} spatial={spatial} BLOCK_R={block_r} BLOCK_C={block_c}"
+    return KernelSpec(
+        dist_stats_kernel, signature, constexprs, num_warps=_warps(resident), label=label
+    )
 
 
 def _merge_spec(acc: str) -> KernelSpec:
@@ -465,9 +556,9 @@ def _merge_spec(acc: str) -> KernelSpec:
     )
 
 
-def _grad_spec(dtype: str, sigmoid: bool, n_cols: int) -> KernelSpec:
+def _grad_spec(dtype: str, sigmoid: bool, n_cols: int, spatial: bool = False) -> KernelSpec:
     acc = "fp64" if dtype == "fp64" else "fp32"
-    block_r, block_c = grad_blocks(n_cols, 8 if acc == "fp64" else 4)
+    block_r, block_c, resident = grad_blocks(1 << 20, n_cols, 8 if acc == "fp64" else 4)
     signature = {
         "s_ptr": f"*{dtype}",
         "t_ptr": f"*{dtype}",
@@ -482,23 +573,40 @@ def _grad_spec(dtype: str, sigmoid: bool, n_cols: int) -> KernelSpec:
         **_STRIDES,
     }
     constexprs = {"SIGMOID": sigmoid, "HAS_MASK": True, "GRAD_S": True, "GRAD_T": True}
+    constexprs |= {"RESIDENT": resident, "SPATIAL": spatial}
     constexprs |= {"BLOCK_R": block_r, "BLOCK_C": block_c}
     signature |= {k: "constexpr" for k in constexprs}
-    label = f"{dtype} sigmoid={sigmoid} BLOCK_R={block_r} BLOCK_C={block_c}"
-    return KernelSpec(dist_grad_kernel, signature, constexprs, label=label)
+    label = f"{dtype} sigmoid={sigmoid} spatial={spatial} BLOCK_R={block_r} BLOCK_C={block_c}"
+    return KernelSpec(
+        dist_grad_kernel, signature, constexprs, num_warps=_warps(resident), label=label
+    )
 
 
-#: launch configurations: every dtype with softmax at ImageNet and LLM-vocabulary widths,
-#: sigmoid in float32, the merge in both compute dtypes.
+def _warps(resident: bool) -> int:
+    return RESIDENT_WARPS if resident else 4
+
+
+#: launch configurations: every dtype with softmax at ImageNet (RESIDENT), the widest
+#: RESIDENT and LLM-vocabulary (chunked) widths, sigmoid in float32, (N, C, S) inputs,
+#: the merge in both compute dtypes.
 AOT_SPECS = (
-    [_stats_spec(dtype, False, 32000) for dtype in ("fp16", "bf16", "fp32", "fp64")]
-    + [
-        _grad_spec(dtype, False, n_cols)
+    [
+        make(dtype, False, n_cols)
+        for make in (_stats_spec, _grad_spec)
         for dtype in ("fp16", "bf16", "fp32")
-        for n_cols in (256, 32000)
+        for n_cols in (1000, 2048, 32000)
     ]
-    + [_grad_spec("fp64", False, 32000)]
+    + [
+        make("fp64", False, n_cols)
+        for make in (_stats_spec, _grad_spec)
+        for n_cols in (1000, 32000)
+    ]
     + [make("fp32", True, 1000) for make in (_stats_spec, _grad_spec)]
+    + [
+        make("fp16", False, n_cols, spatial=True)
+        for make in (_stats_spec, _grad_spec)
+        for n_cols in (19, 32000)
+    ]
     + [_merge_spec("fp32"), _merge_spec("fp64")]
 )
 
@@ -519,24 +627,20 @@ def dist_loss_triton(
     """Fused DIST with Triton (schema of ``kdfast::dist_loss_cpp``).
 
     Args:
-        student, teacher: (rows, C) logits, any strides and floating dtypes.
+        student, teacher: (rows, C) logits with any strides, or contiguous (N, C, S) read
+            as rows = N * S (row r = n * S + s); any floating dtypes.
         beta, gamma: weights of the inter and intra terms; tau > 0: temperature;
         tau_squared: scale both terms by tau^2. activation: "softmax" or "sigmoid".
-        mask: optional bool (rows,) of kept rows.
+        mask: optional bool (rows,) of kept rows (row order r = n * S + s).
         compute_grad_student, compute_grad_teacher: write that gradient.
 
     Returns:
-        (loss: () in promote_types(student, teacher, float32), grad_student (rows, C) in
-        student's dtype or (0,), grad_teacher likewise).
+        (loss: () in promote_types(student, teacher, float32), grad_student of student's
+        shape and dtype or (0,), grad_teacher likewise).
     """
-    if student.dim() != 2 or student.shape != teacher.shape:
-        raise ValueError(
-            f"dist_loss_triton: expected equal 2-D shapes, got {tuple(student.shape)} and "
-            f"{tuple(teacher.shape)}"
-        )
+    rows, n_cols, spatial, strides = logit_layout("dist_loss_triton", student, teacher)
     if activation not in ACTIVATIONS:
         raise ValueError(f"dist_loss_triton: unknown activation {activation!r}")
-    rows, n_cols = student.shape
     dtype = compute_dtype(student, teacher)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     device = student.device
@@ -547,18 +651,19 @@ def dist_loss_triton(
     else:
         kept = mask.sum().to(torch.float64)
     scale = tau * tau if tau_squared else 1.0
-    strides = (student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1))
+    layout = dict(SPATIAL=spatial > 1, SIGMOID=sigmoid, HAS_MASK=mask is not None)
 
     elem = 8 if acc == torch.float64 else 4
-    block_r, block_c = stats_blocks(rows, n_cols, elem)
+    block_r, block_c, resident = stats_blocks(rows, n_cols, elem)
     groups = n_programs(rows, n_cols, block_r, elem, device)
     row_stats = torch.empty(rows, ROW_FIELDS, dtype=acc, device=device)
     col = torch.zeros(groups, COL_FIELDS, n_cols, dtype=acc, device=device)
     count = torch.empty(groups, dtype=acc, device=device)
     params = torch.tensor([1.0 / tau, float(n_cols)], dtype=acc, device=device)
     dist_stats_kernel[(groups,)](
-        student, teacher, flags, params, row_stats, col, count, rows, n_cols, *strides,
-        SIGMOID=sigmoid, HAS_MASK=mask is not None, BLOCK_R=block_r, BLOCK_C=block_c,
+        student, teacher, flags, params, row_stats, col, count, rows, n_cols, *strides, spatial,
+        RESIDENT=resident, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_warps(resident),
+        **layout,
     )  # fmt: skip
     coef = torch.empty(COL_FIELDS, n_cols, dtype=acc, device=device)
     rho_col = torch.empty(n_cols, dtype=acc, device=device)
@@ -579,11 +684,12 @@ def dist_loss_triton(
                 kept.new_tensor(-gamma * scale / n_cols),
             ]
         ).to(acc)
-        block_r, block_c = grad_blocks(n_cols, elem)
+        block_r, block_c, resident = grad_blocks(rows, n_cols, elem)
         dist_grad_kernel[(triton.cdiv(rows, block_r),)](
             student, teacher, flags, weights, row_stats, coef, grad_s, grad_t, rows, n_cols,
-            *strides, SIGMOID=sigmoid, HAS_MASK=mask is not None, GRAD_S=compute_grad_student,
-            GRAD_T=compute_grad_teacher, BLOCK_R=block_r, BLOCK_C=block_c,
+            *strides, spatial, GRAD_S=compute_grad_student, GRAD_T=compute_grad_teacher,
+            RESIDENT=resident, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_warps(resident),
+            **layout,
         )  # fmt: skip
     return loss.to(dtype), grad_s, grad_t
 
