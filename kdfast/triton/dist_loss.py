@@ -6,7 +6,7 @@ the flags ask for them, empty (0,) tensors otherwise; once-differentiable. Optio
 tau_squared, activation="sigmoid", mask. Inputs: (rows, C) with any strides, or contiguous
 (N, C, S) read in place as N * S rows (r = n * S + s; gradients of the input's shape).
 
-Three kernels (csrc/dist_loss.h has the per-element math):
+Three kernels (the per-element math of csrc/dist_loss.h is in kdfast/triton/_dist_math.py):
 
 * ``dist_stats_kernel``, G programs, each owning every G-th tile of BLOCK_R rows: per tile, a
   sweep over column blocks for the row log-sum-exps (online max / sum; the row sums for
@@ -55,10 +55,9 @@ from kdfast import _dispatch
 from kdfast._validation import compute_dtype
 from kdfast.ops.dist_loss import make_impl, register_op
 from kdfast.triton._common import grad_offsets, logit_layout, logit_ptrs, mask_flags
+from kdfast.triton._dist_math import activate, dloss_dy, merge_moments, pearson
 from kdfast.triton.aot import KernelSpec
 
-#: csrc/dist_loss.h: eps added to the product of the norms
-COSINE_EPS = tl.constexpr(1e-8)
 ACTIVATIONS = ("softmax", "sigmoid")
 #: row-stat fields of the (rows, ROW_FIELDS) buffer
 MAX_S, INV_SUM_S, MAX_T, INV_SUM_T, MEAN_S, MEAN_T, INV_D, K_A, K_B, RHO = range(10)
@@ -74,47 +73,6 @@ RESIDENT_WARPS = 8
 MERGE_BLOCK = 256
 #: bytes allowed for the per-program column moments
 COLUMN_BUDGET = 256 * 2**20
-
-
-@triton.jit
-def _activate(z, inv_tau, mx, inv_sum, SIGMOID: tl.constexpr):
-    """y = sigmoid(z / tau), or softmax from the row's max and 1 / sum (bit-identical in
-    every kernel: the column centring of B = 1 must give exactly 0)."""
-    u = z * inv_tau
-    if SIGMOID:
-        y = 1.0 / (1.0 + tl.exp(-u))
-    else:
-        y = tl.exp(u - mx[:, None]) * inv_sum[:, None]
-    return y
-
-
-@triton.jit
-def _pearson(saa, sbb, sab):
-    """(rho, 1 / D, k_a, k_b) from centred sums (csrc/dist_loss.h)."""
-    na = tl.sqrt(saa)
-    nb = tl.sqrt(sbb)
-    inv_d = 1.0 / (na * nb + COSINE_EPS)
-    k_a = tl.where(na > 0.0, sab * nb / tl.where(na > 0.0, na, 1.0) * inv_d * inv_d, 0.0)
-    k_b = tl.where(nb > 0.0, sab * na / tl.where(nb > 0.0, nb, 1.0) * inv_d * inv_d, 0.0)
-    return sab * inv_d, inv_d, k_a, k_b
-
-
-@triton.jit
-def _merge(na, nb, mean_x, mean_y, m2x, m2y, cxy, b_mean_x, b_mean_y, b_m2x, b_m2y, b_cxy):
-    """Chan-Golub-LeVeque update of (na, moments) with a block of nb rows (nb may be 0)."""
-    n = na + nb
-    n_safe = tl.where(n > 0.0, n, 1.0)
-    ratio = nb / n_safe
-    w = na * ratio
-    dx = b_mean_x - mean_x
-    dy = b_mean_y - mean_y
-    return (
-        mean_x + dx * ratio,
-        mean_y + dy * ratio,
-        m2x + b_m2x + dx * dx * w,
-        m2y + b_m2y + dy * dy * w,
-        cxy + b_cxy + dx * dy * w,
-    )
 
 
 @triton.jit
@@ -233,8 +191,8 @@ def dist_stats_kernel(
             else:
                 zs = _load(s_ptr, offs_r, cols, ok, s_rs, s_cs, S, SPATIAL)
                 zt = _load(t_ptr, offs_r, cols, ok, t_rs, t_cs, S, SPATIAL)
-            ys = _activate(zs.to(ACC), inv_tau, max_s, inv_sum_s, SIGMOID)
-            yt = _activate(zt.to(ACC), inv_tau, max_t, inv_sum_t, SIGMOID)
+            ys = activate(zs.to(ACC), inv_tau, max_s, inv_sum_s, SIGMOID)
+            yt = activate(zt.to(ACC), inv_tau, max_t, inv_sum_t, SIGMOID)
             ds = tl.where(ok, ys - shift_s[:, None], 0.0)
             dt = tl.where(ok, yt - shift_t[:, None], 0.0)
             sd_s += tl.sum(ds, axis=1)
@@ -254,13 +212,13 @@ def dist_stats_kernel(
             b_m2t = tl.sum(ct * ct, axis=0)
             b_cst = tl.sum(cs * ct, axis=0)
             if RESIDENT:
-                acc_mean_s, acc_mean_t, acc_m2s, acc_m2t, acc_cst = _merge(
+                acc_mean_s, acc_mean_t, acc_m2s, acc_m2t, acc_cst = merge_moments(
                     na, nb, acc_mean_s, acc_mean_t, acc_m2s, acc_m2t, acc_cst,
                     b_mean_s, b_mean_t, b_m2s, b_m2t, b_cst,
                 )  # fmt: skip
             else:
                 fields = col_base + cols
-                mean_s, mean_t, m2s, m2t, cst = _merge(
+                mean_s, mean_t, m2s, m2t, cst = merge_moments(
                     na,
                     nb,
                     tl.load(fields, mask=col_ok, other=0.0),
@@ -286,7 +244,7 @@ def dist_stats_kernel(
         saa = tl.maximum(sdd_s - sd_s * sd_s / n_f, 0.0)
         sbb = tl.maximum(sdd_t - sd_t * sd_t / n_f, 0.0)
         sab = sdd_st - sd_s * sd_t / n_f
-        rho, inv_d, k_a, k_b = _pearson(saa, sbb, sab)
+        rho, inv_d, k_a, k_b = pearson(saa, sbb, sab)
         out = row_ptr + offs_r * 10
         tl.store(out + 0, max_s, mask=row_ok)
         tl.store(out + 1, inv_sum_s, mask=row_ok)
@@ -327,7 +285,7 @@ def dist_merge_kernel(col_ptr, count_ptr, coef_ptr, rho_ptr, n_cols, n_groups, B
     for g in range(1, n_groups):
         fields += 5 * n64
         nb = tl.load(count_ptr + g)
-        mean_s, mean_t, m2s, m2t, cst = _merge(
+        mean_s, mean_t, m2s, m2t, cst = merge_moments(
             na,
             nb,
             mean_s,
@@ -342,36 +300,13 @@ def dist_merge_kernel(col_ptr, count_ptr, coef_ptr, rho_ptr, n_cols, n_groups, B
             tl.load(fields + 4 * n64, mask=ok, other=0.0),
         )
         na += nb
-    rho, inv_d, k_a, k_b = _pearson(m2s, m2t, cst)
+    rho, inv_d, k_a, k_b = pearson(m2s, m2t, cst)
     tl.store(coef_ptr + cols, mean_s, mask=ok)
     tl.store(coef_ptr + n64 + cols, mean_t, mask=ok)
     tl.store(coef_ptr + 2 * n64 + cols, inv_d, mask=ok)
     tl.store(coef_ptr + 3 * n64 + cols, k_a, mask=ok)
     tl.store(coef_ptr + 4 * n64 + cols, k_b, mask=ok)
     tl.store(rho_ptr + cols, rho, mask=ok)
-
-
-@triton.jit
-def _dloss_dy(ys, yt, cols, ok, row, coef_ptr, n64, w_row, w_col, STUDENT: tl.constexpr):
-    """g = dL/dy of the student (STUDENT) or teacher side, for a tile (csrc/dist_loss.h)."""
-    col_ok = cols < n64
-    m_s = tl.load(coef_ptr + cols, mask=col_ok, other=0.0)[None, :]
-    m_t = tl.load(coef_ptr + n64 + cols, mask=col_ok, other=0.0)[None, :]
-    inv_d = tl.load(coef_ptr + 2 * n64 + cols, mask=col_ok, other=0.0)[None, :]
-    mean_s = tl.load(row + 4)[:, None]
-    mean_t = tl.load(row + 5)[:, None]
-    row_inv_d = tl.load(row + 6)[:, None]
-    if STUDENT:
-        k_col = tl.load(coef_ptr + 3 * n64 + cols, mask=col_ok, other=0.0)[None, :]
-        k_row = tl.load(row + 7)[:, None]
-        row_part = (yt - mean_t) * row_inv_d - k_row * (ys - mean_s)
-        col_part = (yt - m_t) * inv_d - k_col * (ys - m_s)
-    else:
-        k_col = tl.load(coef_ptr + 4 * n64 + cols, mask=col_ok, other=0.0)[None, :]
-        k_row = tl.load(row + 8)[:, None]
-        row_part = (ys - mean_s) * row_inv_d - k_row * (yt - mean_t)
-        col_part = (ys - m_s) * inv_d - k_col * (yt - m_t)
-    return tl.where(ok, w_row * row_part + w_col * col_part, 0.0)
 
 
 @triton.jit
@@ -435,13 +370,13 @@ def dist_grad_kernel(
             else:
                 zs = _load(s_ptr, offs_r, cols, ok, s_rs, s_cs, S, SPATIAL)
                 zt = _load(t_ptr, offs_r, cols, ok, t_rs, t_cs, S, SPATIAL)
-            ys = _activate(zs.to(ACC), inv_tau, max_s, inv_sum_s, SIGMOID)
-            yt = _activate(zt.to(ACC), inv_tau, max_t, inv_sum_t, SIGMOID)
+            ys = activate(zs.to(ACC), inv_tau, max_s, inv_sum_s, SIGMOID)
+            yt = activate(zt.to(ACC), inv_tau, max_t, inv_sum_t, SIGMOID)
             if GRAD_S:
-                g = _dloss_dy(ys, yt, cols, ok, row, coef_ptr, n64, w_row, w_col, True)
+                g = dloss_dy(ys, yt, cols, ok, row, coef_ptr, n64, w_row, w_col, True)
                 dot_s += tl.sum(g * ys, axis=1)
             if GRAD_T:
-                g = _dloss_dy(ys, yt, cols, ok, row, coef_ptr, n64, w_row, w_col, False)
+                g = dloss_dy(ys, yt, cols, ok, row, coef_ptr, n64, w_row, w_col, False)
                 dot_t += tl.sum(g * yt, axis=1)
     for c0 in range(0, n_cols, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
@@ -452,11 +387,11 @@ def dist_grad_kernel(
         else:
             zs = _load(s_ptr, offs_r, cols, ok, s_rs, s_cs, S, SPATIAL)
             zt = _load(t_ptr, offs_r, cols, ok, t_rs, t_cs, S, SPATIAL)
-        ys = _activate(zs.to(ACC), inv_tau, max_s, inv_sum_s, SIGMOID)
-        yt = _activate(zt.to(ACC), inv_tau, max_t, inv_sum_t, SIGMOID)
+        ys = activate(zs.to(ACC), inv_tau, max_s, inv_sum_s, SIGMOID)
+        yt = activate(zt.to(ACC), inv_tau, max_t, inv_sum_t, SIGMOID)
         out = grad_offsets(offs_r, cols, n_cols, S, SPATIAL)
         if GRAD_S:
-            g = _dloss_dy(ys, yt, cols, ok, row, coef_ptr, n64, w_row, w_col, True)
+            g = dloss_dy(ys, yt, cols, ok, row, coef_ptr, n64, w_row, w_col, True)
             if SIGMOID:
                 g = g * ys * (1.0 - ys) * inv_tau
             else:
@@ -464,7 +399,7 @@ def dist_grad_kernel(
             g = tl.where(keep[:, None], g, 0.0)
             tl.store(gs_ptr + out, g.to(gs_ptr.dtype.element_ty), mask=ok)
         if GRAD_T:
-            g = _dloss_dy(ys, yt, cols, ok, row, coef_ptr, n64, w_row, w_col, False)
+            g = dloss_dy(ys, yt, cols, ok, row, coef_ptr, n64, w_row, w_col, False)
             if SIGMOID:
                 g = g * yt * (1.0 - yt) * inv_tau
             else:
