@@ -8,11 +8,11 @@ tau_squared, activation="sigmoid", mask. Inputs: (rows, C) with any strides, or 
 
 Three kernels (the per-element math of csrc/dist_loss.h is in kdfast/triton/_dist_math.py):
 
-* ``dist_stats_kernel``, G programs, each owning every G-th tile of BLOCK_R rows: per tile, a
-  sweep over column blocks for the row log-sum-exps (online max / sum; the row sums for
-  sigmoid), then a sweep computing y = act(z / tau), the row correlation terms (sums of
-  y - K, K = 1 / C for softmax (so a uniform row is centred exactly), the row mean for
-  sigmoid) and the tile's column moments (count, means, centred second moments,
+* ``dist_stats_kernel``, G programs, each owning every G-th tile of BLOCK_R rows: per tile,
+  for softmax a sweep over column blocks for the row log-sum-exps (online max / sum), then
+  a sweep computing y = act(z / tau), the row correlation terms (softmax: sums of y - 1 / C,
+  so a uniform row is centred exactly; sigmoid: the row moments of y, column blocks merged
+  as below) and the tile's column moments (count, means, centred second moments,
   co-moment), merged into the program's own column moments with the pairwise update of
   Chan, Golub and LeVeque. Per-row values (max, 1 / sum, means, Pearson coefficients, rho)
   go to a (rows, 10) buffer.
@@ -30,13 +30,14 @@ interpreter), each of zs and zt alike:
   kernel and every sweep runs on the registers; the stats programs also keep their column
   moments in registers (stored once). 1 read for the loss, 2 with gradients: within SPEC
   2's budget (3 of zs, 2 of zt).
-* chunked (wider rows, up to 262144 and beyond): 2 reads for the loss (log-sum-exp, then y),
-  4 with softmax gradients (<g, y>, then the write), 3 with sigmoid gradients. SPEC 2's
-  budget is not reachable here without holding a row on chip: y needs the row's final
-  log-sum-exp before the column moments, and every gradient element needs yt (through
-  g) after the column merge, for <g, y> and again for the write; Triton has no explicit
-  shared memory to keep a 32000-class row, and a scratch copy of y would cost the same
-  traffic as the read it replaces.
+* chunked (wider rows, up to 262144 and beyond), softmax: 2 reads for the loss
+  (log-sum-exp, then y), 4 with gradients (<g, y>, then the write). SPEC 2's budget is not
+  reachable here without holding a row on chip: y needs the row's final log-sum-exp
+  before the column moments, and every gradient element needs yt (through g) after the
+  column merge, for <g, y> and again for the write; Triton has no explicit shared memory
+  to keep a 32000-class row, and a scratch copy of y would cost the same traffic as the
+  read it replaces.
+* chunked, sigmoid (y needs no row statistic): 1 read for the loss, 2 with gradients.
 
 1 write per gradient. Temporaries: per-row values and G x 5 x C column moments (G capped so
 they stay within COLUMN_BUDGET bytes); no (rows, C) buffer, also for half inputs (computed
@@ -134,46 +135,39 @@ def dist_stats_kernel(
             ok = row_ok[:, None] & (cols < n_cols)[None, :]
             zs_tile = _load(s_ptr, offs_r, cols, ok, s_rs, s_cs, S, SPATIAL)
             zt_tile = _load(t_ptr, offs_r, cols, ok, t_rs, t_cs, S, SPATIAL)
-        # sweep 1: softmax max / sum (sigmoid: sum of y)
-        max_s = tl.full((BLOCK_R,), float("-inf"), ACC)
-        max_t = tl.full((BLOCK_R,), float("-inf"), ACC)
-        sum_s = tl.zeros((BLOCK_R,), ACC)
-        sum_t = tl.zeros((BLOCK_R,), ACC)
-        for c0 in range(0, n_cols, BLOCK_C):
-            cols = c0 + tl.arange(0, BLOCK_C)
-            col_ok = cols < n_cols
-            ok = row_ok[:, None] & col_ok[None, :]
-            if RESIDENT:
-                zs = zs_tile
-                zt = zt_tile
-            else:
-                zs = _load(s_ptr, offs_r, cols, ok, s_rs, s_cs, S, SPATIAL)
-                zt = _load(t_ptr, offs_r, cols, ok, t_rs, t_cs, S, SPATIAL)
-            u = zs.to(ACC) * inv_tau
-            v = zt.to(ACC) * inv_tau
-            if SIGMOID:
-                sum_s += tl.sum(tl.where(ok, 1.0 / (1.0 + tl.exp(-u)), 0.0), axis=1)
-                sum_t += tl.sum(tl.where(ok, 1.0 / (1.0 + tl.exp(-v)), 0.0), axis=1)
-            else:
-                u = tl.where(col_ok[None, :], u, float("-inf"))
-                v = tl.where(col_ok[None, :], v, float("-inf"))
+        # sweep 1 (softmax only; sigmoid needs no row statistic for y): online max / sum
+        max_s = tl.zeros((BLOCK_R,), ACC)  # sigmoid: unused max 0, 1 / sum 1
+        max_t = tl.zeros((BLOCK_R,), ACC)
+        sum_s = tl.full((BLOCK_R,), 1.0, ACC)
+        sum_t = tl.full((BLOCK_R,), 1.0, ACC)
+        if not SIGMOID:
+            max_s = tl.full((BLOCK_R,), float("-inf"), ACC)
+            max_t = tl.full((BLOCK_R,), float("-inf"), ACC)
+            sum_s = tl.zeros((BLOCK_R,), ACC)
+            sum_t = tl.zeros((BLOCK_R,), ACC)
+            for c0 in range(0, n_cols, BLOCK_C):
+                cols = c0 + tl.arange(0, BLOCK_C)
+                col_ok = cols < n_cols
+                ok = row_ok[:, None] & col_ok[None, :]
+                if RESIDENT:
+                    zs = zs_tile
+                    zt = zt_tile
+                else:
+                    zs = _load(s_ptr, offs_r, cols, ok, s_rs, s_cs, S, SPATIAL)
+                    zt = _load(t_ptr, offs_r, cols, ok, t_rs, t_cs, S, SPATIAL)
+                u = tl.where(col_ok[None, :], zs.to(ACC) * inv_tau, float("-inf"))
+                v = tl.where(col_ok[None, :], zt.to(ACC) * inv_tau, float("-inf"))
                 new_s = tl.maximum(max_s, tl.max(u, axis=1))
                 new_t = tl.maximum(max_t, tl.max(v, axis=1))
                 sum_s = sum_s * tl.exp(max_s - new_s) + tl.sum(tl.exp(u - new_s[:, None]), 1)
                 sum_t = sum_t * tl.exp(max_t - new_t) + tl.sum(tl.exp(v - new_t[:, None]), 1)
                 max_s = new_s
                 max_t = new_t
-        if SIGMOID:
-            shift_s = sum_s / n_f
-            shift_t = sum_t / n_f
-            inv_sum_s = sum_s
-            inv_sum_t = sum_t
-        else:
-            inv_sum_s = 1.0 / sum_s
-            inv_sum_t = 1.0 / sum_t
-            shift_s = tl.zeros((BLOCK_R,), ACC) + 1.0 / n_f
-            shift_t = shift_s
-        # sweep 2: row sums of y - shift and the tile's column moments
+        inv_sum_s = 1.0 / sum_s
+        inv_sum_t = 1.0 / sum_t
+        shift = tl.zeros((BLOCK_R,), ACC) + 1.0 / n_f
+        # sweep 2: y, the row terms and the tile's column moments. Row terms: softmax, sums
+        # of y - 1 / C; sigmoid, the row moments of y merged over the column blocks.
         nb = tl.sum(keep.to(ACC), axis=0)
         nb_safe = tl.where(nb > 0.0, nb, 1.0)
         sd_s = tl.zeros((BLOCK_R,), ACC)
@@ -181,6 +175,7 @@ def dist_stats_kernel(
         sdd_s = tl.zeros((BLOCK_R,), ACC)
         sdd_t = tl.zeros((BLOCK_R,), ACC)
         sdd_st = tl.zeros((BLOCK_R,), ACC)
+        seen = tl.sum(tl.zeros((BLOCK_R,), ACC), axis=0)
         for c0 in range(0, n_cols, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
             col_ok = cols < n_cols
@@ -193,13 +188,33 @@ def dist_stats_kernel(
                 zt = _load(t_ptr, offs_r, cols, ok, t_rs, t_cs, S, SPATIAL)
             ys = activate(zs.to(ACC), inv_tau, max_s, inv_sum_s, SIGMOID)
             yt = activate(zt.to(ACC), inv_tau, max_t, inv_sum_t, SIGMOID)
-            ds = tl.where(ok, ys - shift_s[:, None], 0.0)
-            dt = tl.where(ok, yt - shift_t[:, None], 0.0)
-            sd_s += tl.sum(ds, axis=1)
-            sd_t += tl.sum(dt, axis=1)
-            sdd_s += tl.sum(ds * ds, axis=1)
-            sdd_t += tl.sum(dt * dt, axis=1)
-            sdd_st += tl.sum(ds * dt, axis=1)
+            if SIGMOID:  # sd_*: row means, sdd_*: centred second moments and co-moment
+                width = tl.sum(col_ok.to(ACC), axis=0)
+                r_mean_s = tl.sum(tl.where(ok, ys, 0.0), axis=1) / width
+                r_mean_t = tl.sum(tl.where(ok, yt, 0.0), axis=1) / width
+                ds = tl.where(ok, ys - r_mean_s[:, None], 0.0)
+                dt = tl.where(ok, yt - r_mean_t[:, None], 0.0)
+                if RESIDENT:  # the row's only block
+                    sd_s = r_mean_s
+                    sd_t = r_mean_t
+                    sdd_s = tl.sum(ds * ds, axis=1)
+                    sdd_t = tl.sum(dt * dt, axis=1)
+                    sdd_st = tl.sum(ds * dt, axis=1)
+                else:
+                    sd_s, sd_t, sdd_s, sdd_t, sdd_st = merge_moments(
+                        seen, width, sd_s, sd_t, sdd_s, sdd_t, sdd_st, r_mean_s, r_mean_t,
+                        tl.sum(ds * ds, axis=1), tl.sum(dt * dt, axis=1),
+                        tl.sum(ds * dt, axis=1),
+                    )  # fmt: skip
+                    seen += width
+            else:
+                ds = tl.where(ok, ys - shift[:, None], 0.0)
+                dt = tl.where(ok, yt - shift[:, None], 0.0)
+                sd_s += tl.sum(ds, axis=1)
+                sd_t += tl.sum(dt, axis=1)
+                sdd_s += tl.sum(ds * ds, axis=1)
+                sdd_t += tl.sum(dt * dt, axis=1)
+                sdd_st += tl.sum(ds * dt, axis=1)
             # column moments of the tile's kept rows, merged into this program's
             kept = keep[:, None] & col_ok[None, :]
             ys = tl.where(kept, ys, 0.0)
@@ -241,17 +256,26 @@ def dist_stats_kernel(
                 # layouts store once): make the stores visible to the whole program.
                 tl.debug_barrier()
         na += nb
-        saa = tl.maximum(sdd_s - sd_s * sd_s / n_f, 0.0)
-        sbb = tl.maximum(sdd_t - sd_t * sd_t / n_f, 0.0)
-        sab = sdd_st - sd_s * sd_t / n_f
+        if SIGMOID:
+            row_mean_s = sd_s
+            row_mean_t = sd_t
+            saa = sdd_s
+            sbb = sdd_t
+            sab = sdd_st
+        else:
+            row_mean_s = shift + sd_s / n_f
+            row_mean_t = shift + sd_t / n_f
+            saa = tl.maximum(sdd_s - sd_s * sd_s / n_f, 0.0)
+            sbb = tl.maximum(sdd_t - sd_t * sd_t / n_f, 0.0)
+            sab = sdd_st - sd_s * sd_t / n_f
         rho, inv_d, k_a, k_b = pearson(saa, sbb, sab)
         out = row_ptr + offs_r * 10
         tl.store(out + 0, max_s, mask=row_ok)
         tl.store(out + 1, inv_sum_s, mask=row_ok)
         tl.store(out + 2, max_t, mask=row_ok)
         tl.store(out + 3, inv_sum_t, mask=row_ok)
-        tl.store(out + 4, shift_s + sd_s / n_f, mask=row_ok)
-        tl.store(out + 5, shift_t + sd_t / n_f, mask=row_ok)
+        tl.store(out + 4, row_mean_s, mask=row_ok)
+        tl.store(out + 5, row_mean_t, mask=row_ok)
         tl.store(out + 6, inv_d, mask=row_ok)
         tl.store(out + 7, k_a, mask=row_ok)
         tl.store(out + 8, k_b, mask=row_ok)
@@ -536,7 +560,11 @@ AOT_SPECS = (
         for make in (_stats_spec, _grad_spec)
         for n_cols in (1000, 32000)
     ]
-    + [make("fp32", True, 1000) for make in (_stats_spec, _grad_spec)]
+    + [
+        make("fp32", True, n_cols)
+        for make in (_stats_spec, _grad_spec)
+        for n_cols in (80, 1000, 32000)
+    ]
     + [
         make("fp16", False, n_cols, spatial=True)
         for make in (_stats_spec, _grad_spec)
@@ -573,7 +601,7 @@ def dist_loss_triton(
         (loss: () in promote_types(student, teacher, float32), grad_student of student's
         shape and dtype or (0,), grad_teacher likewise).
     """
-    rows, n_cols, spatial, strides = logit_layout("dist_loss_triton", student, teacher)
+    rows, n_cols, n_spatial, strides = logit_layout("dist_loss_triton", student, teacher)
     if activation not in ACTIVATIONS:
         raise ValueError(f"dist_loss_triton: unknown activation {activation!r}")
     dtype = compute_dtype(student, teacher)
@@ -586,7 +614,7 @@ def dist_loss_triton(
     else:
         kept = mask.sum().to(torch.float64)
     scale = tau * tau if tau_squared else 1.0
-    layout = dict(SPATIAL=spatial > 1, SIGMOID=sigmoid, HAS_MASK=mask is not None)
+    options = dict(SPATIAL=n_spatial > 1, SIGMOID=sigmoid, HAS_MASK=mask is not None)
 
     elem = 8 if acc == torch.float64 else 4
     block_r, block_c, resident = stats_blocks(rows, n_cols, elem)
@@ -596,9 +624,9 @@ def dist_loss_triton(
     count = torch.empty(groups, dtype=acc, device=device)
     params = torch.tensor([1.0 / tau, float(n_cols)], dtype=acc, device=device)
     dist_stats_kernel[(groups,)](
-        student, teacher, flags, params, row_stats, col, count, rows, n_cols, *strides, spatial,
+        student, teacher, flags, params, row_stats, col, count, rows, n_cols, *strides, n_spatial,
         RESIDENT=resident, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_warps(resident),
-        **layout,
+        **options,
     )  # fmt: skip
     coef = torch.empty(COL_FIELDS, n_cols, dtype=acc, device=device)
     rho_col = torch.empty(n_cols, dtype=acc, device=device)
@@ -622,9 +650,9 @@ def dist_loss_triton(
         block_r, block_c, resident = grad_blocks(rows, n_cols, elem)
         dist_grad_kernel[(triton.cdiv(rows, block_r),)](
             student, teacher, flags, weights, row_stats, coef, grad_s, grad_t, rows, n_cols,
-            *strides, spatial, GRAD_S=compute_grad_student, GRAD_T=compute_grad_teacher,
+            *strides, n_spatial, GRAD_S=compute_grad_student, GRAD_T=compute_grad_teacher,
             RESIDENT=resident, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_warps(resident),
-            **layout,
+            **options,
         )  # fmt: skip
     return loss.to(dtype), grad_s, grad_t
 

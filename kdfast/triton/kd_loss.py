@@ -287,7 +287,7 @@ def kd_loss_triton(
         (loss: () or (rows,) in promote_types(student, teacher, float32), grad_student of
         student's shape and dtype or (0,), grad_teacher likewise).
     """
-    rows, n_cols, spatial, strides = logit_layout("kd_loss_triton", student, teacher)
+    rows, n_cols, n_spatial, strides = logit_layout("kd_loss_triton", student, teacher)
     _check(reduction, teacher_kind)
     dtype = compute_dtype(student, teacher)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
@@ -317,12 +317,12 @@ def kd_loss_triton(
         rows,
         n_cols,
         *strides,
-        spatial,
+        n_spatial,
         KIND=TEACHER_KINDS[teacher_kind],
         HAS_MASK=mask is not None,
         GRAD_S=compute_grad_student,
         GRAD_T=compute_grad_teacher,
-        SPATIAL=spatial > 1,
+        SPATIAL=n_spatial > 1,
         BLOCK_R=block_r,
         BLOCK_C=block_c,
     )
