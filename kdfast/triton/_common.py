@@ -47,7 +47,10 @@ def logit_ptrs(ptr, offs_r, cols, rs, cs, S, SPATIAL: tl.constexpr):
     cs = S) ptr + (r // S) * rs + r % S + c * cs. The row part is added to the pointer
     first (loop-invariant across column blocks)."""
     if SPATIAL:
-        row = (offs_r // S) * rs + offs_r % S
+        # r - n * S in int64, not r % S: LLVM's 32-bit fast path of the division computes
+        # that remainder with a 32-bit product, which tests/test_triton_aot.py flags.
+        n = offs_r // S
+        row = n * rs + (offs_r - n * S)
     else:
         row = offs_r * rs
     return ptr + row[:, None] + cols.to(tl.int64)[None, :] * cs
