@@ -322,7 +322,10 @@ def test_nc_star_inputs_read_in_place(op, backend):
                 got = OPS[op](a, b, **option)
                 weights = torch.linspace(0.5, 1.5, got.numel(), dtype=got.dtype)
                 (got.reshape(-1) * weights).sum().backward()
-            if impl.nc_star and shape[-1] != 1:
+            # (the Triton interpreter copies every kernel argument to host buffers itself;
+            # test_triton_ops_read_nc_star_in_place checks the Triton kernels' loads)
+            interpreted = backend == "triton" and SMALL
+            if impl.layout != "rows" and shape[-1] != 1 and not interpreted:
                 copies = [
                     e.name for e in prof.events() if e.name in COPY_OPS and _logit_sized(e, s)
                 ]
@@ -350,7 +353,7 @@ def test_nc_star_gradcheck_and_opcheck(op, backend):
     with kdfast.use_backend(backend):
         assert torch.autograd.gradcheck(lambda x, y: OPS[op](x, y, **option), (s, t))
     custom_op = _dispatch._IMPLS[op][backend].fn.op
-    if _dispatch._IMPLS[op][backend].fn.nc_star:
+    if _dispatch._IMPLS[op][backend].fn.layout != "rows":
         torch.library.opcheck(custom_op, _op_args(op, s, t, option.get("mask"), True, True))
         if op == "kd_loss":
             args = (s, t.detach(), 1.0, 1.0, "none", mask, "logits", True, False)
@@ -386,19 +389,28 @@ def _triton_only(ops):
     return [op for op, b in _pairs(ops) if b == "triton"]
 
 
-@pytest.mark.parametrize("op", _triton_only(["kd_loss", "dist_loss"]))
-def test_triton_chunking(op, monkeypatch):
-    """Tiny tiles: many column blocks per row (online max / sum across blocks), several
-    row tiles per stats program and several programs (Chan-Golub-LeVeque merges in the
-    stats and merge kernels), masked and uniform rows, float64 parity."""
-    require_backend("triton")
+def _tiny_tiles(monkeypatch, resident: bool) -> None:
+    """Tiny Triton tiles: many column blocks per row (not resident), several row tiles per
+    DIST stats program and several programs. resident: DIST holds whole rows (C <= 64)."""
     import kdfast.triton.dist_loss as tdist
     import kdfast.triton.kd_loss as tkd
 
     monkeypatch.setattr(tkd, "TILE", {4: 16, 8: 16})
     monkeypatch.setattr(tdist, "STATS_TILE", {4: 16, 8: 16})
     monkeypatch.setattr(tdist, "GRAD_TILE", {4: 16, 8: 16})
+    monkeypatch.setattr(tdist, "RESIDENT_TILE", {4: 64, 8: 64} if resident else {4: 0, 8: 0})
     monkeypatch.setattr(tdist, "n_programs", lambda *args: 3)
+
+
+@pytest.mark.parametrize("resident", [False, True])
+@pytest.mark.parametrize("op", _triton_only(["kd_loss", "dist_loss"]))
+def test_triton_chunking(op, resident, monkeypatch):
+    """Tiny tiles: many column blocks per row (online max / sum across blocks) or DIST's
+    RESIDENT rows (column moments kept in registers across tiles), several row tiles per
+    stats program and several programs (Chan-Golub-LeVeque merges in the stats and merge
+    kernels), masked and uniform rows, float64 parity."""
+    require_backend("triton")
+    _tiny_tiles(monkeypatch, resident)
     s, t, _ = inputs(torch.float64, 23, 37)["uniform_rows"]
     keep = torch.ones(23, dtype=torch.bool)
     keep[[0, 5, 6, 22]] = False
@@ -431,6 +443,122 @@ def test_triton_large_vocabulary(op):
         assert rel_error(a, b) <= 1e-7
 
 
+def _count_logit_reads(monkeypatch, tensors: dict) -> dict:
+    """Under the interpreter: name -> elements loaded (mask true) from each tensor's
+    storage, counted in every tl.load of every kernel until the test ends."""
+    np = pytest.importorskip("numpy")
+    from triton.runtime import interpreter
+
+    counts = dict.fromkeys(tensors, 0)
+    load = interpreter.InterpreterBuilder.create_masked_load
+
+    def counting_load(self, ptrs, mask, *args):
+        addr = ptrs.data.astype(np.uint64)
+        ok = np.broadcast_to(mask.data, addr.shape)
+        for name, x in tensors.items():
+            lo = x.data_ptr()
+            inside = (addr >= lo) & (addr < lo + x.numel() * x.element_size())
+            counts[name] += int((inside & ok).sum())
+        return load(self, ptrs, mask, *args)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_masked_load", counting_load)
+    return counts
+
+
+@pytest.mark.parametrize("resident", [False, True])
+def test_triton_dist_read_count(resident, monkeypatch):
+    """Reads of zs and zt per call (elements loaded / numel), as the module docstring of
+    kdfast/triton/dist_loss.py states: RESIDENT rows 1 for the loss, 2 with gradients (SPEC
+    2's budget: 3 of zs, 2 of zt); chunked softmax rows 2, 4 with gradients (over the
+    budget, see the docstring); chunked sigmoid rows 1, 2 with gradients."""
+    if "dist_loss" not in _triton_only(["dist_loss"]):
+        pytest.skip("triton does not run on CPU tensors here (TRITON_INTERPRET unset)")
+    require_backend("triton")
+    _tiny_tiles(monkeypatch, resident)
+    s, t, mask = inputs(torch.float64, 23, 37)["masked"]
+    counts = _count_logit_reads(monkeypatch, {"zs": s, "zt": t})
+    dist = torch.ops.kdfast.dist_loss_triton.default
+    want = {
+        ("softmax", False): 1 if resident else 2,
+        ("softmax", True): 2 if resident else 4,
+        ("sigmoid", False): 1,
+        ("sigmoid", True): 2,
+    }
+    for (activation, grads), reads in want.items():
+        for name in counts:
+            counts[name] = 0
+        dist(s, t, 1.0, 1.0, 2.0, True, activation, mask, grads, grads)
+        assert counts == {"zs": reads * s.numel(), "zt": reads * t.numel()}, (activation, grads)
+        if resident or activation == "sigmoid":
+            assert counts["zs"] <= 3 * s.numel() and counts["zt"] <= 2 * t.numel()
+
+
+def _nc_star_cases():
+    for n in (1, 4):
+        for spatial in (1, 3, 7):
+            yield n, spatial
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, S) -> the (N * S, C) rows r = n * S + s (a copy)."""
+    return x.movedim(1, -1).reshape(-1, x.shape[1])
+
+
+@pytest.mark.parametrize("resident", [False, True])
+@pytest.mark.parametrize("op", _triton_only(["kd_loss", "dist_loss"]))
+def test_triton_ops_read_nc_star_in_place(op, resident, monkeypatch):
+    """The Triton ops on contiguous (N, C, S) inputs (rows r = n * S + s, read in place)
+    against the 2-D op on the permuted (N * S, C) copy: loss (per row for "none"),
+    gradients of shape (N, C, S), with and without a (N * S,) mask; tiny tiles."""
+    require_backend("triton")
+    _tiny_tiles(monkeypatch, resident)
+    custom_op = _dispatch._IMPLS[op]["triton"].fn.op
+    g = torch.Generator().manual_seed(3)
+    n_cols = 37
+    for n, spatial in _nc_star_cases():
+        s = 3 * torch.randn(n, n_cols, spatial, generator=g, dtype=torch.float64)
+        t = 3 * torch.randn(n, n_cols, spatial, generator=g, dtype=torch.float64)
+        keep = torch.rand(n * spatial, generator=g) > 0.3
+        if op == "kd_loss":
+            calls = [
+                (2.0, 4.0, reduction, mask, "logits", True, True)
+                for reduction in ("batchmean", "none")
+                for mask in (None, keep)
+            ]
+        else:
+            calls = [
+                (1.0, 2.0, 2.0, True, activation, mask, True, True)
+                for activation in ("softmax", "sigmoid")
+                for mask in (None, keep)
+            ]
+        for rest in calls:
+            got = custom_op(s, t, *rest)
+            want = custom_op(_flat(s), _flat(t), *rest)
+            where = (n, spatial, rest)
+            assert got[0].shape == want[0].shape, where
+            assert rel_error(got[0], want[0]) <= 1e-12, where
+            for a, b in zip(got[1:], want[1:], strict=True):
+                assert a.shape == s.shape, where
+                b = b.reshape(n, spatial, n_cols).movedim(-1, 1)
+                assert rel_error(a, b) <= 1e-12, where
+
+
+@pytest.mark.parametrize("op", _triton_only(["kd_loss", "dist_loss"]))
+def test_triton_opcheck_nc_star(op):
+    """opcheck of the Triton ops on a contiguous (N, C, S) input (fake shapes, including
+    kd's (N * S,) "none" loss)."""
+    require_backend("triton")
+    custom_op = _dispatch._IMPLS[op]["triton"].fn.op
+    g = torch.Generator().manual_seed(4)
+    s = torch.randn(2, 5, 3, generator=g, dtype=torch.float64)
+    t = torch.randn(2, 5, 3, generator=g, dtype=torch.float64)
+    keep = torch.tensor([True, False, True, True, True, False])
+    a = s.clone().requires_grad_(True)
+    torch.library.opcheck(custom_op, _op_args(op, a, t, keep, True, False))
+    if op == "kd_loss":
+        torch.library.opcheck(custom_op, (s, t, 1.0, 1.0, "none", keep, "logits", False, False))
+
+
 def test_triton_ops_reject_bad_input():
     """The Triton ops validate what the public functions do not (direct callers)."""
     if not _triton_only(["kd_loss", "dist_loss"]):
@@ -451,3 +579,10 @@ def test_triton_ops_reject_bad_input():
         dist(s, t[:2], 1.0, 1.0, 1.0, True, "softmax", None, False, False)
     with pytest.raises(ValueError, match="activation"):
         dist(s, t, 1.0, 1.0, 1.0, True, "relu", None, False, False)
+    s3 = torch.randn(2, 5, 3).transpose(0, 2)
+    with pytest.raises(ValueError, match="contiguous"):
+        kd(s3, s3, 1.0, 1.0, "sum", None, "logits", False, False)
+    with pytest.raises(ValueError, match="contiguous"):
+        dist(s3, s3, 1.0, 1.0, 1.0, True, "softmax", None, False, False)
+    with pytest.raises(ValueError, match="shapes"):
+        dist(s3[..., None], s3[..., None], 1.0, 1.0, 1.0, True, "softmax", None, False, False)

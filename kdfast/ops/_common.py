@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kdfast._validation import compute_dtype
+from kdfast._validation import compute_dtype, rows_2d
 
 
 def scalar_like(*tensors: torch.Tensor) -> torch.Tensor:
@@ -30,6 +30,21 @@ def forbid_double_backward(op_name: str) -> None:
     torch.library.register_autograd(
         op_name, backward, setup_context=lambda ctx, inputs, output: None
     )
+
+
+#: How a compiled logit op takes (N, C, S) logits (a backend capability, SPEC 0):
+#: "strided" reads any strides in place; "contiguous" reads contiguous ones in place (others
+#: are made contiguous first, same layout); "rows" gets a permuted (rows, C) copy.
+LOGIT_LAYOUTS = ("strided", "contiguous", "rows")
+
+
+def logits_for(layout: str, s: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(student, teacher) (B, C) / (N, C, S) logits as an op of ``layout`` takes them."""
+    if s.dim() == 2 or layout == "strided":
+        return s, t
+    if layout == "contiguous":
+        return s.contiguous(), t.contiguous()
+    return rows_2d(s), rows_2d(t)
 
 
 def grad_flags(student: torch.Tensor, teacher: torch.Tensor) -> tuple[bool, bool]:

@@ -12,10 +12,10 @@ import torch
 from torch import Tensor
 
 from kdfast import _dispatch, _extension
-from kdfast._validation import rows_2d
 from kdfast.ops._common import (
     grad_flags,
     grad_or_empty,
+    logits_for,
     saved_grad_backward,
     scalar_like,
     setup_saved_grad,
@@ -36,21 +36,17 @@ def register_op(name: str) -> None:
     torch.library.register_autograd(name, backward, setup_context=setup_saved_grad)
 
 
-def make_impl(op, nc_star: bool = True):
-    """The dist_loss implementation calling ``op`` with the grad flags.
-
-    ``nc_star``: the op reads (N, C, S) logits in place; otherwise they reach it as a
-    permuted (rows, C) copy.
-    """
+def make_impl(op, layout: str = "strided"):
+    """The dist_loss implementation calling ``op`` with the grad flags; ``layout``: how
+    ``op`` takes (N, C, S) logits (:data:`kdfast.ops._common.LOGIT_LAYOUTS`)."""
 
     def dist_loss(s: Tensor, t: Tensor, beta, gamma, tau, tau_squared, activation, mask):
-        if not nc_star:
-            s, t = rows_2d(s), rows_2d(t)
+        s, t = logits_for(layout, s, t)
         need_s, need_t = grad_flags(s, t)
         return op(s, t, beta, gamma, tau, tau_squared, activation, mask, need_s, need_t)[0]
 
     dist_loss.op = op
-    dist_loss.nc_star = nc_star
+    dist_loss.layout = layout
     return dist_loss
 
 

@@ -15,8 +15,14 @@ import torch
 from torch import Tensor
 
 from kdfast import _dispatch, _extension
-from kdfast._validation import compute_dtype, logit_rows, rows_2d
-from kdfast.ops._common import grad_flags, grad_or_empty, saved_grad_backward, setup_saved_grad
+from kdfast._validation import compute_dtype, logit_rows
+from kdfast.ops._common import (
+    grad_flags,
+    grad_or_empty,
+    logits_for,
+    saved_grad_backward,
+    setup_saved_grad,
+)
 
 
 def _fake(s, t, temperature, loss_scale, reduction, mask, teacher_kind, grad_s, grad_t):
@@ -35,27 +41,22 @@ def register_op(name: str) -> None:
     torch.library.register_autograd(name, backward, setup_context=setup_saved_grad)
 
 
-def make_impls(op, nc_star: bool = True):
-    """(kd_loss, per_sample_kl) implementations calling ``op`` with the grad flags.
-
-    ``nc_star``: the op reads (N, C, S) logits in place; otherwise they reach it as a
-    permuted (rows, C) copy.
-    """
+def make_impls(op, layout: str = "strided"):
+    """(kd_loss, per_sample_kl) implementations calling ``op`` with the grad flags;
+    ``layout``: how ``op`` takes (N, C, S) logits (:data:`LOGIT_LAYOUTS`)."""
 
     def kd_loss(s: Tensor, t: Tensor, temperature, reduction, mask, teacher) -> Tensor:
-        if not nc_star:
-            s, t = rows_2d(s), rows_2d(t)
+        s, t = logits_for(layout, s, t)
         need_s, need_t = grad_flags(s, t)
         return op(s, t, temperature, temperature**2, reduction, mask, teacher, need_s, need_t)[0]
 
     def per_sample_kl(s: Tensor, t: Tensor, temperature) -> Tensor:
-        if not nc_star:
-            s, t = rows_2d(s), rows_2d(t)
+        s, t = logits_for(layout, s, t)
         need_s, need_t = grad_flags(s, t)
         return op(s, t, temperature, 1.0, "none", None, "logits", need_s, need_t)[0]
 
     kd_loss.op = per_sample_kl.op = op
-    kd_loss.nc_star = per_sample_kl.nc_star = nc_star
+    kd_loss.layout = per_sample_kl.layout = layout
     return kd_loss, per_sample_kl
 
 
@@ -67,9 +68,9 @@ CPU_OPT_IN = "CPU kernel 7x the reference at (4096, 32000) but 0.74x torch.compi
 
 
 def register_backend(
-    backend: str, op, devices, opt_in: str | None = None, nc_star: bool = True
+    backend: str, op, devices, opt_in: str | None = None, layout: str = "strided"
 ) -> None:
-    kd_loss, per_sample_kl = make_impls(op, nc_star)
+    kd_loss, per_sample_kl = make_impls(op, layout)
     _dispatch.implement("kd_loss", backend, kd_loss, devices=devices, opt_in=opt_in)
     _dispatch.implement("per_sample_kl", backend, per_sample_kl, devices=devices, opt_in=opt_in)
 

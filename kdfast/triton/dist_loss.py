@@ -3,15 +3,16 @@
 Same contract as ``kdfast::dist_loss_cpp`` (:mod:`kdfast.ops.dist_loss`): the op returns
 ``(loss, grad_student, grad_teacher)``, the gradients written in the forward pass only when
 the flags ask for them, empty (0,) tensors otherwise; once-differentiable. Options:
-tau_squared, activation="sigmoid", mask; inputs read in place with any strides.
+tau_squared, activation="sigmoid", mask. Inputs: (rows, C) with any strides, or contiguous
+(N, C, S) read in place as N * S rows (r = n * S + s; gradients of the input's shape).
 
-Three kernels (csrc/dist_loss.h has the per-element math):
+Three kernels (the per-element math of csrc/dist_loss.h is in kdfast/triton/_dist_math.py):
 
-* ``dist_stats_kernel``, G programs, each owning every G-th tile of BLOCK_R rows: per tile, a
-  sweep over column blocks for the row log-sum-exps (online max / sum; the row sums for
-  sigmoid), then a sweep computing y = act(z / tau), the row correlation terms (sums of
-  y - K, K = 1 / C for softmax (so a uniform row is centred exactly), the row mean for
-  sigmoid) and the tile's column moments (count, means, centred second moments,
+* ``dist_stats_kernel``, G programs, each owning every G-th tile of BLOCK_R rows: per tile,
+  for softmax a sweep over column blocks for the row log-sum-exps (online max / sum), then
+  a sweep computing y = act(z / tau), the row correlation terms (softmax: sums of y - 1 / C,
+  so a uniform row is centred exactly; sigmoid: the row moments of y, column blocks merged
+  as below) and the tile's column moments (count, means, centred second moments,
   co-moment), merged into the program's own column moments with the pairwise update of
   Chan, Golub and LeVeque. Per-row values (max, 1 / sum, means, Pearson coefficients, rho)
   go to a (rows, 10) buffer.
@@ -21,12 +22,27 @@ Three kernels (csrc/dist_loss.h has the per-element math):
 * ``dist_grad_kernel``, programs over row tiles: per row <g, y> (softmax), then the gradient
   write y (g - <g, y>) / tau (softmax) or g y (1 - y) / tau (sigmoid).
 
-Reads: 2 of each input for the loss, 2 more for the gradient (4 in all; SPEC 2's minimum
-is 3 of zs and 2 of zt, see the issue 4 report); 1 write per gradient. Temporaries: per-row
-values and G x 5 x C column moments (G capped so they stay within COLUMN_BUDGET bytes); no
-(rows, C) buffer, also for half inputs (computed in float32 registers; float64 in float64).
-Row offsets are 64-bit. Launchers accept CPU tensors (TRITON_INTERPRET=1). Import only when
-triton is importable.
+Reads of the (rows, C) logits per call (tests/test_logit_kernels.py counts them under the
+interpreter), each of zs and zt alike:
+
+* RESIDENT (a row padded to a power of two fits RESIDENT_TILE elements: C <= 2048 in
+  float32 / half, 1024 in float64): the tile of BLOCK_R whole rows is loaded once per
+  kernel and every sweep runs on the registers; the stats programs also keep their column
+  moments in registers (stored once). 1 read for the loss, 2 with gradients: within SPEC
+  2's budget (3 of zs, 2 of zt).
+* chunked (wider rows, up to 262144 and beyond), softmax: 2 reads for the loss
+  (log-sum-exp, then y), 4 with gradients (<g, y>, then the write). SPEC 2's budget is not
+  reachable here without holding a row on chip: y needs the row's final log-sum-exp
+  before the column moments, and every gradient element needs yt (through g) after the
+  column merge, for <g, y> and again for the write; Triton has no explicit shared memory
+  to keep a 32000-class row, and a scratch copy of y would cost the same traffic as the
+  read it replaces.
+* chunked, sigmoid (y needs no row statistic): 1 read for the loss, 2 with gradients.
+
+1 write per gradient. Temporaries: per-row values and G x 5 x C column moments (G capped so
+they stay within COLUMN_BUDGET bytes); no (rows, C) buffer, also for half inputs (computed
+in float32 registers; float64 in float64). Row offsets are 64-bit. Launchers accept CPU
+tensors (TRITON_INTERPRET=1). Import only when triton is importable.
 """
 
 from __future__ import annotations
@@ -39,11 +55,10 @@ from torch import Tensor
 from kdfast import _dispatch
 from kdfast._validation import compute_dtype
 from kdfast.ops.dist_loss import make_impl, register_op
-from kdfast.triton._common import mask_flags
+from kdfast.triton._common import grad_offsets, logit_layout, logit_ptrs, mask_flags
+from kdfast.triton._dist_math import activate, dloss_dy, merge_moments, pearson
 from kdfast.triton.aot import KernelSpec
 
-#: csrc/dist_loss.h: eps added to the product of the norms
-COSINE_EPS = tl.constexpr(1e-8)
 ACTIVATIONS = ("softmax", "sigmoid")
 #: row-stat fields of the (rows, ROW_FIELDS) buffer
 MAX_S, INV_SUM_S, MAX_T, INV_SUM_T, MEAN_S, MEAN_T, INV_D, K_A, K_B, RHO = range(10)
@@ -53,56 +68,18 @@ COL_FIELDS = 5
 #: elements per tile of the stats and gradient kernels
 STATS_TILE = {4: 1024, 8: 512}
 GRAD_TILE = {4: 1024, 8: 512}
+#: elements per input of a RESIDENT tile (whole rows held in registers)
+RESIDENT_TILE = {4: 2048, 8: 1024}
+RESIDENT_WARPS = 8
 MERGE_BLOCK = 256
 #: bytes allowed for the per-program column moments
 COLUMN_BUDGET = 256 * 2**20
 
 
 @triton.jit
-def _activate(z, inv_tau, mx, inv_sum, SIGMOID: tl.constexpr):
-    """y = sigmoid(z / tau), or softmax from the row's max and 1 / sum (bit-identical in
-    every kernel: the column centring of B = 1 must give exactly 0)."""
-    u = z * inv_tau
-    if SIGMOID:
-        y = 1.0 / (1.0 + tl.exp(-u))
-    else:
-        y = tl.exp(u - mx[:, None]) * inv_sum[:, None]
-    return y
-
-
-@triton.jit
-def _pearson(saa, sbb, sab):
-    """(rho, 1 / D, k_a, k_b) from centred sums (csrc/dist_loss.h)."""
-    na = tl.sqrt(saa)
-    nb = tl.sqrt(sbb)
-    inv_d = 1.0 / (na * nb + COSINE_EPS)
-    k_a = tl.where(na > 0.0, sab * nb / tl.where(na > 0.0, na, 1.0) * inv_d * inv_d, 0.0)
-    k_b = tl.where(nb > 0.0, sab * na / tl.where(nb > 0.0, nb, 1.0) * inv_d * inv_d, 0.0)
-    return sab * inv_d, inv_d, k_a, k_b
-
-
-@triton.jit
-def _merge(na, nb, mean_x, mean_y, m2x, m2y, cxy, b_mean_x, b_mean_y, b_m2x, b_m2y, b_cxy):
-    """Chan-Golub-LeVeque update of (na, moments) with a block of nb rows (nb may be 0)."""
-    n = na + nb
-    n_safe = tl.where(n > 0.0, n, 1.0)
-    ratio = nb / n_safe
-    w = na * ratio
-    dx = b_mean_x - mean_x
-    dy = b_mean_y - mean_y
-    return (
-        mean_x + dx * ratio,
-        mean_y + dy * ratio,
-        m2x + b_m2x + dx * dx * w,
-        m2y + b_m2y + dy * dy * w,
-        cxy + b_cxy + dx * dy * w,
-    )
-
-
-@triton.jit
-def _load(ptr, offs_r, rs, cs, cols, ok, ACC: tl.constexpr):
-    offs = offs_r[:, None] * rs + cols.to(tl.int64)[None, :] * cs
-    return tl.load(ptr + offs, mask=ok, other=0.0).to(ACC)
+def _load(ptr, offs_r, cols, ok, rs, cs, S, SPATIAL: tl.constexpr):
+    """A (BLOCK_R, BLOCK_C) tile of logits in their own dtype (0 where not ok)."""
+    return tl.load(logit_ptrs(ptr, offs_r, cols, rs, cs, S, SPATIAL), mask=ok, other=0.0)
 
 
 @triton.jit
@@ -120,14 +97,18 @@ def dist_stats_kernel(
     s_cs,
     t_rs,
     t_cs,
+    S,
     SIGMOID: tl.constexpr,
     HAS_MASK: tl.constexpr,
+    RESIDENT: tl.constexpr,
+    SPATIAL: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     """Pass 1: per-row values into row (rows, 10) and this program's column moments into
     col[program] (5, C) (zero-initialised), its kept-row count into count[program].
-    params = [1 / tau, C] in the compute dtype (that of row, col, count)."""
+    params = [1 / tau, C] in the compute dtype (that of row, col, count). RESIDENT: C <=
+    BLOCK_C, each tile read once, column moments in registers."""
     ACC = row_ptr.dtype.element_ty
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
@@ -136,6 +117,12 @@ def dist_stats_kernel(
     n64 = pid.to(tl.int64) * 0 + n_cols  # 64-bit field offsets
     col_base = col_ptr + pid.to(tl.int64) * 5 * n64
     na = tl.sum(tl.zeros((BLOCK_R,), ACC), axis=0)
+    if RESIDENT:  # this program's column moments
+        acc_mean_s = tl.zeros((BLOCK_C,), ACC)
+        acc_mean_t = tl.zeros((BLOCK_C,), ACC)
+        acc_m2s = tl.zeros((BLOCK_C,), ACC)
+        acc_m2t = tl.zeros((BLOCK_C,), ACC)
+        acc_cst = tl.zeros((BLOCK_C,), ACC)
     n_tiles = tl.cdiv(n_rows, BLOCK_R)
     for tile in range(pid, n_tiles, n_programs):
         offs_r = (tl.zeros((BLOCK_R,), tl.int64) + tile) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -143,40 +130,44 @@ def dist_stats_kernel(
         keep = row_ok
         if HAS_MASK:
             keep = keep & (tl.load(mask_ptr + offs_r, mask=row_ok, other=0) != 0)
-        # sweep 1: softmax max / sum (sigmoid: sum of y)
-        max_s = tl.full((BLOCK_R,), float("-inf"), ACC)
-        max_t = tl.full((BLOCK_R,), float("-inf"), ACC)
-        sum_s = tl.zeros((BLOCK_R,), ACC)
-        sum_t = tl.zeros((BLOCK_R,), ACC)
-        for c0 in range(0, n_cols, BLOCK_C):
-            cols = c0 + tl.arange(0, BLOCK_C)
-            col_ok = cols < n_cols
-            ok = row_ok[:, None] & col_ok[None, :]
-            u = _load(s_ptr, offs_r, s_rs, s_cs, cols, ok, ACC) * inv_tau
-            v = _load(t_ptr, offs_r, t_rs, t_cs, cols, ok, ACC) * inv_tau
-            if SIGMOID:
-                sum_s += tl.sum(tl.where(ok, 1.0 / (1.0 + tl.exp(-u)), 0.0), axis=1)
-                sum_t += tl.sum(tl.where(ok, 1.0 / (1.0 + tl.exp(-v)), 0.0), axis=1)
-            else:
-                u = tl.where(col_ok[None, :], u, float("-inf"))
-                v = tl.where(col_ok[None, :], v, float("-inf"))
+        if RESIDENT:  # the only read of this tile
+            cols = tl.arange(0, BLOCK_C)
+            ok = row_ok[:, None] & (cols < n_cols)[None, :]
+            zs_tile = _load(s_ptr, offs_r, cols, ok, s_rs, s_cs, S, SPATIAL)
+            zt_tile = _load(t_ptr, offs_r, cols, ok, t_rs, t_cs, S, SPATIAL)
+        # sweep 1 (softmax only; sigmoid needs no row statistic for y): online max / sum
+        max_s = tl.zeros((BLOCK_R,), ACC)  # sigmoid: unused max 0, 1 / sum 1
+        max_t = tl.zeros((BLOCK_R,), ACC)
+        sum_s = tl.full((BLOCK_R,), 1.0, ACC)
+        sum_t = tl.full((BLOCK_R,), 1.0, ACC)
+        if not SIGMOID:
+            max_s = tl.full((BLOCK_R,), float("-inf"), ACC)
+            max_t = tl.full((BLOCK_R,), float("-inf"), ACC)
+            sum_s = tl.zeros((BLOCK_R,), ACC)
+            sum_t = tl.zeros((BLOCK_R,), ACC)
+            for c0 in range(0, n_cols, BLOCK_C):
+                cols = c0 + tl.arange(0, BLOCK_C)
+                col_ok = cols < n_cols
+                ok = row_ok[:, None] & col_ok[None, :]
+                if RESIDENT:
+                    zs = zs_tile
+                    zt = zt_tile
+                else:
+                    zs = _load(s_ptr, offs_r, cols, ok, s_rs, s_cs, S, SPATIAL)
+                    zt = _load(t_ptr, offs_r, cols, ok, t_rs, t_cs, S, SPATIAL)
+                u = tl.where(col_ok[None, :], zs.to(ACC) * inv_tau, float("-inf"))
+                v = tl.where(col_ok[None, :], zt.to(ACC) * inv_tau, float("-inf"))
                 new_s = tl.maximum(max_s, tl.max(u, axis=1))
                 new_t = tl.maximum(max_t, tl.max(v, axis=1))
                 sum_s = sum_s * tl.exp(max_s - new_s) + tl.sum(tl.exp(u - new_s[:, None]), 1)
                 sum_t = sum_t * tl.exp(max_t - new_t) + tl.sum(tl.exp(v - new_t[:, None]), 1)
                 max_s = new_s
                 max_t = new_t
-        if SIGMOID:
-            shift_s = sum_s / n_f
-            shift_t = sum_t / n_f
-            inv_sum_s = sum_s
-            inv_sum_t = sum_t
-        else:
-            inv_sum_s = 1.0 / sum_s
-            inv_sum_t = 1.0 / sum_t
-            shift_s = tl.zeros((BLOCK_R,), ACC) + 1.0 / n_f
-            shift_t = shift_s
-        # sweep 2: row sums of y - shift and the tile's column moments
+        inv_sum_s = 1.0 / sum_s
+        inv_sum_t = 1.0 / sum_t
+        shift = tl.zeros((BLOCK_R,), ACC) + 1.0 / n_f
+        # sweep 2: y, the row terms and the tile's column moments. Row terms: softmax, sums
+        # of y - 1 / C; sigmoid, the row moments of y merged over the column blocks.
         nb = tl.sum(keep.to(ACC), axis=0)
         nb_safe = tl.where(nb > 0.0, nb, 1.0)
         sd_s = tl.zeros((BLOCK_R,), ACC)
@@ -184,23 +175,46 @@ def dist_stats_kernel(
         sdd_s = tl.zeros((BLOCK_R,), ACC)
         sdd_t = tl.zeros((BLOCK_R,), ACC)
         sdd_st = tl.zeros((BLOCK_R,), ACC)
+        seen = tl.sum(tl.zeros((BLOCK_R,), ACC), axis=0)
         for c0 in range(0, n_cols, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
             col_ok = cols < n_cols
             ok = row_ok[:, None] & col_ok[None, :]
-            ys = _activate(
-                _load(s_ptr, offs_r, s_rs, s_cs, cols, ok, ACC), inv_tau, max_s, inv_sum_s, SIGMOID
-            )
-            yt = _activate(
-                _load(t_ptr, offs_r, t_rs, t_cs, cols, ok, ACC), inv_tau, max_t, inv_sum_t, SIGMOID
-            )
-            ds = tl.where(ok, ys - shift_s[:, None], 0.0)
-            dt = tl.where(ok, yt - shift_t[:, None], 0.0)
-            sd_s += tl.sum(ds, axis=1)
-            sd_t += tl.sum(dt, axis=1)
-            sdd_s += tl.sum(ds * ds, axis=1)
-            sdd_t += tl.sum(dt * dt, axis=1)
-            sdd_st += tl.sum(ds * dt, axis=1)
+            if RESIDENT:
+                zs = zs_tile
+                zt = zt_tile
+            else:
+                zs = _load(s_ptr, offs_r, cols, ok, s_rs, s_cs, S, SPATIAL)
+                zt = _load(t_ptr, offs_r, cols, ok, t_rs, t_cs, S, SPATIAL)
+            ys = activate(zs.to(ACC), inv_tau, max_s, inv_sum_s, SIGMOID)
+            yt = activate(zt.to(ACC), inv_tau, max_t, inv_sum_t, SIGMOID)
+            if SIGMOID:  # sd_*: row means, sdd_*: centred second moments and co-moment
+                width = tl.sum(col_ok.to(ACC), axis=0)
+                r_mean_s = tl.sum(tl.where(ok, ys, 0.0), axis=1) / width
+                r_mean_t = tl.sum(tl.where(ok, yt, 0.0), axis=1) / width
+                ds = tl.where(ok, ys - r_mean_s[:, None], 0.0)
+                dt = tl.where(ok, yt - r_mean_t[:, None], 0.0)
+                if RESIDENT:  # the row's only block
+                    sd_s = r_mean_s
+                    sd_t = r_mean_t
+                    sdd_s = tl.sum(ds * ds, axis=1)
+                    sdd_t = tl.sum(dt * dt, axis=1)
+                    sdd_st = tl.sum(ds * dt, axis=1)
+                else:
+                    sd_s, sd_t, sdd_s, sdd_t, sdd_st = merge_moments(
+                        seen, width, sd_s, sd_t, sdd_s, sdd_t, sdd_st, r_mean_s, r_mean_t,
+                        tl.sum(ds * ds, axis=1), tl.sum(dt * dt, axis=1),
+                        tl.sum(ds * dt, axis=1),
+                    )  # fmt: skip
+                    seen += width
+            else:
+                ds = tl.where(ok, ys - shift[:, None], 0.0)
+                dt = tl.where(ok, yt - shift[:, None], 0.0)
+                sd_s += tl.sum(ds, axis=1)
+                sd_t += tl.sum(dt, axis=1)
+                sdd_s += tl.sum(ds * ds, axis=1)
+                sdd_t += tl.sum(dt * dt, axis=1)
+                sdd_st += tl.sum(ds * dt, axis=1)
             # column moments of the tile's kept rows, merged into this program's
             kept = keep[:, None] & col_ok[None, :]
             ys = tl.where(kept, ys, 0.0)
@@ -209,45 +223,72 @@ def dist_stats_kernel(
             b_mean_t = tl.sum(yt, axis=0) / nb_safe
             cs = tl.where(kept, ys - b_mean_s[None, :], 0.0)
             ct = tl.where(kept, yt - b_mean_t[None, :], 0.0)
-            fields = col_base + cols
-            mean_s, mean_t, m2s, m2t, cst = _merge(
-                na,
-                nb,
-                tl.load(fields, mask=col_ok, other=0.0),
-                tl.load(fields + n64, mask=col_ok, other=0.0),
-                tl.load(fields + 2 * n64, mask=col_ok, other=0.0),
-                tl.load(fields + 3 * n64, mask=col_ok, other=0.0),
-                tl.load(fields + 4 * n64, mask=col_ok, other=0.0),
-                b_mean_s,
-                b_mean_t,
-                tl.sum(cs * cs, axis=0),
-                tl.sum(ct * ct, axis=0),
-                tl.sum(cs * ct, axis=0),
-            )
-            tl.store(fields, mean_s, mask=col_ok)
-            tl.store(fields + n64, mean_t, mask=col_ok)
-            tl.store(fields + 2 * n64, m2s, mask=col_ok)
-            tl.store(fields + 3 * n64, m2t, mask=col_ok)
-            tl.store(fields + 4 * n64, cst, mask=col_ok)
-            # The next tile reloads these moments, possibly in other threads (replicated
-            # layouts store once): make the stores visible to the whole program.
-            tl.debug_barrier()
+            b_m2s = tl.sum(cs * cs, axis=0)
+            b_m2t = tl.sum(ct * ct, axis=0)
+            b_cst = tl.sum(cs * ct, axis=0)
+            if RESIDENT:
+                acc_mean_s, acc_mean_t, acc_m2s, acc_m2t, acc_cst = merge_moments(
+                    na, nb, acc_mean_s, acc_mean_t, acc_m2s, acc_m2t, acc_cst,
+                    b_mean_s, b_mean_t, b_m2s, b_m2t, b_cst,
+                )  # fmt: skip
+            else:
+                fields = col_base + cols
+                mean_s, mean_t, m2s, m2t, cst = merge_moments(
+                    na,
+                    nb,
+                    tl.load(fields, mask=col_ok, other=0.0),
+                    tl.load(fields + n64, mask=col_ok, other=0.0),
+                    tl.load(fields + 2 * n64, mask=col_ok, other=0.0),
+                    tl.load(fields + 3 * n64, mask=col_ok, other=0.0),
+                    tl.load(fields + 4 * n64, mask=col_ok, other=0.0),
+                    b_mean_s,
+                    b_mean_t,
+                    b_m2s,
+                    b_m2t,
+                    b_cst,
+                )
+                tl.store(fields, mean_s, mask=col_ok)
+                tl.store(fields + n64, mean_t, mask=col_ok)
+                tl.store(fields + 2 * n64, m2s, mask=col_ok)
+                tl.store(fields + 3 * n64, m2t, mask=col_ok)
+                tl.store(fields + 4 * n64, cst, mask=col_ok)
+                # The next tile reloads these moments, possibly in other threads (replicated
+                # layouts store once): make the stores visible to the whole program.
+                tl.debug_barrier()
         na += nb
-        saa = tl.maximum(sdd_s - sd_s * sd_s / n_f, 0.0)
-        sbb = tl.maximum(sdd_t - sd_t * sd_t / n_f, 0.0)
-        sab = sdd_st - sd_s * sd_t / n_f
-        rho, inv_d, k_a, k_b = _pearson(saa, sbb, sab)
+        if SIGMOID:
+            row_mean_s = sd_s
+            row_mean_t = sd_t
+            saa = sdd_s
+            sbb = sdd_t
+            sab = sdd_st
+        else:
+            row_mean_s = shift + sd_s / n_f
+            row_mean_t = shift + sd_t / n_f
+            saa = tl.maximum(sdd_s - sd_s * sd_s / n_f, 0.0)
+            sbb = tl.maximum(sdd_t - sd_t * sd_t / n_f, 0.0)
+            sab = sdd_st - sd_s * sd_t / n_f
+        rho, inv_d, k_a, k_b = pearson(saa, sbb, sab)
         out = row_ptr + offs_r * 10
         tl.store(out + 0, max_s, mask=row_ok)
         tl.store(out + 1, inv_sum_s, mask=row_ok)
         tl.store(out + 2, max_t, mask=row_ok)
         tl.store(out + 3, inv_sum_t, mask=row_ok)
-        tl.store(out + 4, shift_s + sd_s / n_f, mask=row_ok)
-        tl.store(out + 5, shift_t + sd_t / n_f, mask=row_ok)
+        tl.store(out + 4, row_mean_s, mask=row_ok)
+        tl.store(out + 5, row_mean_t, mask=row_ok)
         tl.store(out + 6, inv_d, mask=row_ok)
         tl.store(out + 7, k_a, mask=row_ok)
         tl.store(out + 8, k_b, mask=row_ok)
         tl.store(out + 9, tl.where(keep, rho, 0.0), mask=row_ok)
+    if RESIDENT:
+        cols = tl.arange(0, BLOCK_C)
+        col_ok = cols < n_cols
+        fields = col_base + cols
+        tl.store(fields, acc_mean_s, mask=col_ok)
+        tl.store(fields + n64, acc_mean_t, mask=col_ok)
+        tl.store(fields + 2 * n64, acc_m2s, mask=col_ok)
+        tl.store(fields + 3 * n64, acc_m2t, mask=col_ok)
+        tl.store(fields + 4 * n64, acc_cst, mask=col_ok)
     tl.store(count_ptr + pid, na)
 
 
@@ -268,7 +309,7 @@ def dist_merge_kernel(col_ptr, count_ptr, coef_ptr, rho_ptr, n_cols, n_groups, B
     for g in range(1, n_groups):
         fields += 5 * n64
         nb = tl.load(count_ptr + g)
-        mean_s, mean_t, m2s, m2t, cst = _merge(
+        mean_s, mean_t, m2s, m2t, cst = merge_moments(
             na,
             nb,
             mean_s,
@@ -283,36 +324,13 @@ def dist_merge_kernel(col_ptr, count_ptr, coef_ptr, rho_ptr, n_cols, n_groups, B
             tl.load(fields + 4 * n64, mask=ok, other=0.0),
         )
         na += nb
-    rho, inv_d, k_a, k_b = _pearson(m2s, m2t, cst)
+    rho, inv_d, k_a, k_b = pearson(m2s, m2t, cst)
     tl.store(coef_ptr + cols, mean_s, mask=ok)
     tl.store(coef_ptr + n64 + cols, mean_t, mask=ok)
     tl.store(coef_ptr + 2 * n64 + cols, inv_d, mask=ok)
     tl.store(coef_ptr + 3 * n64 + cols, k_a, mask=ok)
     tl.store(coef_ptr + 4 * n64 + cols, k_b, mask=ok)
     tl.store(rho_ptr + cols, rho, mask=ok)
-
-
-@triton.jit
-def _dloss_dy(ys, yt, cols, ok, row, coef_ptr, n64, w_row, w_col, STUDENT: tl.constexpr):
-    """g = dL/dy of the student (STUDENT) or teacher side, for a tile (csrc/dist_loss.h)."""
-    col_ok = cols < n64
-    m_s = tl.load(coef_ptr + cols, mask=col_ok, other=0.0)[None, :]
-    m_t = tl.load(coef_ptr + n64 + cols, mask=col_ok, other=0.0)[None, :]
-    inv_d = tl.load(coef_ptr + 2 * n64 + cols, mask=col_ok, other=0.0)[None, :]
-    mean_s = tl.load(row + 4)[:, None]
-    mean_t = tl.load(row + 5)[:, None]
-    row_inv_d = tl.load(row + 6)[:, None]
-    if STUDENT:
-        k_col = tl.load(coef_ptr + 3 * n64 + cols, mask=col_ok, other=0.0)[None, :]
-        k_row = tl.load(row + 7)[:, None]
-        row_part = (yt - mean_t) * row_inv_d - k_row * (ys - mean_s)
-        col_part = (yt - m_t) * inv_d - k_col * (ys - m_s)
-    else:
-        k_col = tl.load(coef_ptr + 4 * n64 + cols, mask=col_ok, other=0.0)[None, :]
-        k_row = tl.load(row + 8)[:, None]
-        row_part = (ys - mean_s) * row_inv_d - k_row * (yt - mean_t)
-        col_part = (ys - m_s) * inv_d - k_col * (yt - m_t)
-    return tl.where(ok, w_row * row_part + w_col * col_part, 0.0)
 
 
 @triton.jit
@@ -331,15 +349,19 @@ def dist_grad_kernel(
     s_cs,
     t_rs,
     t_cs,
+    S,
     SIGMOID: tl.constexpr,
     HAS_MASK: tl.constexpr,
     GRAD_S: tl.constexpr,
     GRAD_T: tl.constexpr,
+    RESIDENT: tl.constexpr,
+    SPATIAL: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """Passes 2 and 3: dL/dzs, dL/dzt into gs, gt (contiguous (rows, C); zero for masked
-    rows). params = [1 / tau, dL/drho_row = -beta s / kept, dL/drho_col = -gamma s / C]."""
+    """Passes 2 and 3: dL/dzs, dL/dzt into gs, gt (contiguous, the inputs' layout: (rows, C)
+    or (N, C, S); zero for masked rows). params = [1 / tau, dL/drho_row = -beta s / kept,
+    dL/drho_col = -gamma s / C]. RESIDENT: C <= BLOCK_C, each tile read once."""
     ACC = row_ptr.dtype.element_ty
     offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = offs_r < n_rows
@@ -355,36 +377,45 @@ def dist_grad_kernel(
     inv_sum_s = tl.load(row + 1)
     max_t = tl.load(row + 2)
     inv_sum_t = tl.load(row + 3)
+    if RESIDENT:  # the only read of this tile
+        cols = tl.arange(0, BLOCK_C)
+        ok = row_ok[:, None] & (cols < n_cols)[None, :]
+        zs_tile = _load(s_ptr, offs_r, cols, ok, s_rs, s_cs, S, SPATIAL)
+        zt_tile = _load(t_ptr, offs_r, cols, ok, t_rs, t_cs, S, SPATIAL)
     dot_s = tl.zeros((BLOCK_R,), ACC)
     dot_t = tl.zeros((BLOCK_R,), ACC)
     if not SIGMOID:
         for c0 in range(0, n_cols, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
             ok = row_ok[:, None] & (cols < n_cols)[None, :]
-            ys = _activate(
-                _load(s_ptr, offs_r, s_rs, s_cs, cols, ok, ACC), inv_tau, max_s, inv_sum_s, SIGMOID
-            )
-            yt = _activate(
-                _load(t_ptr, offs_r, t_rs, t_cs, cols, ok, ACC), inv_tau, max_t, inv_sum_t, SIGMOID
-            )
+            if RESIDENT:
+                zs = zs_tile
+                zt = zt_tile
+            else:
+                zs = _load(s_ptr, offs_r, cols, ok, s_rs, s_cs, S, SPATIAL)
+                zt = _load(t_ptr, offs_r, cols, ok, t_rs, t_cs, S, SPATIAL)
+            ys = activate(zs.to(ACC), inv_tau, max_s, inv_sum_s, SIGMOID)
+            yt = activate(zt.to(ACC), inv_tau, max_t, inv_sum_t, SIGMOID)
             if GRAD_S:
-                g = _dloss_dy(ys, yt, cols, ok, row, coef_ptr, n64, w_row, w_col, True)
+                g = dloss_dy(ys, yt, cols, ok, row, coef_ptr, n64, w_row, w_col, True)
                 dot_s += tl.sum(g * ys, axis=1)
             if GRAD_T:
-                g = _dloss_dy(ys, yt, cols, ok, row, coef_ptr, n64, w_row, w_col, False)
+                g = dloss_dy(ys, yt, cols, ok, row, coef_ptr, n64, w_row, w_col, False)
                 dot_t += tl.sum(g * yt, axis=1)
     for c0 in range(0, n_cols, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         ok = row_ok[:, None] & (cols < n_cols)[None, :]
-        ys = _activate(
-            _load(s_ptr, offs_r, s_rs, s_cs, cols, ok, ACC), inv_tau, max_s, inv_sum_s, SIGMOID
-        )
-        yt = _activate(
-            _load(t_ptr, offs_r, t_rs, t_cs, cols, ok, ACC), inv_tau, max_t, inv_sum_t, SIGMOID
-        )
-        out = offs_r[:, None] * n_cols + cols.to(tl.int64)[None, :]
+        if RESIDENT:
+            zs = zs_tile
+            zt = zt_tile
+        else:
+            zs = _load(s_ptr, offs_r, cols, ok, s_rs, s_cs, S, SPATIAL)
+            zt = _load(t_ptr, offs_r, cols, ok, t_rs, t_cs, S, SPATIAL)
+        ys = activate(zs.to(ACC), inv_tau, max_s, inv_sum_s, SIGMOID)
+        yt = activate(zt.to(ACC), inv_tau, max_t, inv_sum_t, SIGMOID)
+        out = grad_offsets(offs_r, cols, n_cols, S, SPATIAL)
         if GRAD_S:
-            g = _dloss_dy(ys, yt, cols, ok, row, coef_ptr, n64, w_row, w_col, True)
+            g = dloss_dy(ys, yt, cols, ok, row, coef_ptr, n64, w_row, w_col, True)
             if SIGMOID:
                 g = g * ys * (1.0 - ys) * inv_tau
             else:
@@ -392,7 +423,7 @@ def dist_grad_kernel(
             g = tl.where(keep[:, None], g, 0.0)
             tl.store(gs_ptr + out, g.to(gs_ptr.dtype.element_ty), mask=ok)
         if GRAD_T:
-            g = _dloss_dy(ys, yt, cols, ok, row, coef_ptr, n64, w_row, w_col, False)
+            g = dloss_dy(ys, yt, cols, ok, row, coef_ptr, n64, w_row, w_col, False)
             if SIGMOID:
                 g = g * yt * (1.0 - yt) * inv_tau
             else:
@@ -401,18 +432,34 @@ def dist_grad_kernel(
             tl.store(gt_ptr + out, g.to(gt_ptr.dtype.element_ty), mask=ok)
 
 
-def stats_blocks(n_rows: int, n_cols: int, elem: int) -> tuple[int, int]:
-    """(BLOCK_R, BLOCK_C) of the stats kernel: tall tiles (up to 16 rows), so that the
-    column moments are read and written once per 16 rows."""
+def _resident_rows(n_rows: int, n_cols: int, elem: int) -> int:
+    """BLOCK_R of a RESIDENT tile (whole rows, padded to a power of two), 0 when a row does
+    not fit RESIDENT_TILE."""
+    width = triton.next_power_of_2(n_cols)
+    if width > RESIDENT_TILE[elem]:
+        return 0
+    return max(1, min(16, RESIDENT_TILE[elem] // width, triton.next_power_of_2(n_rows)))
+
+
+def stats_blocks(n_rows: int, n_cols: int, elem: int) -> tuple[int, int, bool]:
+    """(BLOCK_R, BLOCK_C, RESIDENT) of the stats kernel: whole rows when they fit, else tall
+    tiles (up to 16 rows), so that the column moments are read and written once per 16
+    rows."""
+    block_r = _resident_rows(n_rows, n_cols, elem)
+    if block_r:
+        return block_r, triton.next_power_of_2(n_cols), True
     block_r = min(16, triton.next_power_of_2(n_rows))
-    return block_r, min(triton.next_power_of_2(n_cols), STATS_TILE[elem] // block_r)
+    return block_r, min(triton.next_power_of_2(n_cols), STATS_TILE[elem] // block_r), False
 
 
-def grad_blocks(n_cols: int, elem: int) -> tuple[int, int]:
-    """(BLOCK_R, BLOCK_C) of the gradient kernel (``elem``-byte compute floats): wide
-    column blocks, rows to fill a tile."""
+def grad_blocks(n_rows: int, n_cols: int, elem: int) -> tuple[int, int, bool]:
+    """(BLOCK_R, BLOCK_C, RESIDENT) of the gradient kernel (``elem``-byte compute floats):
+    whole rows when they fit, else wide column blocks, rows to fill a tile."""
+    block_r = _resident_rows(n_rows, n_cols, elem)
+    if block_r:
+        return block_r, triton.next_power_of_2(n_cols), True
     block_c = min(triton.next_power_of_2(n_cols), GRAD_TILE[elem])
-    return max(1, min(16, GRAD_TILE[elem] // block_c)), block_c
+    return max(1, min(16, GRAD_TILE[elem] // block_c)), block_c, False
 
 
 def n_programs(n_rows: int, n_cols: int, block_r: int, elem: int, device) -> int:
@@ -426,12 +473,12 @@ def n_programs(n_rows: int, n_cols: int, block_r: int, elem: int, device) -> int
     return max(1, min(triton.cdiv(n_rows, block_r), target, budget))
 
 
-_STRIDES = {"s_rs": "i64", "s_cs": "i64", "t_rs": "i64", "t_cs": "i64"}
+_STRIDES = {"s_rs": "i64", "s_cs": "i64", "t_rs": "i64", "t_cs": "i64", "S": "i64"}
 
 
-def _stats_spec(dtype: str, sigmoid: bool, n_cols: int) -> KernelSpec:
+def _stats_spec(dtype: str, sigmoid: bool, n_cols: int, spatial: bool = False) -> KernelSpec:
     acc = "fp64" if dtype == "fp64" else "fp32"
-    block_r, block_c = stats_blocks(1 << 20, n_cols, 8 if acc == "fp64" else 4)
+    block_r, block_c, resident = stats_blocks(1 << 20, n_cols, 8 if acc == "fp64" else 4)
     signature = {
         "s_ptr": f"*{dtype}",
         "t_ptr": f"*{dtype}",
@@ -444,10 +491,13 @@ def _stats_spec(dtype: str, sigmoid: bool, n_cols: int) -> KernelSpec:
         "n_cols": "i32",
         **_STRIDES,
     }
-    constexprs = {"SIGMOID": sigmoid, "HAS_MASK": True, "BLOCK_R": block_r, "BLOCK_C": block_c}
+    constexprs = {"SIGMOID": sigmoid, "HAS_MASK": True, "RESIDENT": resident}
+    constexprs |= {"SPATIAL": spatial, "BLOCK_R": block_r, "BLOCK_C": block_c}
     signature |= {k: "constexpr" for k in constexprs}
-    label = f"{dtype} sigmoid={sigmoid} BLOCK_R={block_r} BLOCK_C={block_c}"
-    return KernelSpec(dist_stats_kernel, signature, constexprs, label=label)
+    label = f"{dtype} sigmoid={sigmoid} spatial={spatial} BLOCK_R={block_r} BLOCK_C={block_c}"
+    return KernelSpec(
+        dist_stats_kernel, signature, constexprs, num_warps=_warps(resident), label=label
+    )
 
 
 def _merge_spec(acc: str) -> KernelSpec:
@@ -465,9 +515,9 @@ def _merge_spec(acc: str) -> KernelSpec:
     )
 
 
-def _grad_spec(dtype: str, sigmoid: bool, n_cols: int) -> KernelSpec:
+def _grad_spec(dtype: str, sigmoid: bool, n_cols: int, spatial: bool = False) -> KernelSpec:
     acc = "fp64" if dtype == "fp64" else "fp32"
-    block_r, block_c = grad_blocks(n_cols, 8 if acc == "fp64" else 4)
+    block_r, block_c, resident = grad_blocks(1 << 20, n_cols, 8 if acc == "fp64" else 4)
     signature = {
         "s_ptr": f"*{dtype}",
         "t_ptr": f"*{dtype}",
@@ -482,23 +532,44 @@ def _grad_spec(dtype: str, sigmoid: bool, n_cols: int) -> KernelSpec:
         **_STRIDES,
     }
     constexprs = {"SIGMOID": sigmoid, "HAS_MASK": True, "GRAD_S": True, "GRAD_T": True}
+    constexprs |= {"RESIDENT": resident, "SPATIAL": spatial}
     constexprs |= {"BLOCK_R": block_r, "BLOCK_C": block_c}
     signature |= {k: "constexpr" for k in constexprs}
-    label = f"{dtype} sigmoid={sigmoid} BLOCK_R={block_r} BLOCK_C={block_c}"
-    return KernelSpec(dist_grad_kernel, signature, constexprs, label=label)
+    label = f"{dtype} sigmoid={sigmoid} spatial={spatial} BLOCK_R={block_r} BLOCK_C={block_c}"
+    return KernelSpec(
+        dist_grad_kernel, signature, constexprs, num_warps=_warps(resident), label=label
+    )
 
 
-#: launch configurations: every dtype with softmax at ImageNet and LLM-vocabulary widths,
-#: sigmoid in float32, the merge in both compute dtypes.
+def _warps(resident: bool) -> int:
+    return RESIDENT_WARPS if resident else 4
+
+
+#: launch configurations: every dtype with softmax at ImageNet (RESIDENT), the widest
+#: RESIDENT and LLM-vocabulary (chunked) widths, sigmoid in float32, (N, C, S) inputs,
+#: the merge in both compute dtypes.
 AOT_SPECS = (
-    [_stats_spec(dtype, False, 32000) for dtype in ("fp16", "bf16", "fp32", "fp64")]
-    + [
-        _grad_spec(dtype, False, n_cols)
+    [
+        make(dtype, False, n_cols)
+        for make in (_stats_spec, _grad_spec)
         for dtype in ("fp16", "bf16", "fp32")
-        for n_cols in (256, 32000)
+        for n_cols in (1000, 2048, 32000)
     ]
-    + [_grad_spec("fp64", False, 32000)]
-    + [make("fp32", True, 1000) for make in (_stats_spec, _grad_spec)]
+    + [
+        make("fp64", False, n_cols)
+        for make in (_stats_spec, _grad_spec)
+        for n_cols in (1000, 32000)
+    ]
+    + [
+        make("fp32", True, n_cols)
+        for make in (_stats_spec, _grad_spec)
+        for n_cols in (80, 1000, 32000)
+    ]
+    + [
+        make("fp16", False, n_cols, spatial=True)
+        for make in (_stats_spec, _grad_spec)
+        for n_cols in (19, 32000)
+    ]
     + [_merge_spec("fp32"), _merge_spec("fp64")]
 )
 
@@ -519,24 +590,20 @@ def dist_loss_triton(
     """Fused DIST with Triton (schema of ``kdfast::dist_loss_cpp``).
 
     Args:
-        student, teacher: (rows, C) logits, any strides and floating dtypes.
+        student, teacher: (rows, C) logits with any strides, or contiguous (N, C, S) read
+            as rows = N * S (row r = n * S + s); any floating dtypes.
         beta, gamma: weights of the inter and intra terms; tau > 0: temperature;
         tau_squared: scale both terms by tau^2. activation: "softmax" or "sigmoid".
-        mask: optional bool (rows,) of kept rows.
+        mask: optional bool (rows,) of kept rows (row order r = n * S + s).
         compute_grad_student, compute_grad_teacher: write that gradient.
 
     Returns:
-        (loss: () in promote_types(student, teacher, float32), grad_student (rows, C) in
-        student's dtype or (0,), grad_teacher likewise).
+        (loss: () in promote_types(student, teacher, float32), grad_student of student's
+        shape and dtype or (0,), grad_teacher likewise).
     """
-    if student.dim() != 2 or student.shape != teacher.shape:
-        raise ValueError(
-            f"dist_loss_triton: expected equal 2-D shapes, got {tuple(student.shape)} and "
-            f"{tuple(teacher.shape)}"
-        )
+    rows, n_cols, n_spatial, strides = logit_layout("dist_loss_triton", student, teacher)
     if activation not in ACTIVATIONS:
         raise ValueError(f"dist_loss_triton: unknown activation {activation!r}")
-    rows, n_cols = student.shape
     dtype = compute_dtype(student, teacher)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     device = student.device
@@ -547,18 +614,19 @@ def dist_loss_triton(
     else:
         kept = mask.sum().to(torch.float64)
     scale = tau * tau if tau_squared else 1.0
-    strides = (student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1))
+    options = dict(SPATIAL=n_spatial > 1, SIGMOID=sigmoid, HAS_MASK=mask is not None)
 
     elem = 8 if acc == torch.float64 else 4
-    block_r, block_c = stats_blocks(rows, n_cols, elem)
+    block_r, block_c, resident = stats_blocks(rows, n_cols, elem)
     groups = n_programs(rows, n_cols, block_r, elem, device)
     row_stats = torch.empty(rows, ROW_FIELDS, dtype=acc, device=device)
     col = torch.zeros(groups, COL_FIELDS, n_cols, dtype=acc, device=device)
     count = torch.empty(groups, dtype=acc, device=device)
     params = torch.tensor([1.0 / tau, float(n_cols)], dtype=acc, device=device)
     dist_stats_kernel[(groups,)](
-        student, teacher, flags, params, row_stats, col, count, rows, n_cols, *strides,
-        SIGMOID=sigmoid, HAS_MASK=mask is not None, BLOCK_R=block_r, BLOCK_C=block_c,
+        student, teacher, flags, params, row_stats, col, count, rows, n_cols, *strides, n_spatial,
+        RESIDENT=resident, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_warps(resident),
+        **options,
     )  # fmt: skip
     coef = torch.empty(COL_FIELDS, n_cols, dtype=acc, device=device)
     rho_col = torch.empty(n_cols, dtype=acc, device=device)
@@ -579,16 +647,17 @@ def dist_loss_triton(
                 kept.new_tensor(-gamma * scale / n_cols),
             ]
         ).to(acc)
-        block_r, block_c = grad_blocks(n_cols, elem)
+        block_r, block_c, resident = grad_blocks(rows, n_cols, elem)
         dist_grad_kernel[(triton.cdiv(rows, block_r),)](
             student, teacher, flags, weights, row_stats, coef, grad_s, grad_t, rows, n_cols,
-            *strides, SIGMOID=sigmoid, HAS_MASK=mask is not None, GRAD_S=compute_grad_student,
-            GRAD_T=compute_grad_teacher, BLOCK_R=block_r, BLOCK_C=block_c,
+            *strides, n_spatial, GRAD_S=compute_grad_student, GRAD_T=compute_grad_teacher,
+            RESIDENT=resident, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_warps(resident),
+            **options,
         )  # fmt: skip
     return loss.to(dtype), grad_s, grad_t
 
 
 register_op("kdfast::dist_loss_triton")
 _dispatch.implement(
-    "dist_loss", "triton", make_impl(torch.ops.kdfast.dist_loss_triton.default, nc_star=False)
+    "dist_loss", "triton", make_impl(torch.ops.kdfast.dist_loss_triton.default, "contiguous")
 )

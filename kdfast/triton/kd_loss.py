@@ -10,10 +10,12 @@ for reduction "none") written in the forward pass only when the flags ask for th
 One kernel, programs over tiles of BLOCK_R rows, looping over column blocks of BLOCK_C (any
 C up to 262144 and beyond): pass 1 the online max / sum of exp of each side, pass 2 the row
 KL and sum(pt), pass 3 (only when a gradient is requested) the gradient write. Inputs are
-read in place with any row and column strides (no copies for (N, C, *) views, expanded
-rows or mixed dtypes); half inputs are computed in float32 registers, float64 inputs in
-float64; per-row values are the only temporaries. Row offsets are 64-bit. The reduction's
-weight (which depends on the number of kept rows) is a device scalar: no host sync.
+read in place: (rows, C) with any row and column strides (no copies for expanded rows or
+mixed dtypes), or contiguous (N, C, S) as N * S rows r = n * S + s (SPATIAL; gradients of
+the input's shape, reduction "none" (N * S,) in row order); half inputs are computed in
+float32 registers, float64 inputs in float64; per-row values are the only temporaries.
+Row offsets are 64-bit. The reduction's weight (which depends on the number of kept rows)
+is a device scalar: no host sync.
 Launchers accept CPU tensors (TRITON_INTERPRET=1). Import only when triton is importable.
 """
 
@@ -26,7 +28,7 @@ from torch import Tensor
 
 from kdfast._validation import compute_dtype
 from kdfast.ops.kd_loss import register_backend, register_op
-from kdfast.triton._common import mask_flags
+from kdfast.triton._common import grad_offsets, logit_layout, logit_ptrs, mask_flags
 from kdfast.triton.aot import KernelSpec
 
 #: teacher kinds and reductions, as the kernel's constexpr codes (csrc/kd_loss.h)
@@ -39,7 +41,17 @@ TILE = {4: 2048, 8: 1024}
 
 @triton.jit
 def _row_lse(
-    x_ptr, offs_r, row_ok, rs, cs, n_cols, scale, BLOCK_C: tl.constexpr, ACC: tl.constexpr
+    x_ptr,
+    offs_r,
+    row_ok,
+    rs,
+    cs,
+    S,
+    n_cols,
+    scale,
+    SPATIAL: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """(max, sum of exp(x * scale - max)) of each row of the tile (pass 1)."""
     m = tl.full(offs_r.shape, float("-inf"), ACC)
@@ -48,8 +60,8 @@ def _row_lse(
         cols = c0 + tl.arange(0, BLOCK_C)
         col_ok = cols < n_cols
         ok = row_ok[:, None] & col_ok[None, :]
-        offs = offs_r[:, None] * rs + cols.to(tl.int64)[None, :] * cs
-        x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(ACC) * scale
+        x = tl.load(logit_ptrs(x_ptr, offs_r, cols, rs, cs, S, SPATIAL), mask=ok, other=0.0)
+        x = x.to(ACC) * scale
         x = tl.where(col_ok[None, :], x, float("-inf"))
         m_new = tl.maximum(m, tl.max(x, axis=1))
         total = total * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
@@ -87,29 +99,35 @@ def kd_loss_kernel(
     s_cs,
     t_rs,
     t_cs,
+    S,
     KIND: tl.constexpr,
     HAS_MASK: tl.constexpr,
     GRAD_S: tl.constexpr,
     GRAD_T: tl.constexpr,
+    SPATIAL: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     """Per-row KL(pt || ps) into row_kl (0 for masked rows) and, when requested, the
     gradients (scaled by params[0] = loss_scale * reduction weight) into gs / gt,
-    contiguous (rows, C); params[1] = 1 / T. params and row_kl have the compute dtype
-    (float64 for float64 inputs, else float32). s, t: (rows, C) logits with strides
-    (s_rs, s_cs), (t_rs, t_cs); the teacher holds logits (KIND 0), probs (1) or log-probs
-    (2)."""
+    contiguous in the inputs' layout; params[1] = 1 / T. params and row_kl have the compute
+    dtype (float64 for float64 inputs, else float32). s, t: (rows, C) logits with strides
+    (s_rs, s_cs), (t_rs, t_cs), or with SPATIAL contiguous (N, C, S) (rows r = n * S + s,
+    rs = C * S, cs = S); the teacher holds logits (KIND 0), probs (1) or log-probs (2)."""
     ACC = row_kl_ptr.dtype.element_ty
     offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = offs_r < n_rows
     inv_t = tl.load(params_ptr + 1)
     teacher_scale = inv_t if KIND == 0 else 1.0
-    max_s, sum_s = _row_lse(s_ptr, offs_r, row_ok, s_rs, s_cs, n_cols, inv_t, BLOCK_C, ACC)
+    max_s, sum_s = _row_lse(
+        s_ptr, offs_r, row_ok, s_rs, s_cs, S, n_cols, inv_t, SPATIAL, BLOCK_C, ACC
+    )
     log_sum_s = tl.log(sum_s)
     inv_sum_s = 1.0 / sum_s
     if KIND == 0:
-        max_t, sum_t = _row_lse(t_ptr, offs_r, row_ok, t_rs, t_cs, n_cols, inv_t, BLOCK_C, ACC)
+        max_t, sum_t = _row_lse(
+            t_ptr, offs_r, row_ok, t_rs, t_cs, S, n_cols, inv_t, SPATIAL, BLOCK_C, ACC
+        )
     else:
         max_t = tl.zeros(offs_r.shape, ACC)
         sum_t = tl.full(offs_r.shape, 1.0, ACC)
@@ -121,9 +139,10 @@ def kd_loss_kernel(
     for c0 in range(0, n_cols, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         ok = row_ok[:, None] & (cols < n_cols)[None, :]
-        c64 = cols.to(tl.int64)[None, :]
-        u = tl.load(s_ptr + offs_r[:, None] * s_rs + c64 * s_cs, mask=ok, other=0.0).to(ACC)
-        v = tl.load(t_ptr + offs_r[:, None] * t_rs + c64 * t_cs, mask=ok, other=1.0).to(ACC)
+        u = tl.load(logit_ptrs(s_ptr, offs_r, cols, s_rs, s_cs, S, SPATIAL), mask=ok, other=0.0)
+        v = tl.load(logit_ptrs(t_ptr, offs_r, cols, t_rs, t_cs, S, SPATIAL), mask=ok, other=1.0)
+        u = u.to(ACC)
+        v = v.to(ACC)
         log_ps = (u * inv_t - max_s[:, None]) - log_sum_s[:, None]
         pt, log_pt = _teacher_terms(v * teacher_scale, max_t, log_sum_t, inv_sum_t, KIND)
         if KIND == 1:
@@ -145,14 +164,13 @@ def kd_loss_kernel(
         for c0 in range(0, n_cols, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
             ok = row_ok[:, None] & (cols < n_cols)[None, :]
-            c64 = cols.to(tl.int64)[None, :]
-            u = tl.load(s_ptr + offs_r[:, None] * s_rs + c64 * s_cs, mask=ok, other=0.0)
+            u = tl.load(logit_ptrs(s_ptr, offs_r, cols, s_rs, s_cs, S, SPATIAL), mask=ok, other=0.0)
             u = u.to(ACC) * inv_t
-            v = tl.load(t_ptr + offs_r[:, None] * t_rs + c64 * t_cs, mask=ok, other=1.0)
+            v = tl.load(logit_ptrs(t_ptr, offs_r, cols, t_rs, t_cs, S, SPATIAL), mask=ok, other=1.0)
             pt, log_pt = _teacher_terms(
                 v.to(ACC) * teacher_scale, max_t, log_sum_t, inv_sum_t, KIND
             )
-            out = offs_r[:, None] * n_cols + c64  # offs_r is int64
+            out = grad_offsets(offs_r, cols, n_cols, S, SPATIAL)
             if GRAD_S:
                 gs = (tl.exp(u - max_s[:, None]) * ps_scale[:, None] - pt) * coef_s
                 gs = tl.where(keep[:, None], gs, 0.0)
@@ -184,7 +202,9 @@ _DTYPES = {
 }
 
 
-def _spec(dtype: str, kind: int, grad: bool, n_cols: int, warps: int = 4) -> KernelSpec:
+def _spec(
+    dtype: str, kind: int, grad: bool, n_cols: int, warps: int = 4, spatial: bool = False
+) -> KernelSpec:
     acc = "fp64" if dtype == "fp64" else "fp32"
     block_r, block_c = blocks(n_cols, 8 if acc == "fp64" else 4)
     signature = {
@@ -201,8 +221,10 @@ def _spec(dtype: str, kind: int, grad: bool, n_cols: int, warps: int = 4) -> Ker
         "s_cs": "i64",
         "t_rs": "i64",
         "t_cs": "i64",
+        "S": "i64",
     }
     constexprs = {"KIND": kind, "HAS_MASK": True, "GRAD_S": grad, "GRAD_T": grad}
+    constexprs["SPATIAL"] = spatial
     constexprs |= {"BLOCK_R": block_r, "BLOCK_C": block_c}
     signature |= {k: "constexpr" for k in constexprs}
     return KernelSpec(
@@ -210,7 +232,8 @@ def _spec(dtype: str, kind: int, grad: bool, n_cols: int, warps: int = 4) -> Ker
         signature,
         constexprs,
         num_warps=warps,
-        label=f"{dtype} kind={kind} grad={grad} BLOCK_R={block_r} BLOCK_C={block_c}",
+        label=f"{dtype} kind={kind} grad={grad} spatial={spatial} BLOCK_R={block_r} "
+        f"BLOCK_C={block_c}",
     )
 
 
@@ -221,15 +244,13 @@ AOT_SPECS = [
     for dtype in ("fp16", "bf16", "fp32")
     for grad in (False, True)
     for n_cols in (1000, 32000)
-] + [_spec(dtype, kind, True, 32000) for dtype, kind in (("fp64", 0), ("fp32", 1), ("fp32", 2))]
+] + [
+    *(_spec(dtype, kind, True, 32000) for dtype, kind in (("fp64", 0), ("fp32", 1), ("fp32", 2))),
+    *(_spec("fp16", 0, True, n_cols, spatial=True) for n_cols in (19, 32000)),
+]
 
 
-def _check(student: Tensor, teacher: Tensor, reduction: str, teacher_kind: str) -> None:
-    if student.dim() != 2 or student.shape != teacher.shape:
-        raise ValueError(
-            f"kd_loss_triton: expected equal 2-D shapes, got {tuple(student.shape)} and "
-            f"{tuple(teacher.shape)}"
-        )
+def _check(reduction: str, teacher_kind: str) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"kd_loss_triton: unknown reduction {reduction!r}")
     if teacher_kind not in TEACHER_KINDS:
@@ -253,19 +274,21 @@ def kd_loss_triton(
     """Fused softmax + KL with Triton (schema of ``kdfast::kd_loss_cpp``).
 
     Args:
-        student, teacher: (rows, C) logits (teacher: logits, probs or log-probs at
-            temperature T, per ``teacher_kind``); any strides and floating dtypes.
+        student, teacher: (rows, C) logits with any strides, or contiguous (N, C, S) read
+            as rows = N * S (row r = n * S + s); teacher: logits, probs or log-probs at
+            temperature T, per ``teacher_kind``; any floating dtypes.
         temperature: T > 0. loss_scale: factor of the KL (T^2 for kd_loss, 1 for
             per_sample_kl).
-        reduction: "batchmean", "sum", "mean" or "none". mask: optional bool (rows,).
+        reduction: "batchmean", "sum", "mean" or "none". mask: optional bool (rows,) (row
+            order r = n * S + s).
         compute_grad_student, compute_grad_teacher: write that gradient.
 
     Returns:
-        (loss: () or (rows,) in promote_types(student, teacher, float32), grad_student
-        (rows, C) in student's dtype or (0,), grad_teacher likewise).
+        (loss: () or (rows,) in promote_types(student, teacher, float32), grad_student of
+        student's shape and dtype or (0,), grad_teacher likewise).
     """
-    _check(student, teacher, reduction, teacher_kind)
-    rows, n_cols = student.shape
+    rows, n_cols, n_spatial, strides = logit_layout("kd_loss_triton", student, teacher)
+    _check(reduction, teacher_kind)
     dtype = compute_dtype(student, teacher)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     device = student.device
@@ -293,14 +316,13 @@ def kd_loss_triton(
         grad_t,
         rows,
         n_cols,
-        student.stride(0),
-        student.stride(1),
-        teacher.stride(0),
-        teacher.stride(1),
+        *strides,
+        n_spatial,
         KIND=TEACHER_KINDS[teacher_kind],
         HAS_MASK=mask is not None,
         GRAD_S=compute_grad_student,
         GRAD_T=compute_grad_teacher,
+        SPATIAL=n_spatial > 1,
         BLOCK_R=block_r,
         BLOCK_C=block_c,
     )
@@ -312,4 +334,4 @@ def kd_loss_triton(
 
 
 register_op("kdfast::kd_loss_triton")
-register_backend("triton", torch.ops.kdfast.kd_loss_triton.default, None, nc_star=False)
+register_backend("triton", torch.ops.kdfast.kd_loss_triton.default, None, layout="contiguous")
