@@ -31,8 +31,10 @@ def test_automatic_choice_on_cpu():
     x = torch.randn(5, 3)
     # under TRITON_INTERPRET=1 triton runs CPU tensors and comes first in priority order
     interpreted = "cpu" in (_dispatch.BACKENDS["triton"].devices or ())
-    name, _ = _dispatch.select("rkd_distance", x, x)
-    assert name == ("triton" if interpreted else "reference" if NO_EXT else "cpp")
+    expected = "triton" if interpreted else "reference" if NO_EXT else "cpp"
+    assert _dispatch.select("rkd_distance", x, x)[0] == expected
+    assert _dispatch.select("kd_loss", x, x, 1.0, "batchmean", None, "logits")[0] == expected
+    assert _dispatch.select("dist_loss", x, x, 1.0, 1.0, 1.0, True, "softmax", None)[0] == expected
 
 
 def test_use_backend_forces_and_restores():

@@ -60,23 +60,14 @@ def make_impls(op, layout: str = "strided"):
     return kd_loss, per_sample_kl
 
 
-#: issue 4 targets, python -m kdfast.bench.harness, 2-core CI machine (load ~4), 2026-11-29:
-#: (4096, 32000) forward+backward 0.47 s = 7.1x the eager reference and 1.57x torch.compile
-#: (met), but (256, 1000) 0.88-0.92 ms against torch.compile's 0.65 ms median when the
-#: machine is quiet (0.74x; the target is 0.95x), so the dispatcher picks it only when forced.
-CPU_OPT_IN = "CPU kernel 7x the reference at (4096, 32000) but 0.74x torch.compile at (256, 1000)"
-
-
-def register_backend(
-    backend: str, op, devices, opt_in: str | None = None, layout: str = "strided"
-) -> None:
+def register_backend(backend: str, op, devices, layout: str = "strided") -> None:
     kd_loss, per_sample_kl = make_impls(op, layout)
-    _dispatch.implement("kd_loss", backend, kd_loss, devices=devices, opt_in=opt_in)
-    _dispatch.implement("per_sample_kl", backend, per_sample_kl, devices=devices, opt_in=opt_in)
+    _dispatch.implement("kd_loss", backend, kd_loss, devices=devices)
+    _dispatch.implement("per_sample_kl", backend, per_sample_kl, devices=devices)
 
 
 if _extension.unavailable_reason() is None:
     register_op("kdfast::kd_loss_cpp")
-    register_backend("cpp", torch.ops.kdfast.kd_loss_cpp.default, {"cpu"}, opt_in=CPU_OPT_IN)
+    register_backend("cpp", torch.ops.kdfast.kd_loss_cpp.default, {"cpu"})
 if _dispatch.BACKENDS["triton"].unavailable is None:
     import kdfast.triton.kd_loss  # noqa: F401  (registers kdfast::kd_loss_triton)
