@@ -4,6 +4,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "cpu/output_pool.h"
+
 #include <sstream>
 #include <string>
 #include <vector>
@@ -95,4 +97,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("torch_version") = KDFAST_TORCH_VERSION;
   m.def("built_with_cuda", &built_with_cuda, "whether CUDA sources were compiled");
   m.def("cuda_archs", &cuda_archs, "CUDA architectures compiled for (TORCH_CUDA_ARCH_LIST)");
+  m.def("release_cached_outputs", [] { return kdfast::pool::OutputPool::instance().release(); },
+        "free the idle recycled gradient buffers of the CPU logit kernels; returns bytes");
+  m.def("cached_output_bytes", [] { return kdfast::pool::OutputPool::instance().idle_bytes(); },
+        "bytes held by idle recycled gradient buffers");
 }

@@ -16,7 +16,7 @@ import os
 
 import pytest
 import torch
-from conftest import compiled_backends, require_backend
+from conftest import NO_EXT, compiled_backends, require_backend
 
 import kdfast
 from kdfast import _dispatch
@@ -586,3 +586,31 @@ def test_triton_ops_reject_bad_input():
         dist(s3, s3, 1.0, 1.0, 1.0, True, "softmax", None, False, False)
     with pytest.raises(ValueError, match="shapes"):
         dist(s3[..., None], s3[..., None], 1.0, 1.0, 1.0, True, "softmax", None, False, False)
+
+
+@pytest.mark.parametrize("op", ["kd_loss", "dist_loss"])
+def test_large_gradients_are_recycled_and_released(op):
+    """Gradients of >= 16 MiB come from a pool: a freed one is handed out again (no fresh
+    pages at every training step), and kdfast.empty_cache() releases the idle ones."""
+    from kdfast import _extension
+
+    if NO_EXT:  # no compiled kernels, no pool
+        assert kdfast.empty_cache() == 0
+        return
+    require_backend("cpp")
+    kdfast.empty_cache()
+    s = torch.randn(1024, 4096, requires_grad=True)  # 16 MiB
+    t = torch.randn(1024, 4096)
+    with kdfast.use_backend("cpp"):
+        OPS[op](s, t).backward()
+        first = s.grad.data_ptr()
+        with kdfast.use_backend("reference"):
+            want = torch.autograd.grad(OPS[op](s, t), s)[0]
+        assert rel_error(s.grad, want) <= 1e-5
+        s.grad = None  # back to the pool
+        assert _extension._C.cached_output_bytes() >= s.numel() * 4
+        OPS[op](s, t).backward()
+        assert s.grad.data_ptr() == first and rel_error(s.grad, want) <= 1e-5
+        s.grad = None
+    assert kdfast.empty_cache() >= s.numel() * 4
+    assert _extension._C.cached_output_bytes() == 0 and kdfast.empty_cache() == 0

@@ -16,11 +16,9 @@
 #include <limits>
 #include <vector>
 
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
 
 #include "isa_dispatch.h"
+#include "output_pool.h"
 
 namespace kdfast::rows {
 
@@ -149,23 +147,8 @@ KDFAST_INLINE Lse<acc_t> exp_row(const acc_t* x, int64_t n, acc_t* out) {
   return {m, sum};
 }
 
-// at::empty(sizes, options), with large buffers advised to use transparent huge pages
-// (Linux, THP in "madvise" mode): the gradients are written once, and the first touch of
-// 4 KiB pages (a fault and a page clear each) cost more than the whole kernel's compute at
-// (4096, 32000) on the 2-core CI machine (0.39 s of about 1 s). Advice only: errors ignored.
-inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  at::Tensor out = at::empty(sizes, options);
-#ifdef __linux__
-  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
-  const uintptr_t bytes = out.nbytes();
-  if (bytes >= 8 * kHuge) {
-    const uintptr_t p = reinterpret_cast<uintptr_t>(out.data_ptr());
-    const uintptr_t begin = (p + kHuge - 1) & ~(kHuge - 1), end = (p + bytes) & ~(kHuge - 1);
-    if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-  }
-#endif
-  return out;
-}
+// Gradient outputs: large ones are recycled buffers (csrc/cpu/output_pool.h).
+using ::kdfast::pool::empty_output;
 
 // 2-D logits: contiguous columns (stride 1) or a copy; the row stride is kept (expanded rows
 // allowed). (N, C, S) logits are read with their strides as they are.
