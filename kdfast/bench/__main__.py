@@ -23,7 +23,13 @@ import torch
 
 import kdfast
 from kdfast.bench.cases import CASES
-from kdfast.bench.harness import IMPLEMENTATIONS, MODES, measure_in_subprocess
+from kdfast.bench.harness import (
+    FAST_REPEATS,
+    FAST_RUN_S,
+    IMPLEMENTATIONS,
+    MODES,
+    measure_in_subprocess,
+)
 from kdfast.bench.plot import plot
 
 RAM_FRACTION = 0.6
@@ -233,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = metadata(args.device)
     log(
         f"kdfast {meta['kdfast']} ({meta['commit']}), torch {meta['torch']}, {args.device}, "
-        f"{meta['cores']} cores, {meta['ram_gib']} GiB; suite {suite_name}, median of {repeats}"
+        f"{meta['cores']} cores, {meta['ram_gib']} GiB; suite {suite_name}, median of {repeats} "
+        f"(up to {FAST_REPEATS} for runs under {FAST_RUN_S * 1e3:.0f} ms)"
     )
     sizes = {"smoke": "smoke", "quick": "quick", "full": "full"}[suite_name]
     names = set(args.cases)

@@ -27,6 +27,11 @@ IMPLEMENTATIONS = ("kdfast", "reference", "compiled")
 #: runs slower than this get one warm-up and at most SLOW_REPEATS timed repeats
 SLOW_RUN_S = 1.0
 SLOW_REPEATS = 3
+#: runs faster than this get more repeats (up to FAST_REPEATS, about FAST_BUDGET_S of timed
+#: runs): a median of 5 sub-millisecond runs swung by 50% between runs of the suite
+FAST_RUN_S = 0.01
+FAST_REPEATS = 200
+FAST_BUDGET_S = 0.5
 MODES = ("forward", "backward", "forward+backward")
 
 
@@ -113,6 +118,8 @@ def measure(case_name, size, impl, mode, repeats, device="cpu", dtype=torch.floa
         first = timed()
     if first > SLOW_RUN_S:
         repeats = min(repeats, SLOW_REPEATS)  # keeps the default suite within minutes
+    elif first < FAST_RUN_S:
+        repeats = max(repeats, min(FAST_REPEATS, int(FAST_BUDGET_S / max(first, 1e-6))))
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
