@@ -83,6 +83,54 @@ def _load(ptr, offs_r, cols, ok, rs, cs, S, SPATIAL: tl.constexpr):
 
 
 @triton.jit
+def _pair(
+    s_ptr, t_ptr, zs_tile, zt_tile, offs_r, row_ok, c0, n_cols,
+    s_rs, s_cs, t_rs, t_cs, S, SPATIAL: tl.constexpr, RESIDENT: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """(cols, col_ok, ok, zs, zt) of the column block at c0: the resident tiles (the row's
+    only block), or the block loaded from memory."""
+    cols = c0 + tl.arange(0, BLOCK_C)
+    col_ok = cols < n_cols
+    ok = row_ok[:, None] & col_ok[None, :]
+    if RESIDENT:
+        zs = zs_tile
+        zt = zt_tile
+    else:
+        zs = _load(s_ptr, offs_r, cols, ok, s_rs, s_cs, S, SPATIAL)
+        zt = _load(t_ptr, offs_r, cols, ok, t_rs, t_cs, S, SPATIAL)
+    return cols, col_ok, ok, zs, zt
+
+
+@triton.jit
+def _load_moments(fields, n64, ok):
+    """The 5 column-moment rows (means, second moments, co-moment) stored n64 apart."""
+    return (
+        tl.load(fields, mask=ok, other=0.0),
+        tl.load(fields + n64, mask=ok, other=0.0),
+        tl.load(fields + 2 * n64, mask=ok, other=0.0),
+        tl.load(fields + 3 * n64, mask=ok, other=0.0),
+        tl.load(fields + 4 * n64, mask=ok, other=0.0),
+    )
+
+
+@triton.jit
+def _resident_tiles(
+    s_ptr, t_ptr, offs_r, row_ok, n_cols, s_rs, s_cs, t_rs, t_cs, S,
+    SPATIAL: tl.constexpr, RESIDENT: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """The (zs, zt) row tiles, read once, when rows are resident; 0.0 placeholders else."""
+    zs_tile = 0.0
+    zt_tile = 0.0
+    if RESIDENT:
+        cols, col_ok, ok, zs_tile, zt_tile = _pair(
+            s_ptr, t_ptr, 0.0, 0.0, offs_r, row_ok, 0, n_cols,
+            s_rs, s_cs, t_rs, t_cs, S, SPATIAL, False, BLOCK_C,
+        )  # fmt: skip
+    return zs_tile, zt_tile
+
+
+@triton.jit
 def dist_stats_kernel(
     s_ptr,
     t_ptr,
@@ -130,11 +178,21 @@ def dist_stats_kernel(
         keep = row_ok
         if HAS_MASK:
             keep = keep & (tl.load(mask_ptr + offs_r, mask=row_ok, other=0) != 0)
-        if RESIDENT:  # the only read of this tile
-            cols = tl.arange(0, BLOCK_C)
-            ok = row_ok[:, None] & (cols < n_cols)[None, :]
-            zs_tile = _load(s_ptr, offs_r, cols, ok, s_rs, s_cs, S, SPATIAL)
-            zt_tile = _load(t_ptr, offs_r, cols, ok, t_rs, t_cs, S, SPATIAL)
+        zs_tile, zt_tile = _resident_tiles(
+            s_ptr,
+            t_ptr,
+            offs_r,
+            row_ok,
+            n_cols,
+            s_rs,
+            s_cs,
+            t_rs,
+            t_cs,
+            S,
+            SPATIAL,
+            RESIDENT,
+            BLOCK_C,
+        )
         # sweep 1 (softmax only; sigmoid needs no row statistic for y): online max / sum
         max_s = tl.zeros((BLOCK_R,), ACC)  # sigmoid: unused max 0, 1 / sum 1
         max_t = tl.zeros((BLOCK_R,), ACC)
@@ -146,15 +204,10 @@ def dist_stats_kernel(
             sum_s = tl.zeros((BLOCK_R,), ACC)
             sum_t = tl.zeros((BLOCK_R,), ACC)
             for c0 in range(0, n_cols, BLOCK_C):
-                cols = c0 + tl.arange(0, BLOCK_C)
-                col_ok = cols < n_cols
-                ok = row_ok[:, None] & col_ok[None, :]
-                if RESIDENT:
-                    zs = zs_tile
-                    zt = zt_tile
-                else:
-                    zs = _load(s_ptr, offs_r, cols, ok, s_rs, s_cs, S, SPATIAL)
-                    zt = _load(t_ptr, offs_r, cols, ok, t_rs, t_cs, S, SPATIAL)
+                cols, col_ok, ok, zs, zt = _pair(
+                    s_ptr, t_ptr, zs_tile, zt_tile, offs_r, row_ok, c0, n_cols,
+                    s_rs, s_cs, t_rs, t_cs, S, SPATIAL, RESIDENT, BLOCK_C,
+                )  # fmt: skip
                 u = tl.where(col_ok[None, :], zs.to(ACC) * inv_tau, float("-inf"))
                 v = tl.where(col_ok[None, :], zt.to(ACC) * inv_tau, float("-inf"))
                 new_s = tl.maximum(max_s, tl.max(u, axis=1))
@@ -177,15 +230,10 @@ def dist_stats_kernel(
         sdd_st = tl.zeros((BLOCK_R,), ACC)
         seen = tl.sum(tl.zeros((BLOCK_R,), ACC), axis=0)
         for c0 in range(0, n_cols, BLOCK_C):
-            cols = c0 + tl.arange(0, BLOCK_C)
-            col_ok = cols < n_cols
-            ok = row_ok[:, None] & col_ok[None, :]
-            if RESIDENT:
-                zs = zs_tile
-                zt = zt_tile
-            else:
-                zs = _load(s_ptr, offs_r, cols, ok, s_rs, s_cs, S, SPATIAL)
-                zt = _load(t_ptr, offs_r, cols, ok, t_rs, t_cs, S, SPATIAL)
+            cols, col_ok, ok, zs, zt = _pair(
+                s_ptr, t_ptr, zs_tile, zt_tile, offs_r, row_ok, c0, n_cols,
+                s_rs, s_cs, t_rs, t_cs, S, SPATIAL, RESIDENT, BLOCK_C,
+            )  # fmt: skip
             ys = activate(zs.to(ACC), inv_tau, max_s, inv_sum_s, SIGMOID)
             yt = activate(zt.to(ACC), inv_tau, max_t, inv_sum_t, SIGMOID)
             if SIGMOID:  # sd_*: row means, sdd_*: centred second moments and co-moment
@@ -236,11 +284,7 @@ def dist_stats_kernel(
                 mean_s, mean_t, m2s, m2t, cst = merge_moments(
                     na,
                     nb,
-                    tl.load(fields, mask=col_ok, other=0.0),
-                    tl.load(fields + n64, mask=col_ok, other=0.0),
-                    tl.load(fields + 2 * n64, mask=col_ok, other=0.0),
-                    tl.load(fields + 3 * n64, mask=col_ok, other=0.0),
-                    tl.load(fields + 4 * n64, mask=col_ok, other=0.0),
+                    *_load_moments(fields, n64, col_ok),
                     b_mean_s,
                     b_mean_t,
                     b_m2s,
@@ -317,11 +361,7 @@ def dist_merge_kernel(col_ptr, count_ptr, coef_ptr, rho_ptr, n_cols, n_groups, B
             m2s,
             m2t,
             cst,
-            tl.load(fields, mask=ok, other=0.0),
-            tl.load(fields + n64, mask=ok, other=0.0),
-            tl.load(fields + 2 * n64, mask=ok, other=0.0),
-            tl.load(fields + 3 * n64, mask=ok, other=0.0),
-            tl.load(fields + 4 * n64, mask=ok, other=0.0),
+            *_load_moments(fields, n64, ok),
         )
         na += nb
     rho, inv_d, k_a, k_b = pearson(m2s, m2t, cst)
@@ -377,23 +417,17 @@ def dist_grad_kernel(
     inv_sum_s = tl.load(row + 1)
     max_t = tl.load(row + 2)
     inv_sum_t = tl.load(row + 3)
-    if RESIDENT:  # the only read of this tile
-        cols = tl.arange(0, BLOCK_C)
-        ok = row_ok[:, None] & (cols < n_cols)[None, :]
-        zs_tile = _load(s_ptr, offs_r, cols, ok, s_rs, s_cs, S, SPATIAL)
-        zt_tile = _load(t_ptr, offs_r, cols, ok, t_rs, t_cs, S, SPATIAL)
+    zs_tile, zt_tile = _resident_tiles(
+        s_ptr, t_ptr, offs_r, row_ok, n_cols, s_rs, s_cs, t_rs, t_cs, S, SPATIAL, RESIDENT, BLOCK_C
+    )
     dot_s = tl.zeros((BLOCK_R,), ACC)
     dot_t = tl.zeros((BLOCK_R,), ACC)
     if not SIGMOID:
         for c0 in range(0, n_cols, BLOCK_C):
-            cols = c0 + tl.arange(0, BLOCK_C)
-            ok = row_ok[:, None] & (cols < n_cols)[None, :]
-            if RESIDENT:
-                zs = zs_tile
-                zt = zt_tile
-            else:
-                zs = _load(s_ptr, offs_r, cols, ok, s_rs, s_cs, S, SPATIAL)
-                zt = _load(t_ptr, offs_r, cols, ok, t_rs, t_cs, S, SPATIAL)
+            cols, col_ok, ok, zs, zt = _pair(
+                s_ptr, t_ptr, zs_tile, zt_tile, offs_r, row_ok, c0, n_cols,
+                s_rs, s_cs, t_rs, t_cs, S, SPATIAL, RESIDENT, BLOCK_C,
+            )  # fmt: skip
             ys = activate(zs.to(ACC), inv_tau, max_s, inv_sum_s, SIGMOID)
             yt = activate(zt.to(ACC), inv_tau, max_t, inv_sum_t, SIGMOID)
             if GRAD_S:
@@ -403,14 +437,10 @@ def dist_grad_kernel(
                 g = dloss_dy(ys, yt, cols, ok, row, coef_ptr, n64, w_row, w_col, False)
                 dot_t += tl.sum(g * yt, axis=1)
     for c0 in range(0, n_cols, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        ok = row_ok[:, None] & (cols < n_cols)[None, :]
-        if RESIDENT:
-            zs = zs_tile
-            zt = zt_tile
-        else:
-            zs = _load(s_ptr, offs_r, cols, ok, s_rs, s_cs, S, SPATIAL)
-            zt = _load(t_ptr, offs_r, cols, ok, t_rs, t_cs, S, SPATIAL)
+        cols, col_ok, ok, zs, zt = _pair(
+            s_ptr, t_ptr, zs_tile, zt_tile, offs_r, row_ok, c0, n_cols,
+            s_rs, s_cs, t_rs, t_cs, S, SPATIAL, RESIDENT, BLOCK_C,
+        )  # fmt: skip
         ys = activate(zs.to(ACC), inv_tau, max_s, inv_sum_s, SIGMOID)
         yt = activate(zt.to(ACC), inv_tau, max_t, inv_sum_t, SIGMOID)
         out = grad_offsets(offs_r, cols, n_cols, S, SPATIAL)
