@@ -66,7 +66,31 @@ def _matmul(a, b, c, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IE
     tl.store(c + rm[:, None] * BN + rn[None, :], acc.to(c.dtype.element_ty))
 
 
+def _double(v):
+    return v * 2
+
+
+def _double_inner(v):  # reached only through _double_outer
+    return _double(v)
+
+
+def _double_outer(v):
+    return _double_inner(v)
+
+
+def _orphan(v):  # called by no kernel
+    return v
+
+
+def _add64_nested(x, y, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(y + offs, _double_outer(tl.load(x + offs, mask=mask)), mask=mask)
+
+
 add32, add64, matmul = _jit(_add32), _jit(_add64), _jit(_matmul)
+double, double_inner, double_outer = _jit(_double), _jit(_double_inner), _jit(_double_outer)
+orphan, add64_nested = _jit(_orphan), _jit(_add64_nested)
 rows32, rows64 = _jit(_rows32), _jit(_rows64)
 ADD_SIG = {"x": "*fp32", "y": "*fp32", "n": "i64", "BLOCK": "constexpr"}
 ROWS_SIG = {"x": "*fp32", "y": "*fp32", "n_cols": "i32", "stride": "i32", "BLOCK": "constexpr"}
@@ -136,6 +160,17 @@ def test_discovery_reports_a_kernel_without_specs():
     module.AOT_SPECS = [aot.KernelSpec(add64, ADD_SIG, {"BLOCK": 256})]
     assert aot.uncovered_kernels(module) == []
     assert all(m.__name__.startswith("kdfast.triton.") for m in MODULES)
+
+
+def test_discovery_follows_helpers_called_through_helpers():
+    module = types.ModuleType(__name__)
+    module.add64_nested, module._orphan = add64_nested, orphan  # helpers under their own names
+    module._double, module._double_inner, module._double_outer = double, double_inner, double_outer
+    assert sorted(aot.uncovered_kernels(module)) == sorted(
+        ["add64_nested", "_orphan", "_double", "_double_inner", "_double_outer"]
+    )
+    module.AOT_SPECS = [aot.KernelSpec(add64_nested, ADD_SIG, {"BLOCK": 256})]
+    assert aot.uncovered_kernels(module) == ["_orphan"]
 
 
 def test_discovery_reports_missing_autotune_candidates():

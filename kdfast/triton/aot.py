@@ -344,17 +344,25 @@ def uncovered_kernels(module: Any) -> list[str]:
     """Kernels of ``module`` that no entry of its ``AOT_SPECS`` compiles.
 
     A @triton.jit function called only from other kernels (a device helper) is compiled
-    inside them; it counts as covered when a covered kernel's source calls it.
+    inside them; it counts as covered when a covered kernel's source calls it, directly or
+    through other covered helpers.
     """
     specs = getattr(module, "AOT_SPECS", [])
     kernels = jit_kernels(module)
     covered = {id(jit_function(s.kernel)) for s in specs}
     sources = " ".join(kernel_source(s.kernel) for s in specs)
-    return [
-        name
-        for name, fn in kernels.items()
-        if id(fn) not in covered and not re.search(rf"\b{re.escape(name)}\(", sources)
-    ]
+    reached: set[str] = set()
+    grew = True
+    while grew:  # helpers called by covered code are covered; their calls too
+        grew = False
+        for name, fn in kernels.items():
+            if name in reached or id(fn) in covered:
+                continue
+            if re.search(rf"\b{re.escape(name)}\(", sources):
+                reached.add(name)
+                sources += " " + kernel_source(fn)
+                grew = True
+    return [name for name, fn in kernels.items() if id(fn) not in covered and name not in reached]
 
 
 def missing_autotune_configs(module: Any) -> list[str]:
