@@ -30,13 +30,19 @@ interpreter), each of zs and zt alike:
   kernel and every sweep runs on the registers; the stats programs also keep their column
   moments in registers (stored once). 1 read for the loss, 2 with gradients: within SPEC
   2's budget (3 of zs, 2 of zt).
-* chunked (wider rows, up to 262144 and beyond), softmax: 2 reads for the loss
-  (log-sum-exp, then y), 4 with gradients (<g, y>, then the write). SPEC 2's budget is not
-  reachable here without holding a row on chip: y needs the row's final log-sum-exp
-  before the column moments, and every gradient element needs yt (through g) after the
-  column merge, for <g, y> and again for the write; Triton has no explicit shared memory
-  to keep a 32000-class row, and a scratch copy of y would cost the same traffic as the
-  read it replaces.
+* chunked (wider rows, up to 262144 and beyond), softmax: 2 loads for the loss
+  (log-sum-exp, then y), 4 with gradients (<g, y>, then the write). SPEC 2's budget
+  assumes the row on chip: y needs the row's final log-sum-exp before the column moments,
+  and every gradient element needs yt (through g) after the column merge, for <g, y> and
+  again for the write. A pair of float32 rows of 32000 classes is 256 KB, more than an
+  SM's shared memory (227 KB on H100) and all of its registers; Triton has no explicit
+  shared memory anyway, and a scratch copy of y costs the traffic of the read it replaces.
+  What is left is the L2: each kernel's second sweep re-reads the tile its first sweep just
+  read, from the last column block back to the first, so the blocks read most recently
+  come first and whatever part of the tile is still cached is not read from memory again
+  (tests/test_logit_kernels.py models a program's L2 share as an LRU cache: with one row
+  of both inputs cached, at most 3 reads of each from memory instead of 4; with a whole
+  stats tile, 2).
 * chunked, sigmoid (y needs no row statistic): 1 read for the loss, 2 with gradients.
 
 1 write per gradient. Temporaries: per-row values and G x 5 x C column moments (G capped so
@@ -229,7 +235,11 @@ def dist_stats_kernel(
         sdd_t = tl.zeros((BLOCK_R,), ACC)
         sdd_st = tl.zeros((BLOCK_R,), ACC)
         seen = tl.sum(tl.zeros((BLOCK_R,), ACC), axis=0)
-        for c0 in range(0, n_cols, BLOCK_C):
+        last = 0  # where the last column block starts (a RESIDENT row has one)
+        if not RESIDENT:
+            last = (tl.cdiv(n_cols, BLOCK_C) - 1) * BLOCK_C
+        for i in range(0, n_cols, BLOCK_C):
+            c0 = last - i  # last block first: it is the one sweep 1 read most recently
             cols, col_ok, ok, zs, zt = _pair(
                 s_ptr, t_ptr, zs_tile, zt_tile, offs_r, row_ok, c0, n_cols,
                 s_rs, s_cs, t_rs, t_cs, S, SPATIAL, RESIDENT, BLOCK_C,
@@ -436,7 +446,11 @@ def dist_grad_kernel(
             if GRAD_T:
                 g = dloss_dy(ys, yt, cols, ok, row, coef_ptr, n64, w_row, w_col, False)
                 dot_t += tl.sum(g * yt, axis=1)
-    for c0 in range(0, n_cols, BLOCK_C):
+    last = 0  # where the last column block starts (a RESIDENT row has one)
+    if not RESIDENT:
+        last = (tl.cdiv(n_cols, BLOCK_C) - 1) * BLOCK_C
+    for i in range(0, n_cols, BLOCK_C):
+        c0 = last - i  # last block first: it is the one the <g, y> sweep read most recently
         cols, col_ok, ok, zs, zt = _pair(
             s_ptr, t_ptr, zs_tile, zt_tile, offs_r, row_ok, c0, n_cols,
             s_rs, s_cs, t_rs, t_cs, S, SPATIAL, RESIDENT, BLOCK_C,
