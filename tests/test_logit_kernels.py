@@ -446,25 +446,36 @@ def test_triton_large_vocabulary(op):
         assert rel_error(a, b) <= 1e-7
 
 
-def _count_logit_reads(monkeypatch, tensors: dict) -> dict:
-    """Under the interpreter: name -> elements loaded (mask true) from each tensor's
-    storage, counted in every tl.load of every kernel until the test ends."""
+def _watch_logit_loads(monkeypatch, tensors: dict, seen) -> None:
+    """Under the interpreter, until the test ends: ``seen(name, addresses)`` for every
+    tl.load of every kernel, with the byte addresses it loads (mask true, in load order)
+    from the storage of tensors[name]."""
     np = pytest.importorskip("numpy")
     from triton.runtime import interpreter
 
-    counts = dict.fromkeys(tensors, 0)
     load = interpreter.InterpreterBuilder.create_masked_load
 
-    def counting_load(self, ptrs, mask, *args):
+    def watched_load(self, ptrs, mask, *args):
         addr = ptrs.data.astype(np.uint64)
         ok = np.broadcast_to(mask.data, addr.shape)
         for name, x in tensors.items():
             lo = x.data_ptr()
             inside = (addr >= lo) & (addr < lo + x.numel() * x.element_size())
-            counts[name] += int((inside & ok).sum())
+            seen(name, addr[inside & ok].ravel())
         return load(self, ptrs, mask, *args)
 
-    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_masked_load", counting_load)
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_masked_load", watched_load)
+
+
+def _count_logit_reads(monkeypatch, tensors: dict) -> dict:
+    """Under the interpreter: name -> elements loaded (mask true) from each tensor's
+    storage, counted in every tl.load of every kernel until the test ends."""
+    counts = dict.fromkeys(tensors, 0)
+
+    def count(name, addresses):
+        counts[name] += addresses.size
+
+    _watch_logit_loads(monkeypatch, tensors, count)
     return counts
 
 
@@ -502,30 +513,20 @@ def _lru_misses(monkeypatch, tensors: dict, capacity: int) -> dict:
     reads that reach memory when a program's share of the GPU's L2 holds that much."""
     from collections import OrderedDict
 
-    np = pytest.importorskip("numpy")
-    from triton.runtime import interpreter
-
     misses = dict.fromkeys(tensors, 0)
     cache: OrderedDict = OrderedDict()
-    load = interpreter.InterpreterBuilder.create_masked_load
 
-    def lru_load(self, ptrs, mask, *args):
-        addr = ptrs.data.astype(np.uint64)
-        ok = np.broadcast_to(mask.data, addr.shape)
-        for name, x in tensors.items():
-            lo = x.data_ptr()
-            inside = (addr >= lo) & (addr < lo + x.numel() * x.element_size())
-            for a in addr[inside & ok].ravel().tolist():
-                if (name, a) in cache:
-                    cache.move_to_end((name, a))
-                    continue
-                misses[name] += 1
-                cache[(name, a)] = None
-                if len(cache) > capacity:
-                    cache.popitem(last=False)
-        return load(self, ptrs, mask, *args)
+    def lru(name, addresses):
+        for key in ((name, a) for a in addresses.tolist()):
+            if key in cache:
+                cache.move_to_end(key)
+                continue
+            misses[name] += 1
+            cache[key] = None
+            if len(cache) > capacity:
+                cache.popitem(last=False)
 
-    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_masked_load", lru_load)
+    _watch_logit_loads(monkeypatch, tensors, lru)
     return misses
 
 
