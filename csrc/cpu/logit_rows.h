@@ -16,7 +16,6 @@
 #include <limits>
 #include <vector>
 
-
 #include "isa_dispatch.h"
 #include "output_pool.h"
 
