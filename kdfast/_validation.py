@@ -142,7 +142,9 @@ def check_feature_pair(student: Tensor, teacher: Tensor, min_rows: int, what: st
 
 def check_choice(name: str, value: object, choices) -> None:
     if value not in choices:
-        raise ValueError(f"{name} must be one of {sorted(map(repr, choices))}, got {value!r}")
+        raise ValueError(
+            f"{name} must be one of {', '.join(sorted(map(repr, choices)))}, got {value!r}"
+        )
 
 
 def check_real(name: str, value: object) -> float:
