@@ -4,29 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cases import F64, ZS, ZT, rand, reference_backend  # noqa: F401
 
-import kdfast
 from kdfast import functional as KF
 from kdfast.losses.dist import DISTLoss
+from kdfast.testing import rel_error as rel
 
-F64 = torch.float64
-ZS = [[1.0, 2.0, 3.0], [0.0, 0.0, 1.0]]
-ZT = [[3.0, 2.0, 1.0], [1.0, 0.0, 0.0]]
-
-
-@pytest.fixture(autouse=True)
-def reference_backend():
-    with kdfast.use_backend("reference"):
-        yield
-
-
-def rand(*shape, seed=0, dtype=F64, scale=2.0):
-    g = torch.Generator().manual_seed(seed)
-    return (scale * torch.randn(*shape, generator=g, dtype=F64)).to(dtype)
-
-
-def rel(x, ref) -> float:
-    return float((x - ref).detach().norm() / ref.detach().norm())
+pytestmark = pytest.mark.usefixtures("reference_backend")
 
 
 def official_dist(z_s, z_t, beta=1.0, gamma=1.0, tau=1.0, use_sigmoid=False):

@@ -6,39 +6,15 @@ import pytest
 import scipy.special
 import torch
 import torch.nn.functional as F
+from cases import F64, ZS, ZT, rand, reference_backend, teacher_as  # noqa: F401
 
-import kdfast
 from kdfast import functional as KF
 from kdfast.losses.kd import KDLoss
+from kdfast.testing import rel_error as rel
 
-F64 = torch.float64
+pytestmark = pytest.mark.usefixtures("reference_backend")
+
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
-ZS = [[1.0, 2.0, 3.0], [0.0, 0.0, 1.0]]
-ZT = [[3.0, 2.0, 1.0], [1.0, 0.0, 0.0]]
-
-
-@pytest.fixture(autouse=True)
-def reference_backend():
-    with kdfast.use_backend("reference"):
-        yield
-
-
-def rand(*shape, seed=0, dtype=F64, scale=2.0):
-    g = torch.Generator().manual_seed(seed)
-    return (scale * torch.randn(*shape, generator=g, dtype=F64)).to(dtype)
-
-
-def teacher_as(t: torch.Tensor, kind: str, temperature: float) -> torch.Tensor:
-    """The teacher logits re-expressed as ``kind`` at temperature T."""
-    if kind == "probs":
-        return torch.softmax(t / temperature, dim=1)
-    if kind == "log_probs":
-        return torch.log_softmax(t / temperature, dim=1)
-    return t
-
-
-def rel(x, ref) -> float:
-    return float((x - ref).detach().norm() / ref.detach().norm())
 
 
 # --- SPEC worked examples ------------------------------------------------------------

@@ -16,6 +16,7 @@ import os
 
 import pytest
 import torch
+from cases import teacher_as
 from conftest import NO_EXT, compiled_backends, require_backend
 
 import kdfast
@@ -60,14 +61,6 @@ def inputs(dtype: torch.dtype, rows: int = 12, cols: int = 37) -> dict:
     return {k: (a.to(dtype), b.to(dtype), m) for k, (a, b, m) in cases.items()}
 
 
-def _teacher_input(t: torch.Tensor, kind: str, temperature: float) -> torch.Tensor:
-    if kind == "probs":
-        return torch.softmax(t / temperature, dim=1)
-    if kind == "log_probs":
-        return torch.log_softmax(t / temperature, dim=1)
-    return t
-
-
 #: op -> list of option dicts (everything but the inputs and the mask)
 OPTIONS = {
     "kd_loss": [
@@ -93,7 +86,7 @@ def _call(op, backend, s, t, mask, options, grad_teacher=True, unit=False):
     backward's scaling is exercised, or 1 (``unit``: the plain gradient of the loss)."""
     options = dict(options)
     if op == "kd_loss":
-        t = _teacher_input(t, options["teacher"], options["temperature"])
+        t = teacher_as(t, options["teacher"], options["temperature"])
     if mask is not None:
         if op == "per_sample_kl":
             return None
@@ -170,7 +163,7 @@ def test_gradcheck(op, backend):
     for options in OPTIONS[op][:: (5 if fast else 2) if op == "kd_loss" else 1]:
         options = dict(options)
         if op == "kd_loss":
-            t_in = _teacher_input(t, options["teacher"], options["temperature"])
+            t_in = teacher_as(t, options["teacher"], options["temperature"])
             options["mask"] = mask
         elif op == "dist_loss":
             t_in, options["mask"] = t, mask

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from cases import F64, L_A_EX, S_DUP, S_EX, T_EX, clustered, loss_and_grad, randn, tensor
 
 from kdfast import functional
 from kdfast.losses.rkd import RKDDistanceLoss, RKDLoss
@@ -12,13 +13,8 @@ from kdfast.reference.rkd_distance import pdist
 from kdfast.reference.rkd_distance import rkd_distance as reference_rkd_distance
 from kdfast.testing import assert_rel_close, rel_error, tolerance
 
-F64 = torch.float64
-T_EX = [[0.0, 0.0], [3.0, 4.0], [6.0, 0.0]]
-S_EX = [[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]]
-S_DUP = [[0.0, 0.0], [0.0, 0.0], [1.0, 1.0]]
 L_D_EX = 0.0279368329695255
 L_D_DUP = 0.148437168544001
-L_A_EX = 0.017579546567412015
 
 
 def official_pdist(e: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -39,28 +35,6 @@ def official_rkd_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch
     d = official_pdist(student)
     d = d / d[d > 0].mean()
     return F.smooth_l1_loss(d, t_d)
-
-
-def tensor(rows, dtype=F64) -> torch.Tensor:
-    return torch.tensor(rows, dtype=dtype)
-
-
-def randn(*shape, seed: int = 0, dtype=F64) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
-
-
-def clustered(n: int, d: int, seed: int, clusters: int = 10, spread: float = 1e-3):
-    """Rows around `clusters` unit-scale centres, spread 1e-3 of their separation (SPEC 1.5)."""
-    centres = randn(clusters, d, seed=seed)
-    noise = randn(n, d, seed=seed + 1)
-    return (centres[torch.arange(n) % clusters] + spread * noise).float()
-
-
-def loss_and_grad(fn, s: torch.Tensor, t: torch.Tensor):
-    s = s.detach().clone().requires_grad_(True)
-    loss = fn(s, t)
-    (grad,) = torch.autograd.grad(loss, s)
-    return loss, grad
 
 
 # --- SPEC worked examples ------------------------------------------------------------------
