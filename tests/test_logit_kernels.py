@@ -81,11 +81,12 @@ OPTIONS = {
 }
 
 
-def _call(op, backend, s, t, mask, options, grad_teacher=True, unit=False):
+def _call(op, backend, s, t, mask, options, grad_teacher=True, unit=False, as_given=False):
     """(loss, gradients) of sum(loss * w): w from 0.5 to 1.5 (0.5 for a scalar loss) so the
-    backward's scaling is exercised, or 1 (``unit``: the plain gradient of the loss)."""
+    backward's scaling is exercised, or 1 (``unit``: the plain gradient of the loss). KD's
+    teacher logits t are turned into options["teacher"] unless ``as_given``."""
     options = dict(options)
-    if op == "kd_loss":
+    if op == "kd_loss" and not as_given:
         t = teacher_as(t, options["teacher"], options["temperature"])
     if mask is not None:
         if op == "per_sample_kl":
@@ -411,15 +412,43 @@ def test_triton_chunking(op, resident, monkeypatch):
     keep = torch.ones(23, dtype=torch.bool)
     keep[[0, 5, 6, 22]] = False
     options = [dict(), dict(activation="sigmoid", tau=2.0)]
-    if op == "kd_loss":
-        options = [dict(temperature=2.0, reduction=r, teacher="logits") for r in ("mean", "none")]
+    if op == "kd_loss":  # every teacher kind, with and without the teacher's gradient
+        options = [
+            dict(temperature=2.0, reduction=r, teacher=k)
+            for r, k in (("mean", "logits"), ("none", "probs"), ("sum", "log_probs"))
+        ]
     for mask in (None, keep):
         for o in options:
-            got = _call(op, "triton", s, t, mask, o)
-            want = _call(op, "reference", s, t, mask, o)
-            assert rel_error(got[0], want[0]) <= 1e-9, (mask is None, o)
+            for grad_teacher in (True, False):
+                got = _call(op, "triton", s, t, mask, o, grad_teacher)
+                want = _call(op, "reference", s, t, mask, o, grad_teacher)
+                where = (mask is None, o, grad_teacher)
+                assert rel_error(got[0], want[0]) <= 1e-9, where
+                for g, w in zip(got[1], want[1], strict=True):
+                    assert rel_error(g, w) <= 1e-7, where
+
+
+@pytest.mark.parametrize("kind", ["probs", "log_probs"])
+def test_triton_kd_unnormalised_teacher(kind, monkeypatch):
+    """Teacher probs / log-probs whose rows do not sum to 1 (the student's gradient scales
+    ps by sum(pt)): float64 parity with the reference, student gradient alone (sum(pt)
+    taken in pass 1) and with the teacher's (taken in pass 2), tiny tiles."""
+    if "kd_loss" not in _triton_only(["kd_loss"]):
+        pytest.skip("triton does not run on CPU tensors here (TRITON_INTERPRET unset)")
+    require_backend("triton")
+    _tiny_tiles(monkeypatch, False)
+    s, t, _ = inputs(torch.float64, 23, 37)["random"]
+    weights = torch.linspace(0.5, 2.0, 23, dtype=torch.float64)[:, None]
+    t = torch.softmax(t, dim=1) * weights
+    t = t if kind == "probs" else t.log()
+    for grad_teacher in (True, False):
+        for reduction in ("batchmean", "none"):
+            o = dict(temperature=1.0, reduction=reduction, teacher=kind)
+            got = _call("kd_loss", "triton", s, t, None, o, grad_teacher, as_given=True)
+            want = _call("kd_loss", "reference", s, t, None, o, grad_teacher, as_given=True)
+            assert rel_error(got[0], want[0]) <= 1e-9, (grad_teacher, reduction)
             for g, w in zip(got[1], want[1], strict=True):
-                assert rel_error(g, w) <= 1e-7, (mask is None, o)
+                assert rel_error(g, w) <= 1e-7, (grad_teacher, reduction)
 
 
 @pytest.mark.parametrize("op", _triton_only(["kd_loss", "dist_loss"]))
@@ -498,6 +527,39 @@ def test_triton_dist_read_count(resident, monkeypatch):
         assert counts == {"zs": reads * s.numel(), "zt": reads * t.numel()}, (activation, grads)
         if resident or activation == "sigmoid":
             assert counts["zs"] <= 3 * s.numel() and counts["zt"] <= 2 * t.numel()
+
+
+@pytest.mark.parametrize("tiny", [False, True])
+def test_triton_kd_read_count(tiny, monkeypatch):
+    """Reads of the student and teacher per kd_loss call (elements loaded / numel), as the
+    module docstring of kdfast/triton/kd_loss.py states: 2 each for the loss alone and with
+    the student's gradient alone (written in pass 2), 3 with the teacher's; a teacher given
+    as probs or log-probs is read in pass 1 only for the student's gradient alone. tiny:
+    many column blocks per row."""
+    if "kd_loss" not in _triton_only(["kd_loss"]):
+        pytest.skip("triton does not run on CPU tensors here (TRITON_INTERPRET unset)")
+    require_backend("triton")
+    if tiny:
+        _tiny_tiles(monkeypatch, False)
+    s, t, mask = inputs(torch.float64, 23, 37)["masked"]
+    kd = torch.ops.kdfast.kd_loss_triton.default
+    want = {  # (teacher, grad_s, grad_t): (reads of s, reads of t)
+        ("logits", False, False): (2, 2),
+        ("logits", True, False): (2, 2),
+        ("logits", False, True): (3, 3),
+        ("logits", True, True): (3, 3),
+        ("probs", False, False): (2, 1),
+        ("probs", True, False): (2, 2),
+        ("log_probs", True, False): (2, 2),
+        ("log_probs", True, True): (3, 2),
+    }
+    counts = _count_logit_reads(monkeypatch, {"zs": s, "zt": t})
+    for (kind, grad_s, grad_t), (reads_s, reads_t) in want.items():
+        for name in counts:
+            counts[name] = 0
+        kd(s, t, 2.0, 4.0, "batchmean", mask, kind, grad_s, grad_t)
+        got = (counts["zs"] / s.numel(), counts["zt"] / t.numel())
+        assert got == (reads_s, reads_t), (kind, grad_s, grad_t, got)
 
 
 def _lru_misses(monkeypatch, tensors: dict, capacity: int) -> dict:

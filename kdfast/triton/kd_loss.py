@@ -8,8 +8,14 @@ for reduction "none") written in the forward pass only when the flags ask for th
 (0,) tensors otherwise; once-differentiable.
 
 One kernel, programs over tiles of BLOCK_R rows, looping over column blocks of BLOCK_C (any
-C up to 262144 and beyond): pass 1 the online max / sum of exp of each side, pass 2 the row
-KL and sum(pt), pass 3 (only when a gradient is requested) the gradient write. Inputs are
+C up to 262144 and beyond): pass 1 the online max / sum of exp of each side (for a teacher
+given as probs or log-probs, with a student gradient alone: sum(pt)), pass 2 the row KL and
+sum(pt), and with a student gradient alone its write, pass 3 (only with a teacher gradient,
+which needs the row KL) the gradient writes. Reads of each input per call (counted under
+the interpreter by tests/test_logit_kernels.py): 2, also with a student gradient; 3 with a
+teacher gradient; a teacher given as probs or log-probs is not read in pass 1 unless the
+student's gradient alone is asked for. Pass 2 runs from the last column block back to the
+first, so that what pass 1 read last (the likeliest still in L2) is re-read first. Inputs are
 read in place: (rows, C) with any row and column strides (no copies for expanded rows or
 mixed dtypes), or contiguous (N, C, S) as N * S rows r = n * S + s (SPATIAL; gradients of
 the input's shape, reduction "none" (N * S,) in row order); half inputs are computed in
@@ -67,6 +73,33 @@ def _row_lse(
         total = total * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
         m = m_new
     return m, total
+
+
+@triton.jit
+def _row_sum_pt(
+    x_ptr,
+    offs_r,
+    row_ok,
+    rs,
+    cs,
+    S,
+    n_cols,
+    SPATIAL: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    ACC: tl.constexpr,
+    KIND: tl.constexpr,
+):
+    """sum(pt) of each row of the tile, the teacher given as probs (KIND 1) or log-probs
+    (KIND 2), summed as pass 2 sums it."""
+    total = tl.zeros(offs_r.shape, ACC)
+    for c0 in range(0, n_cols, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        ok = row_ok[:, None] & (cols < n_cols)[None, :]
+        v = tl.load(logit_ptrs(x_ptr, offs_r, cols, rs, cs, S, SPATIAL), mask=ok, other=1.0)
+        v = v.to(ACC)
+        pt = v if KIND == 1 else tl.exp(v)
+        total += tl.sum(tl.where(ok, pt, 0.0), axis=1)
+    return total
 
 
 @triton.jit
@@ -133,17 +166,38 @@ def kd_loss_kernel(
         sum_t = tl.full(offs_r.shape, 1.0, ACC)
     log_sum_t = tl.log(sum_t)
     inv_sum_t = 1.0 / sum_t
-    # pass 2: KL and sum(pt) per row
+    keep = row_ok
+    if HAS_MASK:
+        keep = keep & (tl.load(mask_ptr + offs_r, mask=row_ok, other=0) != 0)
+    scale = tl.load(params_ptr)
+    coef_s = scale * inv_t
+    coef_t = scale * teacher_scale
+    # The student's gradient needs sum(pt) (1 up to rounding for teacher logits; the given
+    # probs or log-probs need not be normalised) and the teacher's needs the row KL: without
+    # a teacher gradient, sum(pt) is taken before pass 2 and pass 2 writes the gradient.
+    if KIND == 0:
+        sum_pt_first = sum_t * inv_sum_t
+    elif GRAD_S and not GRAD_T:
+        sum_pt_first = _row_sum_pt(
+            t_ptr, offs_r, row_ok, t_rs, t_cs, S, n_cols, SPATIAL, BLOCK_C, ACC, KIND
+        )
+    else:
+        sum_pt_first = tl.zeros((BLOCK_R,), ACC)  # unused
+    ps_scale = sum_pt_first * inv_sum_s
+    # pass 2: KL and sum(pt) per row (and the student's gradient, see above); from the last
+    # column block back to the first, so that what pass 1 read last is re-read first
     kl = tl.zeros((BLOCK_R,), ACC)
     sum_pt = tl.zeros((BLOCK_R,), ACC)
-    for c0 in range(0, n_cols, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
+    last = (tl.cdiv(n_cols, BLOCK_C) - 1) * BLOCK_C
+    for i in range(0, n_cols, BLOCK_C):
+        cols = (last - i) + tl.arange(0, BLOCK_C)
         ok = row_ok[:, None] & (cols < n_cols)[None, :]
         u = tl.load(logit_ptrs(s_ptr, offs_r, cols, s_rs, s_cs, S, SPATIAL), mask=ok, other=0.0)
         v = tl.load(logit_ptrs(t_ptr, offs_r, cols, t_rs, t_cs, S, SPATIAL), mask=ok, other=1.0)
         u = u.to(ACC)
         v = v.to(ACC)
-        log_ps = (u * inv_t - max_s[:, None]) - log_sum_s[:, None]
+        shifted_s = u * inv_t - max_s[:, None]
+        log_ps = shifted_s - log_sum_s[:, None]
         pt, log_pt = _teacher_terms(v * teacher_scale, max_t, log_sum_t, inv_sum_t, KIND)
         if KIND == 1:
             term = tl.where(pt == 0.0, 0.0, pt * log_pt) - pt * log_ps
@@ -151,15 +205,14 @@ def kd_loss_kernel(
             term = pt * (log_pt - log_ps)
         kl += tl.sum(tl.where(ok, term, 0.0), axis=1)
         sum_pt += tl.sum(tl.where(ok, pt, 0.0), axis=1)
-    keep = row_ok
-    if HAS_MASK:
-        keep = keep & (tl.load(mask_ptr + offs_r, mask=row_ok, other=0) != 0)
+        if GRAD_S and not GRAD_T:
+            gs = (tl.exp(shifted_s) * ps_scale[:, None] - pt) * coef_s
+            gs = tl.where(keep[:, None], gs, 0.0)
+            out = grad_offsets(offs_r, cols, n_cols, S, SPATIAL)
+            tl.store(gs_ptr + out, gs.to(gs_ptr.dtype.element_ty), mask=ok)
     tl.store(row_kl_ptr + offs_r, tl.where(keep, kl, 0.0), mask=row_ok)
-    if GRAD_S or GRAD_T:
-        # pass 3: the gradient write (zeros for masked rows)
-        scale = tl.load(params_ptr)
-        coef_s = scale * inv_t
-        coef_t = scale * teacher_scale
+    if GRAD_T:
+        # pass 3: the gradient writes (zeros for masked rows)
         ps_scale = sum_pt * inv_sum_s
         for c0 in range(0, n_cols, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
@@ -203,8 +256,16 @@ _DTYPES = {
 
 
 def _spec(
-    dtype: str, kind: int, grad: bool, n_cols: int, warps: int = 4, spatial: bool = False
+    dtype: str,
+    kind: int,
+    grad: bool,
+    n_cols: int,
+    warps: int = 4,
+    spatial: bool = False,
+    teacher_grad: bool | None = None,
 ) -> KernelSpec:
+    """grad: the student's gradient; teacher_grad: the teacher's (default: as grad)."""
+    teacher_grad = grad if teacher_grad is None else teacher_grad
     acc = "fp64" if dtype == "fp64" else "fp32"
     block_r, block_c = blocks(n_cols, 8 if acc == "fp64" else 4)
     signature = {
@@ -223,7 +284,7 @@ def _spec(
         "t_cs": "i64",
         "S": "i64",
     }
-    constexprs = {"KIND": kind, "HAS_MASK": True, "GRAD_S": grad, "GRAD_T": grad}
+    constexprs = {"KIND": kind, "HAS_MASK": True, "GRAD_S": grad, "GRAD_T": teacher_grad}
     constexprs["SPATIAL"] = spatial
     constexprs |= {"BLOCK_R": block_r, "BLOCK_C": block_c}
     signature |= {k: "constexpr" for k in constexprs}
@@ -232,20 +293,22 @@ def _spec(
         signature,
         constexprs,
         num_warps=warps,
-        label=f"{dtype} kind={kind} grad={grad} spatial={spatial} BLOCK_R={block_r} "
-        f"BLOCK_C={block_c}",
+        label=f"{dtype} kind={kind} grad={grad} teacher_grad={teacher_grad} spatial={spatial} "
+        f"BLOCK_R={block_r} BLOCK_C={block_c}",
     )
 
 
-#: the launch configurations: every dtype, teacher logits with and without gradients
-#: (ImageNet-sized and large-vocabulary column blocks), the other teacher kinds.
+#: the launch configurations: every dtype, teacher logits with no gradient, the student's
+#: alone (the usual case: pass 2 writes it) and both (ImageNet-sized and large-vocabulary
+#: column blocks), the other teacher kinds.
 AOT_SPECS = [
-    _spec(dtype, 0, grad, n_cols)
+    _spec(dtype, 0, grad, n_cols, teacher_grad=teacher_grad)
     for dtype in ("fp16", "bf16", "fp32")
-    for grad in (False, True)
+    for grad, teacher_grad in ((False, False), (True, False), (True, True))
     for n_cols in (1000, 32000)
 ] + [
     *(_spec(dtype, kind, True, 32000) for dtype, kind in (("fp64", 0), ("fp32", 1), ("fp32", 2))),
+    *(_spec("fp32", kind, True, 32000, teacher_grad=False) for kind in (1, 2)),
     *(_spec("fp16", 0, True, n_cols, spatial=True) for n_cols in (19, 32000)),
 ]
 
