@@ -11,6 +11,7 @@ pytest-benchmark.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -58,6 +59,15 @@ def _logit_pair(size, device, dtype):
     s = _randn(b, c, device=device, dtype=dtype, seed=0, grad=True)
     t = _randn(b, c, device=device, dtype=dtype, seed=1)
     return s, t
+
+
+def setup_dist_segmentation(size, device, dtype):
+    """Per-pixel DIST on (N, C, H, W) logits, read in place as N * H * W rows (the
+    segmentation recipe: no tau^2 scaling)."""
+    s = _randn(*size, device=device, dtype=dtype, seed=0, grad=True)
+    t = _randn(*size, device=device, dtype=dtype, seed=1)
+    loss = kdfast.losses.DISTLoss(tau_squared=False)
+    return (lambda: loss(s, t)), [s]
 
 
 def _feature_pair(size, device, dtype):
@@ -118,13 +128,11 @@ def setup_expm(size, device, dtype):
 
 
 def _logit_bytes(size):
-    b, c = size
-    return 12 * b * c * 4  # about a dozen (B, C) float32 temporaries
+    return 12 * math.prod(size) * 4  # about a dozen (B, C) float32 temporaries
 
 
 def _logit_truth_bytes(size):
-    b, c = size
-    return 3 * b * c * (4 + 8)  # student, teacher and gradient in float32 and in float64
+    return 3 * math.prod(size) * (4 + 8)  # inputs and gradient in float32 and in float64
 
 
 def _rkd_bytes(size):
@@ -164,6 +172,15 @@ CASES: list[Case] = [
             "full": [(4096, 32000), (8192, 128000)],
         },
         setup_dist,
+        _logit_bytes,
+        _logit_truth_bytes,
+    ),
+    Case(
+        "dist_seg",
+        "DISTLoss per pixel, tau_squared=False (N, C, H, W)",
+        "dist_loss",
+        {"smoke": [(2, 5, 8, 8)], "quick": [(8, 19, 256, 256)], "full": [(8, 19, 512, 1024)]},
+        setup_dist_segmentation,
         _logit_bytes,
         _logit_truth_bytes,
     ),

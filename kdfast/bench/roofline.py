@@ -46,8 +46,7 @@ class Work:
 
 
 def _logits(size, e, fwd_per_elem, bwd_per_elem):
-    b, c = size
-    n = b * c
+    n = math.prod(size)
     return Work(2 * n * e, 0, fwd_per_elem * n), Work(3 * n * e, 0, bwd_per_elem * n)
 
 
@@ -57,7 +56,8 @@ def kd(size, e):
 
 
 def dist(size, e):
-    """DISTLoss (B, C): two softmaxes, row and column Pearson correlations."""
+    """DISTLoss (B, C) or per pixel (N, C, H, W): two softmaxes, row and column Pearson
+    correlations."""
     return _logits(size, e, 20, 30)
 
 
@@ -131,6 +131,7 @@ def vkd(size, e):
 FORMULAS = {
     "kd": kd,
     "dist": dist,
+    "dist_seg": dist,
     "rkd_distance": rkd_distance,
     "rkd_angle": rkd_angle,
     "rkd_angle_vertices": rkd_angle_vertices,
