@@ -284,8 +284,18 @@ def test_strided_expanded_and_nc_star_inputs(op, backend):
         assert rel_error(got, want) <= 1e-9 and rel_error(g, w) <= 1e-7
 
 
-#: (N, C, *) shapes: rows are N * prod(*), C = 37
-NC_STAR_SHAPES = [(4, 37, 3), (1, 37, 7), (2, 37, 2, 3), (3, 37, 1)]
+#: (N, C, *) shapes: rows are N * prod(*). S = 41 and 35: the CPU kernels' runs of 16 rows
+#: of one n (csrc/cpu/logit_rows.h) end at kRunRows and at each n's last row; C = 2000:
+#: runs capped at 8 rows by kRunElements.
+NC_STAR_SHAPES = [
+    (4, 37, 3),
+    (1, 37, 7),
+    (2, 37, 2, 3),
+    (3, 37, 1),
+    (3, 37, 41),
+    (2, 37, 5, 7),
+    (2, 2000, 21),
+]
 #: copies a kernel reading (N, C, *) logits in place must not make
 COPY_OPS = {"aten::copy_", "aten::clone", "aten::contiguous", "aten::_to_copy"}
 

@@ -256,10 +256,12 @@ double dist_rows(const at::Tensor& s, const at::Tensor& t, const bool* mask, con
   const bool direct = std::is_same_v<scalar_t, acc_t> && s.dim() == 2;
   acc_t* saved_yt = direct ? reinterpret_cast<acc_t*>(gs_data) : nullptr;
   acc_t* saved_ys = direct ? reinterpret_cast<acc_t*>(gt_data) : nullptr;
+  // Rows are fetched in runs (rows::run_rows: up to kRunRows rows of one n for (N, C, S)).
+  const int64_t run_cap = rows::run_rows(sv, 0, rows::kRunRows * sv.spatial, n);
   at::parallel_for(0, blocks, 1, [&](int64_t b_begin, int64_t b_end) {
-    std::vector<acc_t> buffers((2 + 2 * kTileRows + 5) * n);
-    acc_t *u = buffers.data(), *v = u + n, *ys = v + n, *yt = ys + kTileRows * n,
-          *scratch = yt + kTileRows * n;
+    std::vector<acc_t> buffers((2 * run_cap + 2 * kTileRows + 5) * n);
+    acc_t *u = buffers.data(), *v = u + run_cap * n, *ys = v + run_cap * n,
+          *yt = ys + kTileRows * n, *scratch = yt + kTileRows * n;
     for (int64_t b = b_begin; b < b_end; ++b) {
       double* col_b = col.data() + b * kColFields * n;
       int64_t m = 0;  // rows in the tile
@@ -269,14 +271,21 @@ double dist_rows(const at::Tensor& s, const at::Tensor& t, const bool* mask, con
         count[b] += m;
         m = 0;
       };
-      for (int64_t i = b * block_rows; i < std::min(rows, (b + 1) * block_rows); ++i) {
-        if (!kept_row(i)) continue;
-        rows::load_row(sv.row(i), n, sv.stride_c, inv_tau, u);
-        rows::load_row(tv.row(i), n, tv.stride_c, inv_tau, v);
-        stats_row(u, v, ys + m * n, yt + m * n, n, o.sigmoid, stats.data() + i * kRowFields);
-        if (saved_yt) std::copy_n(yt + m * n, n, saved_yt + i * n);
-        if (saved_ys) std::copy_n(ys + m * n, n, saved_ys + i * n);
-        if (++m == kTileRows) flush();
+      const int64_t end = std::min(rows, (b + 1) * block_rows);
+      for (int64_t i0 = b * block_rows, w = 1; i0 < end; i0 += w) {
+        w = rows::run_rows(sv, i0, end, n);
+        if (w == 1 && !kept_row(i0)) continue;
+        rows::load_run(sv, i0, w, n, inv_tau, u);
+        rows::load_run(tv, i0, w, n, inv_tau, v);
+        for (int64_t k = 0; k < w; ++k) {
+          const int64_t i = i0 + k;
+          if (!kept_row(i)) continue;
+          stats_row(u + k * n, v + k * n, ys + m * n, yt + m * n, n, o.sigmoid,
+                    stats.data() + i * kRowFields);
+          if (saved_yt) std::copy_n(yt + m * n, n, saved_yt + i * n);
+          if (saved_ys) std::copy_n(ys + m * n, n, saved_ys + i * n);
+          if (++m == kTileRows) flush();
+        }
       }
       flush();
     }
@@ -326,24 +335,34 @@ double dist_rows(const at::Tensor& s, const at::Tensor& t, const bool* mask, con
   const Weights<acc_t> w{acc_t(-o.beta * o.scale / kept_d),
                          acc_t(-o.gamma * o.scale / static_cast<double>(n)), inv_tau};
   at::parallel_for(0, rows, rows::row_grain(n), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buffers(6 * n);
-    acc_t *u = buffers.data(), *v = u + n, *ys = v + n, *yt = ys + n, *gs = yt + n,
-          *gt = gs + n;
-    for (int64_t i = begin; i < end; ++i) {
-      if (!kept_row(i)) {
-        if (gs_data) rows::zero_row(n, gsv.row(i), gsv.stride_c);
-        if (gt_data) rows::zero_row(n, gtv.row(i), gtv.stride_c);
+    std::vector<acc_t> buffers((4 * run_cap + 2) * n);
+    acc_t *u = buffers.data(), *v = u + run_cap * n, *gs = v + run_cap * n,
+          *gt = gs + run_cap * n, *ys = gt + run_cap * n, *yt = ys + n;
+    for (int64_t i0 = begin, run = 1; i0 < end; i0 += run) {
+      run = rows::run_rows(sv, i0, end, n);
+      if (run == 1 && !kept_row(i0)) {
+        if (gs_data) rows::zero_row(n, gsv.row(i0), gsv.stride_c);
+        if (gt_data) rows::zero_row(n, gtv.row(i0), gtv.stride_c);
         continue;
       }
-      acc_t* ys_row = saved_ys ? saved_ys + i * n : ys;
-      acc_t* yt_row = saved_yt ? saved_yt + i * n : yt;
-      if (!saved_ys) rows::load_row(sv.row(i), n, sv.stride_c, inv_tau, u);
-      if (!saved_yt) rows::load_row(tv.row(i), n, tv.stride_c, inv_tau, v);
-      grad_row(saved_ys ? nullptr : u, saved_yt ? nullptr : v, ys_row, yt_row,
-               gs_data ? gs : nullptr, gt_data ? gt : nullptr, n, o.sigmoid,
-               stats.data() + i * kRowFields, coef.data(), w);
-      if (gs_data) rows::store_row(gs, n, acc_t(1), gsv.row(i), gsv.stride_c);
-      if (gt_data) rows::store_row(gt, n, acc_t(1), gtv.row(i), gtv.stride_c);
+      if (!saved_ys) rows::load_run(sv, i0, run, n, inv_tau, u);
+      if (!saved_yt) rows::load_run(tv, i0, run, n, inv_tau, v);
+      for (int64_t k = 0; k < run; ++k) {
+        const int64_t i = i0 + k;
+        acc_t *gs_k = gs + k * n, *gt_k = gt + k * n;
+        if (!kept_row(i)) {
+          std::fill_n(gs_k, n, acc_t(0));
+          std::fill_n(gt_k, n, acc_t(0));
+          continue;
+        }
+        acc_t* ys_row = saved_ys ? saved_ys + i * n : ys;
+        acc_t* yt_row = saved_yt ? saved_yt + i * n : yt;
+        grad_row(saved_ys ? nullptr : u + k * n, saved_yt ? nullptr : v + k * n, ys_row,
+                 yt_row, gs_data ? gs_k : nullptr, gt_data ? gt_k : nullptr, n, o.sigmoid,
+                 stats.data() + i * kRowFields, coef.data(), w);
+      }
+      if (gs_data) rows::store_run(gs, i0, run, n, acc_t(1), gsv);
+      if (gt_data) rows::store_run(gt, i0, run, n, acc_t(1), gtv);
     }
   });
   return loss;

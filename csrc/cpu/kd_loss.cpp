@@ -136,24 +136,40 @@ void kl_rows(const at::Tensor& s, const at::Tensor& t, const bool* mask, const O
   // float / double gradients with unit class stride are written in place (es is the output
   // row); otherwise through a buffer.
   const bool direct = std::is_same_v<scalar_t, acc_t> && gsv.stride_c == 1;
+  // Rows are fetched in runs (rows::run_rows: up to kRunRows rows of one n for (N, C, S)).
+  const int64_t run_cap = rows::run_rows(sv, 0, rows::kRunRows * sv.spatial, n);
   at::parallel_for(0, rows, rows::row_grain(n), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buffers(4 * n);
-    acc_t *u = buffers.data(), *v = u + n, *es = v + n, *et = es + n;
-    for (int64_t i = begin; i < end; ++i) {
-      scalar_t* gs = o.grad_s ? gsv.row(i) : nullptr;
-      scalar_t* gt = o.grad_t ? gtv.row(i) : nullptr;
-      if (mask != nullptr && !mask[i]) {
-        row_kl[i] = 0.0;
-        if (gs) rows::zero_row(n, gs, gsv.stride_c);
-        if (gt) rows::zero_row(n, gt, gtv.stride_c);
+    std::vector<acc_t> buffers(4 * run_cap * n);
+    acc_t *u = buffers.data(), *v = u + run_cap * n, *es = v + run_cap * n,
+          *et = es + run_cap * n;
+    for (int64_t i0 = begin, run = 1; i0 < end; i0 += run) {
+      run = rows::run_rows(sv, i0, end, n);
+      const bool kept0 = mask == nullptr || mask[i0];
+      if (run == 1 && !kept0) {
+        row_kl[i0] = 0.0;
+        if (o.grad_s) rows::zero_row(n, gsv.row(i0), gsv.stride_c);
+        if (o.grad_t) rows::zero_row(n, gtv.row(i0), gtv.stride_c);
         continue;
       }
-      rows::load_row(sv.row(i), n, sv.stride_c, inv_t, u);
-      rows::load_row(tv.row(i), n, tv.stride_c, teacher_scale, v);
-      acc_t* es_row = direct && gs ? reinterpret_cast<acc_t*>(gs) : es;
-      row_kl[i] = kl_row(u, v, es_row, et, n, o.kind, gs != nullptr, gt != nullptr, coef_s);
-      if (gs && !direct) rows::store_row(es, n, acc_t(1), gs, gsv.stride_c);
-      if (gt) rows::store_row(et, n, coef_t, gt, gtv.stride_c);
+      rows::load_run(sv, i0, run, n, inv_t, u);
+      rows::load_run(tv, i0, run, n, teacher_scale, v);
+      for (int64_t k = 0; k < run; ++k) {
+        const int64_t i = i0 + k;
+        acc_t *es_k = es + k * n, *et_k = et + k * n;
+        if (mask != nullptr && !mask[i]) {
+          row_kl[i] = 0.0;
+          std::fill_n(es_k, n, acc_t(0));
+          std::fill_n(et_k, n, acc_t(0));
+          continue;
+        }
+        // float / double (B, C) student gradients are written in place
+        acc_t* es_row =
+            direct && o.grad_s ? reinterpret_cast<acc_t*>(gsv.row(i)) : es_k;
+        row_kl[i] = kl_row(u + k * n, v + k * n, es_row, et_k, n, o.kind, o.grad_s, o.grad_t,
+                           coef_s);
+      }
+      if (o.grad_s && !direct) rows::store_run(es, i0, run, n, acc_t(1), gsv);
+      if (o.grad_t) rows::store_run(et, i0, run, n, coef_t, gtv);
     }
   });
 }

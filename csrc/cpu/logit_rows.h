@@ -102,6 +102,49 @@ void zero_row(int64_t n, scalar_t* out, int64_t stride) {
   for (int64_t c = 0; c < n; ++c) out[c * stride] = scalar_t(0);
 }
 
+// Rows in runs: the callers fetch consecutive rows a run at a time, into buffers of n
+// entries per row. For (N, C, S) logits a run is up to kRunRows rows of one n (consecutive
+// s), fetched as a (C, run) block read along s, so each cache line of the input is used
+// whole at once instead of one entry per row (with S a power of two the C entries of a row
+// also fall into one cache set); (B, C) rows come one at a time (a run of 1). A run holds
+// at most kRunElements entries per buffer, so that the buffers stay in the L1 / L2 caches.
+constexpr int64_t kRunRows = 16;
+constexpr int64_t kRunElements = 16384;
+
+// Rows of the run starting at row r (< end) of a view of rows of n entries.
+template <typename T>
+int64_t run_rows(const RowView<T>& v, int64_t r, int64_t end, int64_t n) {
+  if (v.spatial == 1 || v.stride_c == 1) return 1;
+  const int64_t most = std::clamp<int64_t>(kRunElements / std::max<int64_t>(n, 1), 1, kRunRows);
+  return std::min({most, end - r, v.spatial - r % v.spatial});
+}
+
+// buf[k * n + c] = scale * row (r + k)[c] for the w rows of a run, in acc_t.
+template <typename scalar_t, typename acc_t>
+KDFAST_INLINE void load_run(const RowView<const scalar_t>& v, int64_t r, int64_t w, int64_t n,
+                            acc_t scale, acc_t* buf) {
+  if (w == 1) return load_row(v.row(r), n, v.stride_c, scale, buf);
+  const scalar_t* x = v.row(r);
+  for (int64_t c = 0; c < n; ++c) {
+    const scalar_t* xc = x + c * v.stride_c;
+    for (int64_t k = 0; k < w; ++k) buf[k * n + c] = static_cast<acc_t>(xc[k * v.stride_s]) * scale;
+  }
+}
+
+// row (r + k)[c] = scale * buf[k * n + c] rounded to scalar_t, for the w rows of a run.
+template <typename scalar_t, typename acc_t>
+KDFAST_INLINE void store_run(const acc_t* buf, int64_t r, int64_t w, int64_t n, acc_t scale,
+                             const RowView<scalar_t>& v) {
+  if (w == 1) return store_row(buf, n, scale, v.row(r), v.stride_c);
+  scalar_t* out = v.row(r);
+  for (int64_t c = 0; c < n; ++c) {
+    scalar_t* oc = out + c * v.stride_c;
+    for (int64_t k = 0; k < w; ++k) {
+      oc[k * v.stride_s] = static_cast<scalar_t>(buf[k * n + c] * scale);
+    }
+  }
+}
+
 template <typename acc_t>
 KDFAST_INLINE acc_t row_max(const acc_t* x, int64_t n) {
   acc_t m = -std::numeric_limits<acc_t>::infinity();
