@@ -58,48 +58,30 @@ def _row_lse(
     SPATIAL: tl.constexpr,
     BLOCK_C: tl.constexpr,
     ACC: tl.constexpr,
+    KIND: tl.constexpr,
 ):
-    """(max, sum of exp(x * scale - max)) of each row of the tile (pass 1)."""
+    """Pass 1 over one side of the tile: (max, sum of exp(x * scale - max)) of each row
+    (KIND 0: logits); for a teacher given as probs (KIND 1) or log-probs (KIND 2), (0,
+    sum(pt)), summed as pass 2 sums it."""
     m = tl.full(offs_r.shape, float("-inf"), ACC)
+    if KIND != 0:
+        m = tl.zeros(offs_r.shape, ACC)
     total = tl.zeros(offs_r.shape, ACC)
     for c0 in range(0, n_cols, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         col_ok = cols < n_cols
         ok = row_ok[:, None] & col_ok[None, :]
-        x = tl.load(logit_ptrs(x_ptr, offs_r, cols, rs, cs, S, SPATIAL), mask=ok, other=0.0)
+        x = tl.load(logit_ptrs(x_ptr, offs_r, cols, rs, cs, S, SPATIAL), mask=ok, other=1.0)
         x = x.to(ACC) * scale
-        x = tl.where(col_ok[None, :], x, float("-inf"))
-        m_new = tl.maximum(m, tl.max(x, axis=1))
-        total = total * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
-        m = m_new
+        if KIND == 0:
+            x = tl.where(col_ok[None, :], x, float("-inf"))
+            m_new = tl.maximum(m, tl.max(x, axis=1))
+            total = total * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
+            m = m_new
+        else:
+            pt = x if KIND == 1 else tl.exp(x)
+            total += tl.sum(tl.where(ok, pt, 0.0), axis=1)
     return m, total
-
-
-@triton.jit
-def _row_sum_pt(
-    x_ptr,
-    offs_r,
-    row_ok,
-    rs,
-    cs,
-    S,
-    n_cols,
-    SPATIAL: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    ACC: tl.constexpr,
-    KIND: tl.constexpr,
-):
-    """sum(pt) of each row of the tile, the teacher given as probs (KIND 1) or log-probs
-    (KIND 2), summed as pass 2 sums it."""
-    total = tl.zeros(offs_r.shape, ACC)
-    for c0 in range(0, n_cols, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        ok = row_ok[:, None] & (cols < n_cols)[None, :]
-        v = tl.load(logit_ptrs(x_ptr, offs_r, cols, rs, cs, S, SPATIAL), mask=ok, other=1.0)
-        v = v.to(ACC)
-        pt = v if KIND == 1 else tl.exp(v)
-        total += tl.sum(tl.where(ok, pt, 0.0), axis=1)
-    return total
 
 
 @triton.jit
@@ -153,13 +135,13 @@ def kd_loss_kernel(
     inv_t = tl.load(params_ptr + 1)
     teacher_scale = inv_t if KIND == 0 else 1.0
     max_s, sum_s = _row_lse(
-        s_ptr, offs_r, row_ok, s_rs, s_cs, S, n_cols, inv_t, SPATIAL, BLOCK_C, ACC
+        s_ptr, offs_r, row_ok, s_rs, s_cs, S, n_cols, inv_t, SPATIAL, BLOCK_C, ACC, 0
     )
     log_sum_s = tl.log(sum_s)
     inv_sum_s = 1.0 / sum_s
     if KIND == 0:
         max_t, sum_t = _row_lse(
-            t_ptr, offs_r, row_ok, t_rs, t_cs, S, n_cols, inv_t, SPATIAL, BLOCK_C, ACC
+            t_ptr, offs_r, row_ok, t_rs, t_cs, S, n_cols, inv_t, SPATIAL, BLOCK_C, ACC, 0
         )
     else:
         max_t = tl.zeros(offs_r.shape, ACC)
@@ -178,8 +160,8 @@ def kd_loss_kernel(
     if KIND == 0:
         sum_pt_first = sum_t * inv_sum_t
     elif GRAD_S and not GRAD_T:
-        sum_pt_first = _row_sum_pt(
-            t_ptr, offs_r, row_ok, t_rs, t_cs, S, n_cols, SPATIAL, BLOCK_C, ACC, KIND
+        _, sum_pt_first = _row_lse(
+            t_ptr, offs_r, row_ok, t_rs, t_cs, S, n_cols, 1.0, SPATIAL, BLOCK_C, ACC, KIND
         )
     else:
         sum_pt_first = tl.zeros((BLOCK_R,), ACC)  # unused
