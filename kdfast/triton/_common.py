@@ -64,3 +64,15 @@ def grad_offsets(offs_r, cols, n_cols, S, SPATIAL: tl.constexpr):
         row = (offs_r // S) * (n_cols * S) + offs_r % S
         return row[:, None] + cols.to(tl.int64)[None, :] * S
     return offs_r[:, None] * n_cols + cols.to(tl.int64)[None, :]
+
+
+@triton.jit
+def last_block(n_cols, BLOCK_C: tl.constexpr, ONE_BLOCK: tl.constexpr):
+    """Where the last column block of a row starts: a second sweep over a tile runs from it
+    back to the first (``c0 = last - i``), re-reading first what the first sweep read last
+    (the likeliest still in L2). ONE_BLOCK: the row is a single block (0, known at compile
+    time)."""
+    last = 0
+    if not ONE_BLOCK:
+        last = (tl.cdiv(n_cols, BLOCK_C) - 1) * BLOCK_C
+    return last

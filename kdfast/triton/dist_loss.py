@@ -61,7 +61,7 @@ from torch import Tensor
 from kdfast import _dispatch
 from kdfast._validation import compute_dtype
 from kdfast.ops.dist_loss import make_impl, register_op
-from kdfast.triton._common import grad_offsets, logit_layout, logit_ptrs, mask_flags
+from kdfast.triton._common import grad_offsets, last_block, logit_layout, logit_ptrs, mask_flags
 from kdfast.triton._dist_math import activate, dloss_dy, merge_moments, pearson
 from kdfast.triton.aot import KernelSpec
 
@@ -235,9 +235,7 @@ def dist_stats_kernel(
         sdd_t = tl.zeros((BLOCK_R,), ACC)
         sdd_st = tl.zeros((BLOCK_R,), ACC)
         seen = tl.sum(tl.zeros((BLOCK_R,), ACC), axis=0)
-        last = 0  # where the last column block starts (a RESIDENT row has one)
-        if not RESIDENT:
-            last = (tl.cdiv(n_cols, BLOCK_C) - 1) * BLOCK_C
+        last = last_block(n_cols, BLOCK_C, RESIDENT)
         for i in range(0, n_cols, BLOCK_C):
             c0 = last - i  # last block first: it is the one sweep 1 read most recently
             cols, col_ok, ok, zs, zt = _pair(
@@ -446,9 +444,7 @@ def dist_grad_kernel(
             if GRAD_T:
                 g = dloss_dy(ys, yt, cols, ok, row, coef_ptr, n64, w_row, w_col, False)
                 dot_t += tl.sum(g * yt, axis=1)
-    last = 0  # where the last column block starts (a RESIDENT row has one)
-    if not RESIDENT:
-        last = (tl.cdiv(n_cols, BLOCK_C) - 1) * BLOCK_C
+    last = last_block(n_cols, BLOCK_C, RESIDENT)
     for i in range(0, n_cols, BLOCK_C):
         c0 = last - i  # last block first: it is the one the <g, y> sweep read most recently
         cols, col_ok, ok, zs, zt = _pair(

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from kdfast._validation import compute_dtype
 from kdfast.ops.kd_loss import register_backend, register_op
-from kdfast.triton._common import grad_offsets, logit_layout, logit_ptrs, mask_flags
+from kdfast.triton._common import grad_offsets, last_block, logit_layout, logit_ptrs, mask_flags
 from kdfast.triton.aot import KernelSpec
 
 #: teacher kinds and reductions, as the kernel's constexpr codes (csrc/kd_loss.h)
@@ -170,7 +170,7 @@ def kd_loss_kernel(
     # column block back to the first, so that what pass 1 read last is re-read first
     kl = tl.zeros((BLOCK_R,), ACC)
     sum_pt = tl.zeros((BLOCK_R,), ACC)
-    last = (tl.cdiv(n_cols, BLOCK_C) - 1) * BLOCK_C
+    last = last_block(n_cols, BLOCK_C, False)
     for i in range(0, n_cols, BLOCK_C):
         cols = (last - i) + tl.arange(0, BLOCK_C)
         ok = row_ok[:, None] & (cols < n_cols)[None, :]
