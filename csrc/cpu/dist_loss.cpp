@@ -256,8 +256,9 @@ double dist_rows(const at::Tensor& s, const at::Tensor& t, const bool* mask, con
   const bool direct = std::is_same_v<scalar_t, acc_t> && s.dim() == 2;
   acc_t* saved_yt = direct ? reinterpret_cast<acc_t*>(gs_data) : nullptr;
   acc_t* saved_ys = direct ? reinterpret_cast<acc_t*>(gt_data) : nullptr;
-  // Rows are fetched in runs (rows::run_rows: up to kRunRows rows of one n for (N, C, S)).
-  const int64_t run_cap = rows::run_rows(sv, 0, rows::kRunRows * sv.spatial, n);
+  // Rows are fetched in runs (rows::run_rows: up to kRunRows rows of one n for (N, C, S));
+  // the first run is the longest.
+  const int64_t run_cap = rows::run_rows(sv, 0, rows, n);
   at::parallel_for(0, blocks, 1, [&](int64_t b_begin, int64_t b_end) {
     std::vector<acc_t> buffers((2 * run_cap + 2 * kTileRows + 5) * n);
     acc_t *u = buffers.data(), *v = u + run_cap * n, *ys = v + run_cap * n,

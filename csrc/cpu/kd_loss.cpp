@@ -136,8 +136,9 @@ void kl_rows(const at::Tensor& s, const at::Tensor& t, const bool* mask, const O
   // float / double gradients with unit class stride are written in place (es is the output
   // row); otherwise through a buffer.
   const bool direct = std::is_same_v<scalar_t, acc_t> && gsv.stride_c == 1;
-  // Rows are fetched in runs (rows::run_rows: up to kRunRows rows of one n for (N, C, S)).
-  const int64_t run_cap = rows::run_rows(sv, 0, rows::kRunRows * sv.spatial, n);
+  // Rows are fetched in runs (rows::run_rows: up to kRunRows rows of one n for (N, C, S));
+  // the first run is the longest.
+  const int64_t run_cap = rows::run_rows(sv, 0, rows, n);
   at::parallel_for(0, rows, rows::row_grain(n), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buffers(4 * run_cap * n);
     acc_t *u = buffers.data(), *v = u + run_cap * n, *es = v + run_cap * n,
