@@ -15,6 +15,8 @@ backend), so switching backends after compiling triggers a recompile.
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import os
 import warnings
 from collections.abc import Callable, Iterator
@@ -47,6 +49,10 @@ class Backend:
     dtypes: frozenset[torch.dtype]
     unavailable: str | None  # why it cannot run at all in this process, or None
     description: str
+    #: its kernels run only on a GPU, where no test here executes them: on CUDA devices the
+    #: automatic choice takes an implementation only once a recorded GPU run passed it
+    #: (:data:`GPU_RESULTS`); until then it is opt-in.
+    needs_gpu_record: bool = False
 
 
 def _make_backends() -> dict[str, Backend]:
@@ -54,7 +60,12 @@ def _make_backends() -> dict[str, Backend]:
     cuda_reason = _extension.cuda_unavailable_reason()
     return {
         "cuda": Backend(
-            "cuda", frozenset({"cuda"}), HALF_AND_FLOAT, cuda_reason, "raw CUDA kernels (kdfast._C)"
+            "cuda",
+            frozenset({"cuda"}),
+            HALF_AND_FLOAT,
+            cuda_reason,
+            "raw CUDA kernels (kdfast._C)",
+            needs_gpu_record=True,
         ),
         "triton": Backend(
             "triton", triton_devices, HALF_AND_FLOAT, triton_reason, "Triton GPU kernels"
@@ -93,6 +104,30 @@ class Impl:
     #: why this implementation runs only when its backend is forced (e.g. measured slower
     #: than the next backend); None: chosen automatically.
     opt_in: str | None = None
+
+
+#: results of the contract suite on real GPUs, written by tools/gpu_check.sh: a list of
+#: runs, each naming the commit, GPU, driver, torch and Triton versions, and
+#: ``results`` {"<op>/<backend>": "pass" | "fail"}.
+GPU_RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_results.json")
+NOT_RUN_ON_GPU = "not yet run on a GPU"
+
+
+@functools.cache
+def gpu_passed() -> frozenset[tuple[str, str]]:
+    """(op, backend) pairs that passed the contract suite in a recorded GPU run and failed
+    in none."""
+    try:
+        with open(GPU_RESULTS) as f:
+            runs = json.load(f)["runs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return frozenset()
+    passed, failed = set(), set()
+    for run in runs:
+        for key, outcome in run.get("results", {}).items():
+            op, _, backend = key.partition("/")
+            (passed if outcome == "pass" else failed).add((op, backend))
+    return frozenset(passed - failed)
 
 
 _IMPLS: dict[str, dict[str, Impl]] = {}
@@ -135,6 +170,11 @@ def ops() -> list[str]:
     return sorted(_IMPLS)
 
 
+def implementations(op: str) -> dict[str, Impl]:
+    """``op``'s implementations by backend name (a copy)."""
+    return dict(_IMPLS.get(op, {}))
+
+
 def _rejection(
     op: str, name: str, device: str, dtypes, args, kwargs, automatic: bool = True
 ) -> str | None:
@@ -161,6 +201,13 @@ def _rejection(
             return reason
     if automatic and impl.opt_in is not None:
         return f"opt-in only ({impl.opt_in}): force it with kdfast.use_backend({name!r})"
+    if (
+        automatic
+        and device == "cuda"
+        and backend.needs_gpu_record
+        and (op, name) not in gpu_passed()
+    ):
+        return f"opt-in only ({NOT_RUN_ON_GPU}): force it with kdfast.use_backend({name!r})"
     return None
 
 

@@ -15,7 +15,6 @@ import contextlib
 import torch
 from torch import Tensor
 
-import kdfast.reference  # noqa: F401  (registers the reference backend)
 from kdfast import _dispatch
 from kdfast import distributed as _distributed
 from kdfast._validation import (

@@ -39,6 +39,27 @@ def compiled_backends(device: str = "cpu") -> list[str]:
     return names
 
 
+def contract_devices() -> list[str]:
+    """cpu always; cuda whenever a CUDA device is visible (no flag needed)."""
+    return ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+def contract_implementations() -> list[tuple[str, str, str]]:
+    """(op, device, backend) of every registered implementation that runs here: Triton on
+    CPU tensors only under TRITON_INTERPRET=1, compiled backends unless KDFAST_NO_EXT=1."""
+    found = []
+    for op in _dispatch.ops():
+        for device in contract_devices():
+            for backend, impl in _dispatch.implementations(op).items():
+                declared = _dispatch.BACKENDS[backend]
+                if declared.unavailable is not None:
+                    continue
+                devices = impl.devices or declared.devices
+                if devices is None or device in devices:
+                    found.append((op, device, backend))
+    return found
+
+
 def require_backend(name: str) -> None:
     """Fail (not skip) when a backend that this run must test cannot run."""
     reason = _dispatch.BACKENDS[name].unavailable

@@ -1,7 +1,7 @@
-"""Custom ops (torch.library) of every compiled backend, one module per op.
-
-Importing this package registers fake kernels and autograd for the ops that were built
-and declares them to the dispatcher; ops of backends that are unavailable are skipped.
+"""Every op's registration, one module per op (``kdfast/ops/<op>.py``): its custom ops
+(fake kernels, autograd), every backend's implementation declared to :mod:`kdfast._dispatch`,
+and its sample inputs for the contract suite (:mod:`kdfast.ops._samples`). Implementations
+of backends that are unavailable in this process are skipped.
 """
 
 from kdfast.ops import (  # noqa: F401
@@ -11,6 +11,7 @@ from kdfast.ops import (  # noqa: F401
     kd_loss,
     rkd_angle,
     rkd_distance,
+    vkd_loss,
 )
 
 # Keep last: derives autocast rules from every op registered by the imports above.

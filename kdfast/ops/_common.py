@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import torch
 
+from kdfast import _dispatch
 from kdfast._validation import compute_dtype, rows_2d
+
+
+def define_op(name: str, fn) -> torch._ops.OpOverload:
+    """Register the type-annotated launcher ``fn`` as the custom op ``name``
+    ("kdfast::<op>_<backend>"), schema inferred from its annotations; returns the op."""
+    torch.library.custom_op(name, mutates_args=())(fn)
+    namespace, op_name = name.split("::")
+    return getattr(getattr(torch.ops, namespace), op_name).default
 
 
 def scalar_like(*tensors: torch.Tensor) -> torch.Tensor:
@@ -147,7 +156,6 @@ def register_relational_loss(
     ``check_args(student, teacher, *extra)`` validates the arguments in the fake kernels
     (the real kernels check them themselves).
     """
-    from kdfast import _dispatch
 
     @torch.library.register_fake(name)
     def _(student, teacher, *extra):

@@ -1,5 +1,10 @@
-"""Compiled fused DIST op ``kdfast::dist_loss_cpp`` (CPU), with fake kernel, autograd and
-dispatcher registration (SPEC 2).
+"""The ``dist_loss`` op (fused DIST, SPEC 2): every backend's implementation and its
+samples.
+
+* reference: :func:`kdfast.reference.dist_loss.dist_loss`;
+* cpp: ``kdfast::dist_loss_cpp`` (csrc/cpu/dist_loss.cpp);
+* triton: ``kdfast::dist_loss_triton`` around
+  :func:`kdfast.triton.dist_loss.dist_loss_triton`.
 
 Same contract as :mod:`kdfast.ops.kd_loss`: ``(loss, grad_student, grad_teacher)``, the
 gradients written in the forward pass only when the flags (from ``torch.is_grad_enabled()``
@@ -13,6 +18,7 @@ from torch import Tensor
 
 from kdfast import _dispatch, _extension
 from kdfast.ops._common import (
+    define_op,
     grad_flags,
     grad_or_empty,
     logits_for,
@@ -20,6 +26,9 @@ from kdfast.ops._common import (
     scalar_like,
     setup_saved_grad,
 )
+from kdfast.ops._samples import BadInput, Contract, declare
+from kdfast.ops.kd_loss import logit_bad_inputs, logit_samples
+from kdfast.reference.dist_loss import dist_loss as reference
 
 
 def _fake(s, t, beta, gamma, tau, tau_squared, activation, mask, grad_s, grad_t):
@@ -27,7 +36,7 @@ def _fake(s, t, beta, gamma, tau, tau_squared, activation, mask, grad_s, grad_t)
 
 
 def register_op(name: str) -> None:
-    """Fake kernel and autograd of a dist_loss-schema op (shared by the Triton op)."""
+    """Fake kernel and autograd of a dist_loss-schema op."""
     torch.library.register_fake(name)(_fake)
 
     def backward(ctx, grad, _grad_s, _grad_t):
@@ -50,13 +59,49 @@ def make_impl(op, layout: str = "strided"):
     return dist_loss
 
 
+_dispatch.implement("dist_loss", "reference", reference)
 if _extension.unavailable_reason() is None:
     register_op("kdfast::dist_loss_cpp")
-    _dispatch.implement(
-        "dist_loss",
-        "cpp",
-        make_impl(torch.ops.kdfast.dist_loss_cpp.default),
-        devices={"cpu"},
-    )
+    impl = make_impl(torch.ops.kdfast.dist_loss_cpp.default)
+    _dispatch.implement("dist_loss", "cpp", impl, devices={"cpu"})
 if _dispatch.BACKENDS["triton"].unavailable is None:
-    import kdfast.triton.dist_loss  # noqa: F401  (registers kdfast::dist_loss_triton)
+    from kdfast.triton import dist_loss as _kernels
+
+    define_op("kdfast::dist_loss_triton", _kernels.dist_loss_triton)
+    register_op("kdfast::dist_loss_triton")
+    impl = make_impl(torch.ops.kdfast.dist_loss_triton.default, "contiguous")
+    _dispatch.implement("dist_loss", "triton", impl)
+
+
+# --- samples ---------------------------------------------------------------------------
+
+declare(
+    Contract(
+        "dist_loss",
+        "kdfast.functional:dist_loss",
+        logit_samples(
+            {
+                "tau_4": {"tau": 4.0},
+                "tau_4_unsquared": {"tau": 4.0, "tau_squared": False},
+                "sigmoid": {"activation": "sigmoid", "tau": 2.0},
+                "weights": {"beta": 0.5, "gamma": 2.0},
+                "inter_only": {"beta": 1.0, "gamma": 0.0},
+            }
+        ),
+        bad_inputs=logit_bad_inputs(("student_logits", "teacher_logits"))
+        + (
+            BadInput(
+                "activation",
+                lambda: ((torch.randn(4, 5), torch.randn(4, 5)), {"activation": "relu"}),
+                ValueError,
+                "activation must be one of",
+            ),
+            BadInput(
+                "tau_negative",
+                lambda: ((torch.randn(4, 5), torch.randn(4, 5)), {"tau": -1.0}),
+                ValueError,
+                "tau",
+            ),
+        ),
+    )
+)

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from kdfast import _dispatch, _extension
+from kdfast.ops._samples import BadInput, Contract, Sample, declare, randn
 from kdfast.reference import expm as reference
 
 
@@ -117,15 +118,20 @@ _dispatch.implement("expm_frechet", "reference", _expm_frechet, dtypes=_FLOATS)
 # Higher derivatives (create_graph) take the differentiable joint op on (A^T, G) instead.
 # The fused small kernel still recomputes (its per-matrix work is cache-resident).
 
-#: largest n for which the dispatcher runs the fused per-matrix kernel, per device (its limit
-#: is csrc/expm_small.h: kMaxN = 32). On CPU the ATen path with its saved-state backward is
-#: faster (batch 1024 of 32 x 32, forward+backward, 2 threads, idle machine: 0.049 s
-#: against the fused kernel's 0.137 s and torch.linalg.matrix_exp's 0.16-0.19 s), so the
-#: CPU build of the fused kernel serves as the tested host form of the CUDA kernel's math
-#: (tests/test_expm.py runs the dispatcher with it as "cpp-fused").
-SMALL_N = {"cpu": 0, "cuda": 32}
-#: kMaxN of csrc/expm_small.h
+#: kMaxN of csrc/expm_small.h: the fused per-matrix kernel's largest n
 FUSED_MAX_N = 32
+#: largest n for which the cpp implementation runs the fused per-matrix kernel, per device.
+#: On CPU the ATen path with its saved-state backward is faster, so the CPU build of the
+#: fused kernel serves as the tested host form of the CUDA kernel's math (tests set the CPU
+#: entry to FUSED_MAX_N to run it through the dispatcher). On CUDA the fused kernel is the
+#: ``cuda`` backend's implementation instead, so that it is chosen only once recorded on a
+#: GPU (``kdfast/gpu_results.json``).
+SMALL_N = {"cpu": 0}
+
+
+def _fused_limit(A: Tensor, *rest) -> str | None:
+    n = A.shape[-1]
+    return None if n <= FUSED_MAX_N else f"n = {n} > {FUSED_MAX_N} (the fused kernel's limit)"
 
 
 def _use_small(A: Tensor) -> bool:
@@ -145,6 +151,18 @@ def _cpp_expm(A: Tensor, skew: bool) -> Tensor:
     if A.requires_grad and torch.is_grad_enabled():
         return ops.expm_save_cpp(A, skew)[0]
     return ops.expm_cpp(A, skew)
+
+
+def _fused_frechet(A: Tensor, E: Tensor, skew: bool) -> tuple[Tensor, Tensor]:
+    return torch.ops.kdfast.expm_frechet_small_cpp(A, E, skew)
+
+
+def _fused_expm(A: Tensor, skew: bool) -> Tensor:
+    return torch.ops.kdfast.expm_small_cpp(A, skew)
+
+
+def _fused_expm_frechet(A: Tensor, E: Tensor) -> tuple[Tensor, Tensor]:
+    return _fused_frechet(A, E, False)
 
 
 def _register_save() -> None:
@@ -185,7 +203,7 @@ def _register_save() -> None:
     torch.library.register_autograd("kdfast::expm_save_cpp", backward, setup_context=setup_context)
 
 
-def _register_cpp(expm_name: str, frechet_name: str) -> None:
+def _register_cpp(expm_name: str, frechet_name: str, frechet=_cpp_frechet) -> None:
     torch.library.register_fake(f"kdfast::{expm_name}")(lambda A, skew: A.new_empty(A.shape))
 
     @torch.library.register_fake(f"kdfast::{frechet_name}")
@@ -194,7 +212,7 @@ def _register_cpp(expm_name: str, frechet_name: str) -> None:
 
     def expm_backward(ctx, grad):
         (A,) = ctx.saved_tensors
-        return _cpp_frechet(A.mT, grad, ctx.skew)[1], None
+        return frechet(A.mT, grad, ctx.skew)[1], None
 
     torch.library.register_autograd(
         f"kdfast::{expm_name}", expm_backward, setup_context=_expm_setup_context
@@ -212,7 +230,7 @@ def _register_cpp(expm_name: str, frechet_name: str) -> None:
         grad_L = zero if grad_L is None else grad_L
         Mt = torch.cat([torch.cat([A.mT, zero], -1), torch.cat([E.mT, A.mT], -1)], -2)
         G = torch.cat([torch.cat([grad_X, grad_L], -1), torch.cat([zero, zero], -1)], -2)
-        _, grad_M = _cpp_frechet(Mt, G, False)
+        _, grad_M = frechet(Mt, G, False)
         return grad_M[..., :n, :n] + grad_M[..., n:, n:], grad_M[..., :n, n:], None
 
     torch.library.register_autograd(
@@ -226,7 +244,74 @@ def _cpp_expm_frechet(A: Tensor, E: Tensor) -> tuple[Tensor, Tensor]:
 
 if _extension.unavailable_reason() is None:
     _register_cpp("expm_cpp", "expm_frechet_cpp")
-    _register_cpp("expm_small_cpp", "expm_frechet_small_cpp")
+    _register_cpp("expm_small_cpp", "expm_frechet_small_cpp", _fused_frechet)
     _register_save()
     _dispatch.implement("expm", "cpp", _cpp_expm, dtypes=_FLOATS)
     _dispatch.implement("expm_frechet", "cpp", _cpp_expm_frechet, dtypes=_FLOATS)
+    if _extension.cuda_unavailable_reason() is None:  # csrc/cuda/expm_small.cu
+        for op, fn in (("expm", _fused_expm), ("expm_frechet", _fused_expm_frechet)):
+            _dispatch.implement(op, "cuda", fn, dtypes=_FLOATS, limit=_fused_limit)
+
+
+# --- samples ---------------------------------------------------------------------------
+
+
+def _matrices(n: int, batch: tuple[int, ...] = (3,), scale: float = 1.0, skew: bool = False):
+    def make(gen):
+        A = scale * randn(gen, *batch, n, n) / max(n, 1) ** 0.5
+        return (A - A.mT if skew else A,), ({"skew": True} if skew else {})
+
+    return make
+
+
+def _pair(n: int, batch: tuple[int, ...] = (2,), scale: float = 1.0):
+    def make(gen):
+        A = scale * randn(gen, *batch, n, n) / n**0.5
+        return (A, randn(gen, *batch, n, n)), {}
+
+    return make
+
+
+declare(
+    Contract(
+        "expm",
+        "kdfast.linalg:expm",
+        (
+            Sample("random", _matrices(5)),
+            Sample("tiny", _matrices(3, batch=(1,)), frozenset({"small"})),
+            Sample("skew", _matrices(6, skew=True)),
+            Sample("tiny_skew", _matrices(3, batch=(1,), skew=True), frozenset({"small"})),
+            Sample("one_by_one", _matrices(1, batch=(4,))),
+            Sample("large_norm", _matrices(7, scale=40.0)),
+            Sample("tiny_norm", _matrices(4, scale=1e-6)),
+            Sample("batched", _matrices(3, batch=(2, 3))),
+            Sample("beyond_fused", _matrices(FUSED_MAX_N + 3, batch=(1,))),
+            Sample("transposed", _matrices(5), view=lambda a: (a[0].mT.contiguous().mT,)),
+        ),
+        grad_args=(0,),
+        bad_inputs=(
+            BadInput("not_square", lambda: ((torch.randn(3, 4),), {}), ValueError, "square"),
+            BadInput("skew_flag", lambda: ((torch.randn(3, 3),), {"skew": 1}), TypeError, "skew"),
+        ),
+    )
+)
+declare(
+    Contract(
+        "expm_frechet",
+        "kdfast.linalg:expm_frechet",
+        (
+            Sample("random", _pair(4)),
+            Sample("tiny", _pair(2, batch=(1,)), frozenset({"small"})),
+            Sample("large_norm", _pair(6, scale=30.0)),
+            Sample("batched", _pair(3, batch=(2, 2))),
+        ),
+        bad_inputs=(
+            BadInput(
+                "shapes_differ",
+                lambda: ((torch.randn(3, 3), torch.randn(4, 4)), {}),
+                ValueError,
+                "E",
+            ),
+        ),
+    )
+)

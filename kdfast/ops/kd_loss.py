@@ -1,12 +1,16 @@
-"""Compiled fused softmax + KL ops: ``kdfast::kd_loss_cpp`` (CPU), with fake kernels,
-autograd and the dispatcher registration of ``kd_loss`` and ``per_sample_kl`` (SPEC 3).
+"""The ``kd_loss`` and ``per_sample_kl`` ops (fused softmax + KL, SPEC 3): every backend's
+implementation and their samples.
 
-The op returns ``(loss, grad_student, grad_teacher)``: the gradients (for a unit upstream
-gradient; per row for reduction "none") are written in the forward pass when the flags ask
-for it, which the wrappers set from ``torch.is_grad_enabled()`` and ``requires_grad``;
-empty (0,) tensors otherwise. The backward scales them (``kdfast::scale_saved_grad``), and
-differentiating that backward raises (once-differentiable). The DeiT soft term is
-``kd_loss(..., reduction="mean")``.
+* reference: :mod:`kdfast.reference.kd_loss`;
+* cpp: ``kdfast::kd_loss_cpp`` (csrc/cpu/kd_loss.cpp);
+* triton: ``kdfast::kd_loss_triton`` around :func:`kdfast.triton.kd_loss.kd_loss_triton`.
+
+The compiled op returns ``(loss, grad_student, grad_teacher)``: the gradients (for a unit
+upstream gradient; per row for reduction "none") are written in the forward pass when the
+flags ask for it, which the wrappers set from ``torch.is_grad_enabled()`` and
+``requires_grad``; empty (0,) tensors otherwise. The backward scales them
+(``kdfast::scale_saved_grad``), and differentiating that backward raises
+(once-differentiable). The DeiT soft term is ``kd_loss(..., reduction="mean")``.
 """
 
 from __future__ import annotations
@@ -17,12 +21,15 @@ from torch import Tensor
 from kdfast import _dispatch, _extension
 from kdfast._validation import compute_dtype, logit_rows
 from kdfast.ops._common import (
+    define_op,
     grad_flags,
     grad_or_empty,
     logits_for,
     saved_grad_backward,
     setup_saved_grad,
 )
+from kdfast.ops._samples import BadInput, Contract, Sample, declare, randn
+from kdfast.reference import kd_loss as reference
 
 
 def _fake(s, t, temperature, loss_scale, reduction, mask, teacher_kind, grad_s, grad_t):
@@ -32,7 +39,7 @@ def _fake(s, t, temperature, loss_scale, reduction, mask, teacher_kind, grad_s, 
 
 
 def register_op(name: str) -> None:
-    """Fake kernel and autograd of a kd_loss-schema op (shared by the Triton op)."""
+    """Fake kernel and autograd of a kd_loss-schema op."""
     torch.library.register_fake(name)(_fake)
 
     def backward(ctx, grad, _grad_s, _grad_t):
@@ -66,8 +73,161 @@ def register_backend(backend: str, op, devices, layout: str = "strided") -> None
     _dispatch.implement("per_sample_kl", backend, per_sample_kl, devices=devices)
 
 
+_dispatch.implement("kd_loss", "reference", reference.kd_loss)
+_dispatch.implement("per_sample_kl", "reference", reference.per_sample_kl)
 if _extension.unavailable_reason() is None:
     register_op("kdfast::kd_loss_cpp")
     register_backend("cpp", torch.ops.kdfast.kd_loss_cpp.default, {"cpu"})
 if _dispatch.BACKENDS["triton"].unavailable is None:
-    import kdfast.triton.kd_loss  # noqa: F401  (registers kdfast::kd_loss_triton)
+    from kdfast.triton import kd_loss as _kernels
+
+    define_op("kdfast::kd_loss_triton", _kernels.kd_loss_triton)
+    register_op("kdfast::kd_loss_triton")
+    register_backend("triton", torch.ops.kdfast.kd_loss_triton.default, None, "contiguous")
+
+
+# --- samples ---------------------------------------------------------------------------
+
+
+def logit_samples(variants: dict[str, dict], masks: bool = True) -> tuple[Sample, ...]:
+    """Random and adversarial (student, teacher) logit cases shared by the logit ops, each
+    with default options, then ``variants`` (name -> keyword options) on random logits.
+
+    Inputs: random (12, 37) logits; extreme (80 * N(0, 1)); one row; uniform rows
+    (constant logits on either side); 130 classes; (N, C, S) = (2, 7, 5) logits read in
+    place; transposed (non-contiguous) and expanded teacher rows; with ``masks``, a mask
+    dropping every third row, also over (N, C, S) logits.
+    """
+
+    def pair(rows=12, cols=37, scale=1.0):
+        def make(gen):
+            return (scale * randn(gen, rows, cols), 2 * scale * randn(gen, rows, cols)), {}
+
+        return make
+
+    def uniform_rows(gen):
+        (s, t), _ = pair()(gen)
+        s[1], t[2], t[1] = 0.5, -3.0, 7.0
+        return (s, t), {}
+
+    def spatial(gen):
+        return (randn(gen, 2, 7, 5), 2 * randn(gen, 2, 7, 5)), {}
+
+    def masked(make, rows):
+        def with_mask(gen):
+            args, kwargs = make(gen)
+            keep = torch.ones(rows, dtype=torch.bool)
+            keep[::3] = False
+            return args, {**kwargs, "mask": keep}
+
+        return with_mask
+
+    def expanded_teacher(gen):
+        return (randn(gen, 12, 37), 2 * randn(gen, 1, 37)), {}
+
+    def with_options(options, make=None):
+        make = make or pair()
+
+        def variant(gen):
+            args, kwargs = make(gen)
+            return options.get("transform", lambda a: a)(args), {
+                **kwargs,
+                **{k: v for k, v in options.items() if k != "transform"},
+            }
+
+        return variant
+
+    samples = [
+        Sample("random", pair()),
+        Sample("tiny", pair(rows=4, cols=5), frozenset({"small"})),
+        Sample("extreme", pair(scale=80.0)),
+        Sample("one_row", pair(rows=1)),
+        Sample("uniform_rows", uniform_rows),
+        Sample("wide", pair(rows=3, cols=130)),
+        Sample("spatial", spatial),
+        Sample(
+            "transposed",
+            lambda gen: ((randn(gen, 37, 12), randn(gen, 37, 12)), {}),
+            view=lambda a: (a[0].T, a[1].T),
+        ),  # fmt: skip
+        Sample("expanded_teacher", expanded_teacher, view=lambda a: (a[0], a[1].expand(12, -1))),
+    ]
+    if masks:
+        samples += [
+            Sample("masked", masked(pair(), 12)),
+            Sample("tiny_masked", masked(pair(rows=4, cols=5), 4), frozenset({"small"})),
+            Sample("spatial_masked", masked(spatial, 10)),
+        ]
+    samples += [Sample(name, with_options(opts)) for name, opts in variants.items()]
+    return tuple(samples)
+
+
+def _teacher_as(kind: str, temperature: float):
+    """Turns teacher logits into ``kind`` ("probs" / "log_probs") at ``temperature``."""
+    fn = torch.softmax if kind == "probs" else torch.log_softmax
+
+    def transform(args):
+        s, t = args
+        return s, fn(t / temperature, dim=1)
+
+    return {"teacher": kind, "temperature": temperature, "transform": transform}
+
+
+def logit_bad_inputs(public_names: tuple[str, str]) -> tuple[BadInput, ...]:
+    """Arguments every logit loss rejects with a clear error."""
+    z = torch.randn(4, 5)
+    s_name, _ = public_names
+    return (
+        BadInput("shapes_differ", lambda: ((z, z[:, :4]), {}), ValueError, "same shape"),
+        BadInput("integer", lambda: ((z.long(), z), {}), TypeError, f"{s_name} must be float"),
+        BadInput("one_dim", lambda: ((z[0], z[0]), {}), ValueError, s_name),
+        BadInput("empty", lambda: ((z[:0], z[:0]), {}), ValueError, "non-empty"),
+    )
+
+
+_KD_BAD = logit_bad_inputs(("student_logits", "teacher_logits"))
+declare(
+    Contract(
+        "kd_loss",
+        "kdfast.functional:kd_loss",
+        logit_samples(
+            {
+                "temperature_4": {"temperature": 4.0},
+                "sum": {"reduction": "sum", "temperature": 2.0},
+                "mean": {"reduction": "mean"},
+                "none": {"reduction": "none", "temperature": 3.0},
+                "teacher_probs": _teacher_as("probs", 2.0),
+                "teacher_log_probs": _teacher_as("log_probs", 4.0),
+            }
+        ),
+        bad_inputs=_KD_BAD
+        + (
+            BadInput(
+                "mask_length",
+                lambda: ((torch.randn(4, 5), torch.randn(4, 5)), {"mask": torch.ones(3).bool()}),
+                ValueError,
+                "mask must have 4 entries",
+            ),
+            BadInput(
+                "temperature_zero",
+                lambda: ((torch.randn(4, 5), torch.randn(4, 5)), {"temperature": 0.0}),
+                ValueError,
+                "temperature",
+            ),
+            BadInput(
+                "reduction",
+                lambda: ((torch.randn(4, 5), torch.randn(4, 5)), {"reduction": "avg"}),
+                ValueError,
+                "reduction must be one of",
+            ),
+        ),
+    )
+)
+declare(
+    Contract(
+        "per_sample_kl",
+        "kdfast.functional:per_sample_kl",
+        logit_samples({"temperature_3": {"temperature": 3.0}}, masks=False),
+        bad_inputs=_KD_BAD,
+    )
+)

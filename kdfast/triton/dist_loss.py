@@ -58,9 +58,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kdfast import _dispatch
 from kdfast._validation import compute_dtype
-from kdfast.ops.dist_loss import make_impl, register_op
 from kdfast.triton._common import grad_offsets, last_block, logit_layout, logit_ptrs, mask_flags
 from kdfast.triton._dist_math import activate, dloss_dy, merge_moments, pearson
 from kdfast.triton.aot import KernelSpec
@@ -614,7 +612,6 @@ AOT_SPECS = (
 )
 
 
-@torch.library.custom_op("kdfast::dist_loss_triton", mutates_args=())
 def dist_loss_triton(
     student: Tensor,
     teacher: Tensor,
@@ -696,8 +693,3 @@ def dist_loss_triton(
         )  # fmt: skip
     return loss.to(dtype), grad_s, grad_t
 
-
-register_op("kdfast::dist_loss_triton")
-_dispatch.implement(
-    "dist_loss", "triton", make_impl(torch.ops.kdfast.dist_loss_triton.default, "contiguous")
-)

@@ -33,7 +33,6 @@ import triton.language as tl
 from torch import Tensor
 
 from kdfast._validation import compute_dtype
-from kdfast.ops.kd_loss import register_backend, register_op
 from kdfast.triton._common import grad_offsets, last_block, logit_layout, logit_ptrs, mask_flags
 from kdfast.triton.aot import KernelSpec
 
@@ -304,7 +303,6 @@ def _check(reduction: str, teacher_kind: str) -> None:
         )
 
 
-@torch.library.custom_op("kdfast::kd_loss_triton", mutates_args=())
 def kd_loss_triton(
     student: Tensor,
     teacher: Tensor,
@@ -377,6 +375,3 @@ def kd_loss_triton(
         loss = (row_kl.to(torch.float64).sum() * scale64).to(dtype)
     return loss, grad_s, grad_t
 
-
-register_op("kdfast::kd_loss_triton")
-register_backend("triton", torch.ops.kdfast.kd_loss_triton.default, None, layout="contiguous")

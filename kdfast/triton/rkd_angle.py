@@ -28,7 +28,6 @@ import triton.language as tl
 from torch import Tensor
 
 from kdfast._validation import check_vertex_range, compute_dtype
-from kdfast.ops._common import register_relational_loss
 from kdfast.triton.aot import KernelSpec
 from kdfast.triton.rkd_distance import centred_gram
 
@@ -263,14 +262,12 @@ def _forward(student: Tensor, teacher: Tensor, start: int, stop: int) -> Tensor:
     return (partial.sum() / float(n) ** 3).to(dtype)
 
 
-@torch.library.custom_op("kdfast::rkd_angle_triton", mutates_args=())
 def rkd_angle_triton(student: Tensor, teacher: Tensor) -> Tensor:
     """RKD angle loss (SPEC 1.3) with Triton kernels: scalar in
     promote_types(student, teacher, float32). student (N, Ds), teacher (N, Dt), N >= 3."""
     return _forward(student, teacher, 0, student.shape[0])
 
 
-@torch.library.custom_op("kdfast::rkd_angle_vertices_triton", mutates_args=())
 def rkd_angle_vertices_triton(student: Tensor, teacher: Tensor, start: int, stop: int) -> Tensor:
     """The share of the RKD angle loss whose vertex i lies in [start, stop)
     (:func:`kdfast.reference.rkd_angle.rkd_angle_vertices`), with Triton kernels: scalar in
@@ -337,7 +334,6 @@ def _backward(
     return grad_s, grad_t
 
 
-@torch.library.custom_op("kdfast::rkd_angle_triton_backward", mutates_args=())
 def rkd_angle_triton_backward(
     grad: Tensor, student: Tensor, teacher: Tensor, student_grad: bool, teacher_grad: bool
 ) -> tuple[Tensor, Tensor]:
@@ -345,7 +341,6 @@ def rkd_angle_triton_backward(
     return _backward(grad, student, teacher, 0, student.shape[0], student_grad, teacher_grad)
 
 
-@torch.library.custom_op("kdfast::rkd_angle_vertices_triton_backward", mutates_args=())
 def rkd_angle_vertices_triton_backward(
     grad: Tensor,
     student: Tensor,
@@ -359,16 +354,3 @@ def rkd_angle_vertices_triton_backward(
     teacher; an empty (0,) tensor for a side that needs none."""
     return _backward(grad, student, teacher, start, stop, student_grad, teacher_grad)
 
-
-register_relational_loss(
-    "rkd_angle", "kdfast::rkd_angle_triton", rkd_angle_triton_backward, "triton"
-)
-register_relational_loss(
-    "rkd_angle_vertices",
-    "kdfast::rkd_angle_vertices_triton",
-    rkd_angle_vertices_triton_backward,
-    "triton",
-    check_args=lambda student, teacher, start, stop: check_vertex_range(
-        start, stop, student.shape[0]
-    ),
-)

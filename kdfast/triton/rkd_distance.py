@@ -1,5 +1,5 @@
-"""Triton per-pair passes of the RKD distance loss (SPEC 1.2, 1.5) and the custom op
-``kdfast::rkd_distance_triton``.
+"""Triton per-pair passes of the RKD distance loss (SPEC 1.2, 1.5) and their launchers
+(registered as ``kdfast::rkd_distance_triton`` by :mod:`kdfast.ops.rkd_distance`).
 
 The launcher centres the rows and forms the Gram matrix G with a float64 GEMM through
 torch for every input dtype (SPEC 1.5: never TF32); the kernels work on tiles of pairs
@@ -16,7 +16,6 @@ import triton.language as tl
 from torch import Tensor
 
 from kdfast._validation import compute_dtype
-from kdfast.ops._common import register_relational_loss
 from kdfast.triton.aot import KernelSpec
 
 #: SPEC 1.5: a pair is degenerate when D2 <= 64 u (G_ii + G_jj), u = 2^-53 (float64).
@@ -121,7 +120,6 @@ def _smooth_l1_parts(s: Tensor, t: Tensor):
     return dist_s / mean_s - dist_t / mean_t
 
 
-@torch.library.custom_op("kdfast::rkd_distance_triton", mutates_args=())
 def rkd_distance_triton(student: Tensor, teacher: Tensor) -> Tensor:
     """RKD distance loss (SPEC 1.2) with Triton pair kernels: scalar in
     promote_types(student, teacher, float32). student (N, Ds), teacher (N, Dt), N >= 2."""
@@ -142,7 +140,6 @@ def _side_backward(x: Tensor, grad_psi: Tensor) -> Tensor:
     return (grad_centred - grad_centred.mean(dim=0, keepdim=True)).to(x.dtype)
 
 
-@torch.library.custom_op("kdfast::rkd_distance_triton_backward", mutates_args=())
 def rkd_distance_triton_backward(
     grad: Tensor, student: Tensor, teacher: Tensor, student_grad: bool, teacher_grad: bool
 ) -> tuple[Tensor, Tensor]:
@@ -154,7 +151,3 @@ def rkd_distance_triton_backward(
     grad_t = _side_backward(teacher, -grad_psi) if teacher_grad else teacher.new_empty((0,))
     return grad_s, grad_t
 
-
-register_relational_loss(
-    "rkd_distance", "kdfast::rkd_distance_triton", rkd_distance_triton_backward, "triton"
-)

@@ -1,0 +1,256 @@
+"""The contract suite: every registered implementation x device x dtype x declared sample.
+
+Each op declares its samples next to its registration (``kdfast/ops/<op>.py``, see
+:mod:`kdfast.ops._samples`); this module needs no edit when an op is added. Devices: cpu
+always; cuda whenever ``torch.cuda.is_available()``; Triton on CPU tensors under
+``TRITON_INTERPRET=1``. For each implementation it checks
+
+* float64 parity with the reference (loss 1e-9, gradients 1e-7, docs/semantics.md 7);
+* half and float32 against the float64 truth on the same rounded inputs, with the one
+  tolerance table (:func:`kdfast.testing.tolerance`);
+* float64 gradcheck on the samples tagged "small";
+* opcheck of every kdfast custom op the implementation calls, forward and backward;
+* NaN propagation (a NaN input gives a NaN output wherever the reference's does);
+* clear errors for the op's declared bad inputs.
+
+Test ids read ``<op>-<device>-<backend>-<dtype>-<sample>``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import compiled_backends, contract_implementations, require_backend
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import kdfast
+from kdfast import _dispatch
+from kdfast.ops._samples import CONTRACTS, DTYPES, build
+from kdfast.testing import rel_error, tolerance
+
+DTYPE_NAMES = {torch.float64: "float64", torch.float32: "float32", torch.bfloat16: "bfloat16",
+               torch.float16: "float16"}  # fmt: skip
+IMPLS = contract_implementations()
+
+
+def _wanted(sample, dtype) -> bool:
+    if dtype == torch.float64:
+        return True
+    if "float64_only" in sample.tags:
+        return False
+    return not ("float32_and_up" in sample.tags and dtype in (torch.float16, torch.bfloat16))
+
+
+def _cases():
+    for op, device, backend in IMPLS:
+        for dtype in DTYPES:
+            for sample in CONTRACTS[op].samples:
+                if backend == "reference" or not _wanted(sample, dtype):
+                    continue
+                yield pytest.param(
+                    op, device, backend, dtype, sample,
+                    id=f"{op}-{device}-{backend}-{DTYPE_NAMES[dtype]}-{sample.name}",
+                )  # fmt: skip
+
+
+def _run(op, backend, device, dtype, sample, grad=True):
+    """(outputs, gradients of the declared grad_args) of the public function on
+    ``backend``; the cotangent is 1 for a scalar output, else a fixed pattern in [0.5, 1.5]."""
+    contract = CONTRACTS[op]
+    args, kwargs = build(sample, device, dtype)
+    args = list(args)
+    inputs = []
+    for i in contract.grad_args:
+        if grad:
+            args[i] = args[i].detach().requires_grad_(True)
+        inputs.append(args[i])
+    try:
+        with kdfast.use_backend(backend):
+            out = contract.function()(*args, **kwargs)
+    except RuntimeError as exc:
+        if "was forced but cannot run" in str(exc):
+            pytest.skip(f"{backend} declares it cannot run this case: {exc}")
+        raise
+    outputs = out if isinstance(out, tuple) else (out,)
+    if not grad:
+        return outputs, ()
+    total = 0
+    for o in outputs:
+        if o.dim() == 0:
+            total = total + o
+        else:
+            w = torch.linspace(0.5, 1.5, o.numel(), dtype=torch.float64, device=o.device)
+            total = total + (o * w.reshape(o.shape).to(o.dtype)).sum()
+    grads = torch.autograd.grad(total, inputs)
+    return outputs, grads
+
+
+def _has_duplicate_rows(op, sample, dtype) -> bool:
+    """Rounding to ``dtype`` can make RKD feature rows exactly equal (e.g. 1000 - x in
+    bfloat16), where the kernels deliberately differ from the reference (semantics 1.5)."""
+    if not op.startswith("rkd"):
+        return False
+    args, _ = build(sample, "cpu", dtype)
+    return any(
+        a.dim() == 2 and torch.unique(a.double(), dim=0).shape[0] < a.shape[0]
+        for a in args
+        if isinstance(a, torch.Tensor)
+    )
+
+
+@pytest.mark.parametrize("op,device,backend,dtype,sample", list(_cases()))
+def test_parity(op, device, backend, dtype, sample):
+    """float64: parity with the reference; lower precision: the float64 truth on the same
+    rounded inputs, within max(table, 2x the reference's own error in that dtype)."""
+    got, got_grads = _run(op, backend, device, dtype, sample)
+    truth, truth_grads = _run(op, "reference", device, torch.float64, _rounded(sample, dtype))
+    if dtype == torch.float64:
+        own, own_grads = truth, truth_grads
+    else:
+        own, own_grads = _run(op, "reference", device, dtype, sample)
+    for g, t, o in zip(got, truth, own, strict=True):
+        assert g.dtype == o.dtype, f"output dtype {g.dtype}, reference {o.dtype}"
+        tol = tolerance(dtype, "loss", rel_error(o, t))
+        assert rel_error(g, t) <= tol, f"output: {rel_error(g, t):.3e} > {tol:.1e}"
+    finite_only = "exact_duplicates" in sample.tags or _has_duplicate_rows(op, sample, dtype)
+    for i, (g, t, o) in enumerate(zip(got_grads, truth_grads, own_grads, strict=True)):
+        assert g.dtype == o.dtype and g.shape == o.shape, f"gradient {i}: {g.dtype} {g.shape}"
+        if finite_only:
+            assert torch.isfinite(g).all(), f"gradient {i} is not finite"
+            continue
+        tol = tolerance(dtype, "grad", rel_error(o, t))
+        if dtype != torch.float64:
+            tol = max(tol, torch.finfo(dtype).eps)  # the final rounding of the gradient
+        assert rel_error(g, t) <= tol, f"gradient {i}: {rel_error(g, t):.3e} > {tol:.1e}"
+
+
+def _rounded(sample, dtype):
+    """``sample`` whose float64 inputs are first rounded to ``dtype`` (the truth's inputs)."""
+    import dataclasses
+
+    def make(gen):
+        args, kwargs = sample.make(gen)
+        rnd = [a.to(dtype).double() if _floating(a) else a for a in args]
+        return tuple(rnd), {
+            k: v.to(dtype).double() if _floating(v) else v for k, v in kwargs.items()
+        }
+
+    return dataclasses.replace(sample, make=make)
+
+
+def _floating(x) -> bool:
+    return isinstance(x, torch.Tensor) and x.is_floating_point()
+
+
+def _small_cases():
+    for op, device, backend in IMPLS:
+        for sample in CONTRACTS[op].samples:
+            if "small" in sample.tags:
+                yield pytest.param(op, device, backend, sample,
+                                   id=f"{op}-{device}-{backend}-{sample.name}")  # fmt: skip
+
+
+@pytest.mark.parametrize("op,device,backend,sample", list(_small_cases()))
+def test_gradcheck(op, device, backend, sample):
+    contract = CONTRACTS[op]
+    args, kwargs = build(sample, device, torch.float64)
+    fn = contract.function()
+
+    def call(*inputs):
+        full = list(args)
+        for i, x in zip(contract.grad_args, inputs, strict=True):
+            full[i] = x
+        return fn(*full, **kwargs)
+
+    inputs = tuple(args[i].detach().requires_grad_(True) for i in contract.grad_args)
+    fast = backend == "triton" and device == "cpu"  # the interpreter is slow
+    with kdfast.use_backend(backend):
+        assert torch.autograd.gradcheck(call, inputs, fast_mode=fast)
+
+
+class _RecordKdfastOps(TorchDispatchMode):
+    """Records every kdfast custom op called below autograd, with its arguments."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "kdfast":
+            self.calls.setdefault(func.name(), (func, args, kwargs))
+        return func(*args, **kwargs)
+
+
+def _impl_cases():
+    for op, device, backend in IMPLS:
+        yield pytest.param(op, device, backend, id=f"{op}-{device}-{backend}")
+
+
+@pytest.mark.parametrize("op,device,backend", list(_impl_cases()))
+def test_opcheck(op, device, backend):
+    """opcheck of every kdfast custom op that the implementation calls, forward and
+    backward, in float64 and float32."""
+    sample = CONTRACTS[op].samples[0]
+    recorder = _RecordKdfastOps()
+    for dtype in (torch.float64, torch.float32):
+        args, kwargs = build(sample, device, dtype)
+        args = [a.requires_grad_(True) if i in CONTRACTS[op].grad_args else a
+                for i, a in enumerate(args)]  # fmt: skip
+        with kdfast.use_backend(backend), recorder:
+            out = CONTRACTS[op].function()(*args, **kwargs)
+            outputs = out if isinstance(out, tuple) else (out,)
+            sum(o.sum() for o in outputs).backward()
+    if not recorder.calls:
+        assert backend == "reference", f"{op} on {backend} called no kdfast custom op"
+        pytest.skip(f"the reference {op} is plain PyTorch: no custom op to check")
+    for func, args, kwargs in recorder.calls.values():
+        torch.library.opcheck(func, args, kwargs)
+
+
+@pytest.mark.parametrize("op,device,backend", list(_impl_cases()))
+def test_nan_propagates(op, device, backend):
+    """A NaN in the first input gives NaN outputs exactly where the reference's are NaN."""
+    contract = CONTRACTS[op]
+    sample = contract.samples[0]
+    args, kwargs = build(sample, device, torch.float32)
+    args = list(args)
+    args[0] = args[0].clone()
+    args[0].view(-1)[1] = float("nan")
+    fn = contract.function()
+    with kdfast.use_backend("reference"):
+        want = fn(*args, **kwargs)
+    with kdfast.use_backend(backend):
+        got = fn(*args, **kwargs)
+    want = want if isinstance(want, tuple) else (want,)
+    got = got if isinstance(got, tuple) else (got,)
+    assert any(w.isnan().any() for w in want), "the reference ignores the NaN: a useless case"
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g.isnan(), w.isnan())
+
+
+def _bad_cases():
+    for op, device, backend in IMPLS:
+        for bad in CONTRACTS[op].bad_inputs:
+            yield pytest.param(op, device, backend, bad, id=f"{op}-{device}-{backend}-{bad.name}")
+
+
+@pytest.mark.parametrize("op,device,backend,bad", list(_bad_cases()))
+def test_bad_input_raises_clearly(op, device, backend, bad):
+    args, kwargs = bad.make()
+    args = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
+    kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    with kdfast.use_backend(backend), pytest.raises(bad.error, match=bad.match):
+        CONTRACTS[op].function()(*args, **kwargs)
+
+
+def test_every_op_declares_a_contract():
+    """An op without samples would go untested by this suite."""
+    assert set(_dispatch.ops()) == set(CONTRACTS)
+
+
+def test_every_compiled_backend_that_must_run_is_loaded():
+    """Compiled implementations register only when their backend loads: a build that failed
+    to load must fail here rather than shrink the suite."""
+    for backend in compiled_backends("cpu"):
+        require_backend(backend)
