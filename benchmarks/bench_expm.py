@@ -1,4 +1,4 @@
-"""Benchmark of issue 5: kdfast expm and OrthogonalProjector vs PyTorch, float32 fwd+bwd.
+"""Benchmark of kdfast expm and OrthogonalProjector against PyTorch, float32 fwd+bwd.
 
 Each (case, implementation) runs in a fresh process (``--one``); the driver prints one
 line per cell: median seconds of forward+backward and the torch/kdfast ratio.

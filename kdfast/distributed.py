@@ -1,4 +1,4 @@
-"""Relational losses over the global batch of a ``torch.distributed`` job (issue 7).
+"""Relational losses over the global batch of a ``torch.distributed`` job.
 
 RKD and DIST's intra-class term depend on the whole batch. With ``gather=True`` the losses
 (:func:`kdfast.functional.rkd_distance`, ``rkd_angle``, ``dist_loss``, and their modules)

@@ -1,4 +1,4 @@
-"""Autocast (issue 7): every loss computes its statistics as SPEC 0 / 7 say, whatever
+"""Autocast: every loss computes its statistics as SPEC 0 / 7 say, whatever
 ``torch.autocast`` is active, and returns a finite float32 loss where a half-precision
 evaluation of the official formulas overflows (RKD on unnormalised features around 100).
 """

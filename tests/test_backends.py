@@ -21,7 +21,7 @@ def _gen(seed: int) -> torch.Generator:
 
 
 def rkd_cases(dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Random and adversarial (student, teacher) feature pairs (SPEC 1.5, issue 3)."""
+    """Random and adversarial (student, teacher) feature pairs (SPEC 1.5)."""
     g = _gen(0)
     n = 24
     centres = torch.randn(10, 16, generator=g, dtype=torch.float64) * 10

@@ -1,4 +1,4 @@
-"""gather=True across 2 and 3 processes on gloo (issue 7; kdfast.distributed).
+"""gather=True across 2 and 3 processes on gloo (kdfast.distributed).
 
 Invariant: every rank returns the loss of one process on the concatenated batch, and each
 rank's input gradient is world_size times that process's gradient of its slice, so that

@@ -1,4 +1,4 @@
-"""Hostile inputs, over every public loss and every backend that runs it (issue 7).
+"""Hostile inputs, over every public loss and every backend that runs it.
 
 * NaN and +-Inf anywhere in either input reach the loss (SPEC 0: never silently masked);
 * empty batches, N below the minimum, mismatched batch sizes, rank < 2, integer / complex /

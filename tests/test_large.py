@@ -1,4 +1,4 @@
-"""64-bit indexing (issue 7): bf16 DIST with B * C ~ 2.2e9 > 2^31 elements, on CPU.
+"""64-bit indexing: bf16 DIST with B * C ~ 2.2e9 > 2^31 elements, on CPU.
 
 Marked slow and deselected by default (pyproject addopts ``-m "not slow"``); run with
 ``pytest -m slow tests/test_large.py``. The batch tiles a small float64-exact base k times,

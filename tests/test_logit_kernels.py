@@ -599,8 +599,8 @@ def test_triton_dist_second_sweeps_reuse_cache(monkeypatch):
     """Chunked softmax rows, with gradients: each kernel's second sweep over a tile runs
     from its last column block back to its first, so the blocks its first sweep read last
     (the likeliest still cached) are re-read first. LRU model of a program's cache share,
-    reads from memory per element of zs and zt (in-order sweeps in brackets, measured when
-    the sweeps were reversed): half a gradient tile (one row of one input, C elements) 3.83
+    reads from memory per element of zs and zt (in brackets: the same model with in-order
+    sweeps): half a gradient tile (one row of one input, C elements) 3.83
     (4.0); a whole one (2 C) 2.92 (3.0); half a 16-row stats tile 2.35 (2.70)."""
     if "dist_loss" not in _triton_only(["dist_loss"]):
         pytest.skip("triton does not run on CPU tensors here (TRITON_INTERPRET unset)")

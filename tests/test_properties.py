@@ -1,5 +1,5 @@
 """Property tests (hypothesis) of the SPEC invariants, over every backend of each op, and
-determinism (issue 7).
+determinism.
 
 Invariants: RKD distance and angle losses are invariant to scaling and translating either
 set (SPEC 1.2-1.3); DIST with softmax to adding a constant to a row of logits (SPEC 2); KD is

@@ -1,4 +1,4 @@
-"""64-bit offsets in the CUDA kernels, checked on their PTX (issue 7).
+"""64-bit offsets in the CUDA kernels, checked on their PTX.
 
 Compiles every csrc/cuda/*.cu to PTX (nvcc -ptx, compute_80) and checks each kernel body
 for the signature of 32-bit indexing: ``mul.wide.s32`` / ``mul.wide.u32`` turning a 32-bit

@@ -1,6 +1,6 @@
-"""RKD distance and angle kernels (issue 3): acceptance beyond the contract tests of
-tests/test_backends.py, on every compiled backend that runs here (the Triton ones under
-TRITON_INTERPRET=1, with N <= 12)."""
+"""RKD distance and angle kernels: worked examples, clustered-input accuracy, duplicates, NaN
+and vertex ranges, beyond the contract tests of tests/test_backends.py, on every compiled
+backend that runs here (the Triton ones under TRITON_INTERPRET=1, with N <= 12)."""
 
 from __future__ import annotations
 
@@ -135,7 +135,7 @@ def test_nan_propagates(backend):
         assert torch.isnan(functional.rkd_angle(s, t))
 
 
-# rkd_angle_vertices (issue 7): the share of the angle loss whose vertex lies in
+# rkd_angle_vertices: the share of the angle loss whose vertex lies in
 # [start, stop), which gather=True evaluates per rank. The contract cases (reference
 # parity on random/adversarial inputs, gradcheck, opcheck) are in tests/test_backends.py.
 

@@ -237,7 +237,8 @@ double dist_rows(const at::Tensor& s, const at::Tensor& t, const bool* mask, con
   auto kept_row = [&](int64_t i) { return mask == nullptr || mask[i]; };
 
   // Pass 1: blocks of rows, each with its own column moments.
-  // A whole number of blocks per thread (3 blocks on 2 threads ran at 2/3 speed), at most 2.
+  // A whole number of blocks per thread, at most 2 (with 3 blocks on 2 threads, one thread
+  // idles while the other runs its second block).
   const int64_t threads = at::get_num_threads();
   const int64_t max_blocks = std::max<int64_t>(1, std::min<int64_t>(rows, 2 * threads));
   int64_t blocks = std::clamp<int64_t>(rows * n / rows::kTaskElements, 1, max_blocks);

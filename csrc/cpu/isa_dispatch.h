@@ -4,9 +4,9 @@
 // KDFAST_ROW_DISPATCH_NO_FMA).
 // Its helpers are KDFAST_INLINE (always inline), so they are compiled into each variant with
 // that variant's ISA.
-// (GCC target_clones did not work here: "arch=haswell" is resolved by CPU model, so AMD
-// CPUs ran the baseline clone; the "arch=x86-64-v3" resolver also picked the baseline clone
-// in this shared library (GCC 12, observed with perf; it works in an executable).)
+// (Not GCC target_clones: "arch=haswell" is resolved by CPU model, so AMD CPUs would run
+// the baseline clone, and the "arch=x86-64-v3" resolver picks the baseline clone in this
+// shared library too (GCC 12; it works in an executable).)
 #pragma once
 
 #if defined(__GNUC__) && defined(__x86_64__)

@@ -46,8 +46,8 @@ KDFAST_INLINE acc_t kl_row_impl(acc_t* u, acc_t* v, acc_t* es, acc_t* et, int64_
     for (int64_t b = 0; b < n; b += rows::kBlock) {
       const int64_t e = std::min(n, b + rows::kBlock);
       acc_t kl_part = 0, pt_part = 0;
-      // Two explicit loops: with the store under `if (!pt_in_et)`, GCC unswitched the loop
-      // and left the store-free copy scalar (a serial FMA chain: 40% of the kernel).
+      // Two explicit loops: with the store under `if (!pt_in_et)`, GCC unswitches the loop
+      // and leaves the store-free copy scalar, a serial FMA chain.
       if (pt_in_et) {
 #pragma omp simd reduction(+ : kl_part, pt_part)
         for (int64_t c = b; c < e; ++c) {

@@ -161,7 +161,7 @@ constexpr int64_t kBlock = 1024;
 
 // A shifted softmax denominator: exp(x - max) sums to `sum`; lse = max + log(sum). The
 // sum and the lse are float64 (also for float32 rows): KL subtracts two lses, and their
-// float32 rounding alone was 1e-5 of a KL of 0.06 at C = 700.
+// float32 rounding alone is about 1e-5 of a KL of 0.06 at C = 700.
 template <typename acc_t>
 struct Lse {
   acc_t max;
@@ -205,10 +205,10 @@ inline void check_logit_shapes(const char* name, const at::Tensor& s, const at::
               t.sizes());
 }
 
-// Elements per parallel task: about 0.1 ms of single-thread work, so (256, 1000) splits in
-// 4 and runs on both threads (as torch.compile's code does). On a busy machine, waking a
-// second thread can cost a scheduler tick (4-8 ms per call seen at (256, 1000) on the shared
-// 2-core CI machine); an idle one pays a few microseconds.
+// Elements per parallel task: small enough that (256, 1000) splits in 4 and runs on two
+// threads (as torch.compile's code does), large enough that a task outweighs waking a
+// thread, which costs an idle machine a few microseconds (a busy one can make it cost a
+// whole scheduler tick).
 constexpr int64_t kTaskElements = 65536;
 
 // Rows per parallel task (at least kTaskElements elements).

@@ -2,11 +2,11 @@
 //
 // A training loop allocates the same (rows, C) gradient at every step and frees it at the
 // next zero_grad(). glibc serves such sizes (> 32 MiB) with a fresh mmap each time, so every
-// step paid a page fault and a page clear per 4 KiB: 30 ms of a 62 ms KD forward+backward at
-// (1024, 32000) on the 2-core CI machine. Advising huge pages instead made the first steps of
-// a process 3x slower (direct compaction under THP defrag "madvise") and only later steps
-// faster. So outputs of at least kPoolMinBytes come from this pool: a freed buffer of the
-// same size is handed out again, already mapped. At most kMaxIdle buffers are kept idle;
+// step would pay a page fault and a page clear per 4 KiB, a large share of a memory-bound
+// KD or DIST step. Advising huge pages instead slows a process's first steps (direct
+// compaction under THP defrag "madvise") and speeds up only the later ones. So outputs of
+// at least kPoolMinBytes come from this pool: a freed buffer of the same size is handed out
+// again, already mapped. At most kMaxIdle buffers are kept idle;
 // kdfast.empty_cache() releases them. Thread-safe; the pool is never destroyed (tensors may
 // outlive static destruction).
 #pragma once

@@ -5,7 +5,7 @@ the loss through the public kdfast API (so the dispatcher picks the backend) and
 ``params`` are the tensors that receive gradients. The harness runs it as three
 implementations: "kdfast" (automatic backend), "reference" (forced reference backend,
 eager: the official formula) and "compiled" (``torch.compile`` of the reference).
-Kernel issues add their cases here; ``benchmarks/`` exposes the same cases to
+A new loss or kernel adds its cases here; ``benchmarks/`` exposes the same cases to
 pytest-benchmark.
 """
 
