@@ -692,4 +692,3 @@ def dist_loss_triton(
             **options,
         )  # fmt: skip
     return loss.to(dtype), grad_s, grad_t
-

@@ -374,4 +374,3 @@ def kd_loss_triton(
     else:
         loss = (row_kl.to(torch.float64).sum() * scale64).to(dtype)
     return loss, grad_s, grad_t
-

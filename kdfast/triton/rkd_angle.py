@@ -353,4 +353,3 @@ def rkd_angle_vertices_triton_backward(
     """Gradients of ``rkd_angle_vertices_triton`` with respect to every row of student and
     teacher; an empty (0,) tensor for a side that needs none."""
     return _backward(grad, student, teacher, start, stop, student_grad, teacher_grad)
-

@@ -150,4 +150,3 @@ def rkd_distance_triton_backward(
     grad_s = _side_backward(student, grad_psi) if student_grad else student.new_empty((0,))
     grad_t = _side_backward(teacher, -grad_psi) if teacher_grad else teacher.new_empty((0,))
     return grad_s, grad_t
-
