@@ -103,7 +103,31 @@ def report() -> str:
     for row in rows:
         skipped = "; ".join(_passed_over(row))
         lines.append(f"  {row['op']:<{width}}{row['cpu']:<12}{row['cuda']:<12}{skipped}")
+    lines += ["", *gpu_record_lines()]
     return "\n".join(lines)
+
+
+def gpu_record_lines() -> list[str]:
+    """Which GPU-only implementations a recorded GPU run has passed (chosen automatically on
+    CUDA) and which are opt-in because no test has executed them on a GPU yet."""
+    passed = _dispatch.gpu_passed()
+    lines = [
+        "GPU-only implementations (automatic on CUDA only after a recorded GPU run passed "
+        "them; kdfast/gpu_results.json, written by tools/gpu_check.sh):"
+    ]
+    for op in _dispatch.ops():
+        for name in _dispatch.implementations(op):
+            if not _dispatch.BACKENDS[name].needs_gpu_record:
+                continue
+            state = (
+                "passed on a GPU"
+                if (op, name) in passed
+                else (f"opt-in ({_dispatch.NOT_RUN_ON_GPU}): kdfast.use_backend({name!r})")
+            )
+            lines.append(f"  {op}/{name}: {state}")
+    if len(lines) == 1:
+        lines.append("  none registered in this build (no CUDA sources compiled)")
+    return lines
 
 
 def _kernel_line(kind: str, r, error: tuple[str, int, str] | None = None) -> str:
