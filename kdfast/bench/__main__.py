@@ -141,7 +141,8 @@ def format_table(rows: list[dict], markdown: bool = False) -> str:
     return "\n".join([head, "-" * len(head), *(fixed(table_cells(r)) for r in rows)])
 
 
-def run(suite, case_names, modes, impls, repeats, device, log=print) -> list[dict]:
+def run(suite, case_names, modes, impls, repeats, device, log=print, on_row=None) -> list[dict]:
+    """Measure every (case, size, mode) of ``suite``; ``on_row(row)`` after each one."""
     jobs = [
         (case, size, mode)
         for case in CASES
@@ -176,6 +177,8 @@ def run(suite, case_names, modes, impls, repeats, device, log=print) -> list[dic
                     what="errors", case=case.name, size=list(size), device=device, truth=truth
                 )
         rows.append(row)
+        if on_row is not None:
+            on_row(row)
         summary = ", ".join(
             f"{impl} {_ms(v.get('median_s'))} ms" if "median_s" in v else f"{impl} {v}"
             for impl, v in row["results"].items()
@@ -250,14 +253,20 @@ def main(argv: list[str] | None = None) -> int:
     suites = ["quick", "full"] if sizes == "full" else [sizes]
     rows = []
     started = time.perf_counter()
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+
+    def save(row=None):  # after every measurement, so a run cut short keeps what it measured
+        if row is not None:
+            rows.append(row)
+        with open(args.json, "w") as f:
+            json.dump({"metadata": meta, "suite": suite_name, "rows": rows}, f, indent=1)
+
     for s in suites:
-        rows += run(s, names, args.modes, args.impls, repeats, args.device, log)
+        run(s, names, args.modes, args.impls, repeats, args.device, log, save)
     meta["wall_s"] = round(time.perf_counter() - started, 1)
     print(format_table(rows, markdown=args.markdown))
     log(f"suite {suite_name}: {len(rows)} measurements in {meta['wall_s']:.0f} s wall time")
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump({"metadata": meta, "suite": suite_name, "rows": rows}, f, indent=1)
+    save()
     log(f"wrote {args.json}")
     if args.plots:
         try:

@@ -30,6 +30,18 @@ H100_SXM = {
 }
 """H100 SXM5 peak rates (FLOP/s, dense, boost clock) and HBM3 bandwidth (bytes/s)."""
 
+H200_SXM = {
+    **H100_SXM,
+    "name": "H200 SXM (H100's compute, HBM3e; NVIDIA H200 datasheet)",
+    "hbm_bytes_per_s": 4.8e12,
+}
+"""H200 SXM: the H100's SMs and clocks with 141 GB of HBM3e at 4.8 TB/s."""
+
+
+def gpu_peaks(name: str | None) -> dict:
+    """The peak-rate table for a GPU by its device name (H100 when unknown)."""
+    return H200_SXM if name and "H200" in name else H100_SXM
+
 
 @dataclass(frozen=True)
 class Work:

@@ -111,9 +111,10 @@ def feature_samples(n: int, near: float, min_rows: int) -> tuple[Sample, ...]:
             "transposed", lambda gen: (base(gen), {}), view=lambda a: (a[0].T.contiguous().T, a[1])
         ),
         Sample(
+            # (N, 3, 1) expanded to (N, 3, 2): repeated, not collinear, teacher features
             "expanded_teacher",
-            lambda gen: ((randn(gen, n, 8), randn(gen, n, 1)), {}),
-            view=lambda a: (a[0], a[1].expand(-1, 5)),
+            lambda gen: ((randn(gen, n, 8), randn(gen, n, 3, 1)), {}),
+            view=lambda a: (a[0], a[1].expand(-1, -1, 2)),
         ),  # fmt: skip
         Sample(
             "strided",

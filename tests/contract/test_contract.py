@@ -189,23 +189,39 @@ def _impl_cases():
 
 @pytest.mark.parametrize("op,device,backend", list(_impl_cases()))
 def test_opcheck(op, device, backend):
-    """opcheck of every kdfast custom op that the implementation calls, forward and
-    backward, in float64 and float32."""
+    """opcheck of every kdfast custom op that the implementation calls, in float64 and
+    float32: forward ops with inputs that require grad (their autograd registration is
+    checked too), backward ops (once-differentiable by design) with detached inputs."""
     sample = CONTRACTS[op].samples[0]
-    recorder = _RecordKdfastOps()
+    forward, backward = _RecordKdfastOps(), _RecordKdfastOps()
     for dtype in (torch.float64, torch.float32):
         args, kwargs = build(sample, device, dtype)
         args = [a.requires_grad_(True) if i in CONTRACTS[op].grad_args else a
                 for i, a in enumerate(args)]  # fmt: skip
-        with kdfast.use_backend(backend), recorder:
-            out = CONTRACTS[op].function()(*args, **kwargs)
+        with kdfast.use_backend(backend):
+            with forward:
+                out = CONTRACTS[op].function()(*args, **kwargs)
             outputs = out if isinstance(out, tuple) else (out,)
-            sum(o.sum() for o in outputs).backward()
-    if not recorder.calls:
+            with backward:
+                sum(o.sum() for o in outputs).backward()
+    if not forward.calls:
         assert backend == "reference", f"{op} on {backend} called no kdfast custom op"
         pytest.skip(f"the reference {op} is plain PyTorch: no custom op to check")
-    for func, args, kwargs in recorder.calls.values():
+    for func, args, kwargs in forward.calls.values():
         torch.library.opcheck(func, args, kwargs)
+    for name, (func, args, kwargs) in backward.calls.items():
+        if name not in forward.calls:
+            torch.library.opcheck(func, *_detached((args, kwargs)))
+
+
+def _detached(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_detached(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _detached(v) for k, v in value.items()}
+    return value
 
 
 @pytest.mark.parametrize("op,device,backend", list(_impl_cases()))

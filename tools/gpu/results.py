@@ -1,0 +1,85 @@
+"""Pytest plugin of ``tools/gpu_check.sh``: the contract suite's outcome per op x backend.
+
+``python -m pytest tests/contract -p tools.gpu.results --gpu-results FILE --gpu-device cuda``
+writes one run record (``kdfast/gpu_results.json``'s format): the commit, GPU, driver,
+torch and Triton versions, and ``results`` {"<op>/<backend>": "pass" | "fail"} over the
+tests that ran on that device. An implementation passes when every one of its tests that
+ran passed (skips, which an implementation declares, do not count).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import subprocess
+
+import pytest
+import torch
+
+
+def pytest_addoption(parser):
+    parser.addoption("--gpu-results", default=None, help="write the run record here")
+    parser.addoption("--gpu-device", default="cuda", help="the device whose tests count")
+
+
+_outcomes: dict[str, set[str]] = {}
+
+
+def pytest_runtest_logreport(report):
+    params = getattr(report, "_kdfast_params", None)
+    if params is None or report.skipped:
+        return
+    if report.when == "call" or report.failed:
+        _outcomes.setdefault(params, set()).add("pass" if report.passed else "fail")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    callspec = getattr(item, "callspec", None)
+    device = item.config.getoption("--gpu-device")
+    if callspec is not None and callspec.params.get("device") == device:
+        report._kdfast_params = f"{callspec.params['op']}/{callspec.params['backend']}"
+
+
+def _run(command: list[str]) -> str:
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run_record(device: str, results: dict[str, str]) -> dict:
+    """The record of one run: what ran where, and the per-implementation outcome."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    gpu = torch.cuda.get_device_name() if device == "cuda" else None
+    driver = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": _run(["git", "rev-parse", "HEAD"]) or "unknown",
+        "device": device,
+        "gpu": gpu,
+        "driver": driver.splitlines()[0] if device == "cuda" and driver else None,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton_version,
+        "results": results,
+    }
+
+
+def pytest_sessionfinish(session, exitstatus):
+    path = session.config.getoption("--gpu-results")
+    if path is None:
+        return
+    results = {
+        key: "fail" if "fail" in outcomes else "pass" for key, outcomes in sorted(_outcomes.items())
+    }
+    record = run_record(session.config.getoption("--gpu-device"), results)
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)

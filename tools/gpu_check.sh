@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# One call that proves kdfast on a GPU: build for this GPU's architecture, the contract
+# suite on cuda, compute-sanitizer memcheck and racecheck over one small call of every CUDA
+# and Triton kernel, the quick bench on cuda; then one table (tools/gpu/summary.py).
+#
+#   tools/gpu_check.sh            on a GPU machine (no network needed; about 8 minutes)
+#   tools/gpu_check.sh --dry-run  every stage on this CPU machine: CPU device, Triton under
+#                                 the interpreter, the sanitizer skipped with a message
+#
+# Results land in $OUT (the device tool's folder) or ./gpu-check: gpu_run.json (the
+# contract-suite record; `python -m tools.gpu.record gpu-check/gpu_run.json` adds a real
+# GPU run to kdfast/gpu_results.json, which lifts the opt-in of what passed), bench.json,
+# the bench plots, and a log per stage. Each stage has a time limit, so one slow stage
+# cannot eat the others' time; a stage's failure is reported and the next stage still runs.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+dry_run=0
+[ "${1:-}" = "--dry-run" ] && dry_run=1
+out=${OUT:-gpu-check}
+mkdir -p "$out"
+PY=${PYTHON:-python3}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+status=0
+started=$(date +%s)
+
+stage() { printf '\n=== %s (%ss) ===\n' "$1" "$(($(date +%s) - started))"; }
+# run LIMIT NAME CMD...: CMD under a time limit, its output also in $out/NAME.log
+run() {
+  local limit=$1 name=$2
+  shift 2
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$out/$name.log"
+  local rc=${PIPESTATUS[0]}
+  if [ "$rc" -ne 0 ]; then
+    echo "!!! $name: exit $rc$([ "$rc" -eq 124 ] && echo " (time limit ${limit}s)")"
+    status=1
+  fi
+  return 0
+}
+
+if [ $dry_run -eq 1 ]; then
+  device=cpu
+  export TRITON_INTERPRET=1
+  # the interpreter is slow: the dry run checks every stage works, on the random samples
+  contract_filter=(-k "random")
+  bench_suite=--smoke
+else
+  device=cuda
+  contract_filter=(-k "cuda")
+  bench_suite=--quick
+fi
+
+stage "environment"
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total \
+  --format=csv
+$PY - <<'EOF'
+import platform, torch
+try:
+    import triton
+    tv = triton.__version__
+except ImportError:
+    tv = "absent"
+print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), triton {tv}")
+print("GPU:", torch.cuda.get_device_name() if torch.cuda.is_available() else "none")
+EOF
+
+stage "build"
+if [ $dry_run -eq 1 ] && $PY -c "import kdfast._C" 2>/dev/null; then
+  echo "dry run: kdfast._C is already built for this torch; not rebuilt"
+elif [ $dry_run -eq 1 ]; then
+  run 1800 build env KDFAST_NO_CUDA=1 $PY setup.py build_ext --inplace
+else
+  arch=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+  echo "building for sm_${arch/./} with $(nproc) jobs"
+  run 420 build env TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$(nproc)" $PY setup.py build_ext --inplace
+fi
+$PY -m kdfast.info | tee "$out/info.log"
+
+stage "contract suite on $device"
+run 240 contract $PY -m pytest -q -p no:cacheprovider -p tools.gpu.results \
+  --gpu-results "$out/gpu_run.json" --gpu-device "$device" tests/contract "${contract_filter[@]}"
+
+stage "compute-sanitizer: one small call of every CUDA and Triton kernel"
+if [ $dry_run -eq 1 ]; then
+  echo "dry run: no GPU, compute-sanitizer skipped; the calls it would check run on $device"
+  run 300 sanitize-calls $PY -m tools.gpu.sanitize_calls --device "$device"
+elif ! command -v compute-sanitizer >/dev/null; then
+  echo "!!! compute-sanitizer not found"
+  status=1
+else
+  for tool in memcheck racecheck; do
+    run 150 "sanitizer-$tool" compute-sanitizer --tool "$tool" --error-exitcode 3 \
+      --target-processes all $PY -m tools.gpu.sanitize_calls --device cuda
+  done
+fi
+
+stage "quick bench on $device"
+run 300 bench $PY -m kdfast.bench $bench_suite --device "$device" --json "$out/bench.json"
+
+stage "summary"
+if [ -f "$out/gpu_run.json" ]; then
+  $PY -m tools.gpu.summary "$out/gpu_run.json" "$out/bench.json" | tee "$out/summary.txt"
+else
+  echo "!!! the contract suite wrote no results"
+  status=1
+fi
+echo "gpu_check: $([ $status -eq 0 ] && echo ok || echo FAILED) in $(($(date +%s) - started)) s; results in $out/"
+exit $status
