@@ -161,3 +161,83 @@ def test_opt_in_implementation_runs_only_when_forced():
             assert _dispatch.call("toy_opt_in", x).sum() == 2
     finally:
         del _dispatch._IMPLS["toy_opt_in"]
+
+
+@pytest.fixture
+def gpu_only_op(monkeypatch):
+    """A toy op with a cuda-backend implementation and a Triton one, the cuda backend
+    treated as available, and an empty GPU record."""
+    monkeypatch.setitem(
+        _dispatch.BACKENDS,
+        "cuda",
+        _dispatch.Backend(
+            "cuda",
+            frozenset({"cuda"}),
+            _dispatch.HALF_AND_FLOAT,
+            None,
+            "toy",
+            needs_gpu_record=True,
+        ),  # fmt: skip
+    )
+    monkeypatch.setitem(
+        _dispatch.BACKENDS,
+        "triton",
+        _dispatch.Backend("triton", frozenset({"cuda"}), _dispatch.HALF_AND_FLOAT, None, "toy"),
+    )
+    _dispatch.implement("toy_op", "cuda", lambda x: x)
+    _dispatch.implement("toy_op", "triton", lambda x: x)
+    _dispatch.implement("toy_op", "reference", lambda x: x)
+    monkeypatch.setattr(_dispatch, "gpu_passed", lambda: frozenset())
+    yield "toy_op"
+    del _dispatch._IMPLS["toy_op"]
+
+
+def test_gpu_only_implementation_is_opt_in_until_recorded(gpu_only_op, monkeypatch):
+    verdicts = dict(_dispatch.explain(gpu_only_op, "cuda", torch.float32))
+    assert "not yet run on a GPU" in verdicts["cuda"]
+    assert verdicts["triton"] is None  # the interpreter-verified kernel runs instead
+    recorded = frozenset({(gpu_only_op, "cuda")})
+    monkeypatch.setattr(_dispatch, "gpu_passed", lambda: recorded)
+    assert dict(_dispatch.explain(gpu_only_op, "cuda", torch.float32))["cuda"] is None
+
+
+def test_gpu_record_file(tmp_path, monkeypatch):
+    """A run's "pass" lifts the opt-in; a failure in any run keeps it."""
+    import json
+
+    path = tmp_path / "gpu_results.json"
+    runs = [
+        {"gpu": "H200", "results": {"a/cuda": "pass", "b/cuda": "pass", "c/cuda": "fail"}},
+        {"gpu": "H100", "results": {"b/cuda": "fail"}},
+    ]
+    path.write_text(json.dumps({"runs": runs}))
+    monkeypatch.setattr(_dispatch, "GPU_RESULTS", str(path))
+    _dispatch.gpu_passed.cache_clear()
+    try:
+        assert _dispatch.gpu_passed() == {("a", "cuda")}
+        path.write_text("not json")
+        _dispatch.gpu_passed.cache_clear()
+        assert _dispatch.gpu_passed() == frozenset()
+    finally:
+        _dispatch.gpu_passed.cache_clear()
+
+
+def test_shipped_gpu_record_is_valid():
+    """kdfast/gpu_results.json parses, and each run names what the opt-in rule relies on."""
+    import json
+
+    with open(_dispatch.GPU_RESULTS) as f:
+        record = json.load(f)
+    for run in record["runs"]:
+        assert {"commit", "gpu", "driver", "torch", "triton", "results"} <= set(run)
+        assert set(run["results"].values()) <= {"pass", "fail"}
+
+
+def test_info_names_every_gpu_only_implementation():
+    from kdfast import info
+
+    lines = "\n".join(info.gpu_record_lines())
+    for op in _dispatch.ops():
+        for name in _dispatch.implementations(op):
+            if _dispatch.BACKENDS[name].needs_gpu_record:
+                assert f"{op}/{name}:" in lines

@@ -245,6 +245,32 @@ def test_nan_propagates(op, device, backend):
         assert torch.equal(g.isnan(), w.isnan())
 
 
+@pytest.mark.parametrize("op,device,backend", list(_impl_cases()))
+def test_second_derivative_is_right_or_refused(op, device, backend):
+    """Differentiating a gradient either matches the reference's second derivative or raises
+    the clear once-differentiable error (never a silently wrong value)."""
+    contract = CONTRACTS[op]
+    sample = next((s for s in contract.samples if "small" in s.tags), contract.samples[0])
+
+    def hvp(name):
+        args, kwargs = build(sample, device, torch.float64)
+        args = list(args)
+        x = args[contract.grad_args[0]] = args[contract.grad_args[0]].requires_grad_(True)
+        with kdfast.use_backend(name):
+            out = contract.function()(*args, **kwargs)
+            outputs = out if isinstance(out, tuple) else (out,)
+            (grad,) = torch.autograd.grad(sum(o.sum() for o in outputs), x, create_graph=True)
+            (second,) = torch.autograd.grad((grad * grad).sum(), x)
+        return second
+
+    try:
+        got = hvp(backend)
+    except RuntimeError as exc:
+        assert "double backward" in str(exc), exc
+        return
+    assert rel_error(got, hvp("reference")) <= 1e-7
+
+
 def _bad_cases():
     for op, device, backend in IMPLS:
         for bad in CONTRACTS[op].bad_inputs:
