@@ -83,7 +83,10 @@ def test_dispatch_uses_small_kernel_up_to_its_limit(monkeypatch):
     monkeypatch.setitem(expm_ops.SMALL_N, "cpu", expm_ops.FUSED_MAX_N)  # as on CUDA
     assert torch.equal(linalg.expm(A), ops().expm_small_cpp(A, False))
     assert torch.equal(linalg.expm(B), ops().expm_cpp(B, False))
-    assert expm_ops.SMALL_N["cuda"] == expm_ops.FUSED_MAX_N == 32
+    # on CUDA the fused kernel is the cuda backend's implementation, limited to n <= 32
+    assert expm_ops.FUSED_MAX_N == 32
+    assert expm_ops._fused_limit(torch.empty(2, 32, 32)) is None
+    assert "33 > 32" in expm_ops._fused_limit(torch.empty(2, 33, 33))
 
 
 def test_non_contiguous_and_batched_leading_dims():

@@ -89,14 +89,17 @@ if _dispatch.BACKENDS["triton"].unavailable is None:
 # --- samples ---------------------------------------------------------------------------
 
 
-def logit_samples(variants: dict[str, dict], masks: bool = True) -> tuple[Sample, ...]:
+def logit_samples(
+    variants: dict[str, dict], masks: bool = True, expanded_options: dict | None = None
+) -> tuple[Sample, ...]:
     """Random and adversarial (student, teacher) logit cases shared by the logit ops, each
     with default options, then ``variants`` (name -> keyword options) on random logits.
 
     Inputs: random (12, 37) logits; extreme (80 * N(0, 1)); one row; uniform rows
     (constant logits on either side); 130 classes; (N, C, S) = (2, 7, 5) logits read in
-    place; transposed (non-contiguous) and expanded teacher rows; with ``masks``, a mask
-    dropping every third row, also over (N, C, S) logits.
+    place; transposed (non-contiguous) and expanded teacher rows (with ``expanded_options``:
+    identical rows make a per-class statistic degenerate); with ``masks``, a mask dropping
+    every third row, also over (N, C, S) logits.
     """
 
     def pair(rows=12, cols=37, scale=1.0):
@@ -123,7 +126,7 @@ def logit_samples(variants: dict[str, dict], masks: bool = True) -> tuple[Sample
         return with_mask
 
     def expanded_teacher(gen):
-        return (randn(gen, 12, 37), 2 * randn(gen, 1, 37)), {}
+        return (randn(gen, 12, 37), 2 * randn(gen, 1, 37)), dict(expanded_options or {})
 
     def with_options(options, make=None):
         make = make or pair()
