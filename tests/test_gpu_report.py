@@ -205,3 +205,26 @@ def test_benchmarks_readme_states_gpu_figures_as_estimates():
     assert "estimate" in section and "until a GPU measures" in section
     for case in CASES:
         assert f"| {case.name} |" in section, case.name
+
+
+def test_runtime_package_imports_no_tooling():
+    import ast
+
+    import kdfast
+
+    package = os.path.dirname(kdfast.__file__)
+    for folder, _, files in os.walk(package):
+        for name in (f for f in files if f.endswith(".py")):
+            path = os.path.join(folder, name)
+            with open(path) as f:
+                tree = ast.parse(f.read(), path)
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Import):
+                    modules = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom):
+                    modules = [node.module or ""]
+                else:
+                    continue
+                assert not any(m == "tools" or m.startswith("tools.") for m in modules), (
+                    f"{path} imports development tooling ({modules})"
+                )
