@@ -101,23 +101,24 @@ def roofline_lines(dtype: torch.dtype = torch.float32) -> list[str]:
     from kdfast.bench.cases import CASES
 
     gpu = roofline.H100_SXM
+    width = max(14, *(len(case.name) + 2 for case in CASES))
     lines = [
         f"roofline floor per call (forward+backward, {str(dtype).replace('torch.', '')}) on "
         f"{gpu['name']}: estimates, not measurements",
         f"  HBM {gpu['hbm_bytes_per_s'] / 1e12:.2f} TB/s; FP64 {gpu['fp64'] / 1e12:.0f} TF "
         f"(tensor {gpu['fp64_tensor'] / 1e12:.0f}); FP32 {gpu['fp32'] / 1e12:.0f} TF (no TF32); "
         f"FP16/BF16 tensor {gpu['fp16_tensor'] / 1e12:.0f} TF",
-        f"  {'case':<14}{'size':<22}{'MB moved':>10}{'GFLOP mm':>11}{'GFLOP ew':>10}"
+        f"  {'case':<{width}}{'size':<22}{'MB moved':>10}{'GFLOP mm':>11}{'GFLOP ew':>10}"
         f"{'mem us':>10}{'compute us':>12}{'floor us':>10}  bound",
     ]
     for case in CASES:
         if case.name not in roofline.FORMULAS:
-            lines.append(f"  {case.name:<14}(no formula in kdfast.bench.roofline)")
+            lines.append(f"  {case.name:<{width}}(no formula in kdfast.bench.roofline)")
             continue
         for size in roofline.benchmark_sizes(case):
             est = roofline.estimate(case.name, size, dtype)
             lines.append(
-                f"  {case.name:<14}{str(size):<22}{est.bytes / 1e6:>10.3f}"
+                f"  {case.name:<{width}}{str(size):<22}{est.bytes / 1e6:>10.3f}"
                 f"{est.mm_flops / 1e9:>11.3f}{est.flops / 1e9:>10.3f}{est.memory_s * 1e6:>10.2f}"
                 f"{est.compute_s * 1e6:>12.2f}{est.floor_s * 1e6:>10.2f}  {est.bound}"
             )
