@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import runpy
+import sys
 
 import pytest
 import torch
@@ -17,6 +18,12 @@ import kdfast
 from kdfast import _dispatch, _extension
 
 NO_EXT = os.environ.get("KDFAST_NO_EXT") == "1"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# tools/ (development tooling, not in the wheel) is imported from this checkout whatever the
+# cwd (CI runs some tests from a venv against an installed kdfast): appended, so the kdfast
+# already imported above, installed or not, stays the one under test.
+if ROOT not in sys.path:
+    sys.path.append(ROOT)
 
 
 def pytest_report_header(config):
@@ -75,7 +82,7 @@ def _restore_backend():
     _dispatch.set_backend(previous)
 
 
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+EXAMPLES = os.path.join(ROOT, "examples")
 
 
 def example_main(script: str):

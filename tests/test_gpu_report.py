@@ -1,6 +1,7 @@
 """GPU readiness without a GPU: CUDA sources compiled with ``nvcc -Xptxas -v`` for sm_80
 and sm_90 within their spill budgets, the occupancy calculator, the ptxas log parser, the
-roofline formulas and ``python -m kdfast.info --gpu``.
+roofline formulas and ``python -m tools.gpu.report`` (tools/gpu: development tooling of the
+checkout, not in the wheel).
 
 The CUDA tests need nvcc and a CUDA build of torch (its CUDA headers); they skip, saying
 so, without them (the CPU-only torch stage). Each .cu is compiled once per arch per
@@ -15,17 +16,16 @@ import subprocess
 import pytest
 import torch
 
-from kdfast import info
 from kdfast.bench import roofline
 from kdfast.bench.cases import CASES
-from kdfast.occupancy import LIMITS, occupancy
-from kdfast.triton import aot
+from tools.gpu import aot, cuda, ptx, report
+from tools.gpu.occupancy import LIMITS, occupancy
 
-CUDA_READY = aot.nvcc() is not None and torch.version.cuda is not None
+CUDA_READY = cuda.nvcc() is not None and torch.version.cuda is not None
 needs_nvcc = pytest.mark.skipif(
     not CUDA_READY, reason="needs nvcc and a CUDA build of torch (CUDA headers)"
 )
-SOURCES = aot.cuda_sources()
+SOURCES = cuda.cuda_sources()
 
 
 @pytest.fixture(scope="session")
@@ -40,22 +40,22 @@ def cuda_cache(tmp_path_factory):
 @pytest.mark.parametrize("arch", aot.TARGETS)
 @pytest.mark.parametrize("source", SOURCES, ids=[os.path.basename(s) for s in SOURCES])
 def test_cuda_source_compiles_within_spill_budget(source, arch, cuda_cache):
-    kernels = aot.cuda_resources(source, arch, cuda_cache)  # raises on a compile error
+    kernels = cuda.cuda_resources(source, arch, cuda_cache)  # raises on a compile error
     assert kernels, f"{source}: no __global__ kernel found in the ptxas output"
     for r in kernels:
         assert r.arch == arch and 0 < r.registers <= LIMITS[arch].max_registers_per_thread
-        budget = aot.cuda_spill_budget(r.name)
+        budget = cuda.cuda_spill_budget(r.name)
         assert r.spills <= budget, f"{r.name} sm_{arch}: {r.spills} spill bytes > {budget}"
         if r.threads:
             assert occupancy(arch, r.threads, r.registers, r.shared).blocks_per_sm > 0
 
 
 def test_cuda_sources_found_and_budgets_documented():
-    if aot.repo_root() is None:
+    if cuda.repo_root() is None:
         pytest.skip("not a source checkout (csrc/ is not installed)")
     assert any(s.endswith("rkd_distance.cu") for s in SOURCES)
-    assert aot.cuda_block_size(next(s for s in SOURCES if s.endswith("rkd_distance.cu"))) == 256
-    for name, (budget, why) in aot.CUDA_SPILL_BUDGETS.items():
+    assert cuda.cuda_block_size(next(s for s in SOURCES if s.endswith("rkd_distance.cu"))) == 256
+    for name, (budget, why) in cuda.CUDA_SPILL_BUDGETS.items():
         assert budget >= 0 and (budget == 0 or why), f"{name}: nonzero budget needs why"
 
 
@@ -81,12 +81,12 @@ __global__ void __launch_bounds__(1024, 2) spiller(const double* x, double* y, i
 def test_cuda_spills_are_detected(tmp_path):
     source = tmp_path / "spiller.cu"
     source.write_text(SPILLING_CU)
-    (found,) = aot.compile_cuda_source(str(source), 90, str(tmp_path))
+    (found,) = cuda.compile_cuda_source(str(source), 90, str(tmp_path))
     assert found.name == "spiller" and found.registers <= 32 and found.spills > 0
     assert (tmp_path / "spiller.cu.sm_90.cubin").exists()
     source.write_text("__global__ void broken( {}")
     with pytest.raises(subprocess.CalledProcessError):
-        aot.compile_cuda_source(str(source), 90, str(tmp_path))
+        cuda.compile_cuda_source(str(source), 90, str(tmp_path))
 
 
 # ------------------------------------------------------------------ ptxas log parsing
@@ -105,14 +105,14 @@ ptxas info    : Used 255 registers, used 1 barriers, 4096 bytes smem, 336 bytes 
 
 
 def test_parse_ptxas_log():
-    first, second = aot.parse_ptxas_log(NVCC_LOG)
+    first, second = ptx.parse_ptxas_log(NVCC_LOG)
     assert (first.arch, first.registers, first.spills, first.shared) == (80, 20, 0, 0)
     assert (second.name, second.arch, second.registers) == ("tile", 90, 255)
     assert (second.spill_stores, second.spill_loads, second.stack) == (344, 336, 336)
     assert (second.shared, second.barriers, second.spills) == (4096, 1, 680)
-    assert aot.demangle([first.name, "_Z7spillerPKdPdi"]) == ["pair_kernel", "spiller"]
-    assert aot._unqualified(first.name) == "pair_kernel"
-    assert aot._unqualified("_Z7spillerPKdPdi") == "spiller"
+    assert cuda.demangle([first.name, "_Z7spillerPKdPdi"]) == ["pair_kernel", "spiller"]
+    assert cuda._unqualified(first.name) == "pair_kernel"
+    assert cuda._unqualified("_Z7spillerPKdPdi") == "spiller"
 
 
 # ------------------------------------------------------------------ occupancy
@@ -171,15 +171,15 @@ def test_roofline_figures():
     assert roofline._squarings(32) == 1 and roofline._squarings(3024) == 4
 
 
-# ------------------------------------------------------------------ python -m kdfast.info --gpu
+# ------------------------------------------------------------------ python -m tools.gpu.report
 
 
-def test_info_gpu_report(capsys, monkeypatch, cuda_cache):
-    cached = aot.cuda_resources
-    monkeypatch.setattr(aot, "cuda_resources", lambda s, a: cached(s, a, cuda_cache))
-    assert info.main(["--gpu"]) == 0
+def test_gpu_report(capsys, monkeypatch, cuda_cache):
+    cached = cuda.cuda_resources
+    monkeypatch.setattr(cuda, "cuda_resources", lambda s, a: cached(s, a, cuda_cache))
+    assert report.main([]) == 0
     out = capsys.readouterr().out
-    assert "backends (priority order):" in out  # the existing report is kept
+    assert out.startswith("kdfast ") and "triton " in out  # what the figures are for
     assert "theoretical occupancy" in out and "estimates, not measurements" in out
     for case in CASES:
         assert f"  {case.name} " in out
@@ -196,7 +196,7 @@ def test_info_gpu_report(capsys, monkeypatch, cuda_cache):
 
 
 def test_benchmarks_readme_states_gpu_figures_as_estimates():
-    root = aot.repo_root()
+    root = cuda.repo_root()
     if root is None:
         pytest.skip("not a source checkout (benchmarks/README.md is not installed)")
     with open(os.path.join(root, "benchmarks", "README.md")) as f:
@@ -205,3 +205,26 @@ def test_benchmarks_readme_states_gpu_figures_as_estimates():
     assert "estimate" in section and "until a GPU measures" in section
     for case in CASES:
         assert f"| {case.name} |" in section, case.name
+
+
+def test_runtime_package_imports_no_tooling():
+    import ast
+
+    import kdfast
+
+    package = os.path.dirname(kdfast.__file__)
+    for folder, _, files in os.walk(package):
+        for name in (f for f in files if f.endswith(".py")):
+            path = os.path.join(folder, name)
+            with open(path) as f:
+                tree = ast.parse(f.read(), path)
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Import):
+                    modules = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom):
+                    modules = [node.module or ""]
+                else:
+                    continue
+                assert not any(m == "tools" or m.startswith("tools.") for m in modules), (
+                    f"{path} imports development tooling ({modules})"
+                )

@@ -1,10 +1,10 @@
 """Ahead-of-time compilation of every Triton kernel for sm_80 and sm_90 (no GPU needed).
 
-Each ``AOT_SPECS`` entry of every module under kdfast/triton/ is compiled with
-``triton.compile`` for both targets and must compile, stay within its spill budget, keep
-64-bit offsets where it declares them, use warpgroup MMA on sm_90 where its fp16/bf16
-``tl.dot`` shapes allow and never use TF32. A @triton.jit kernel missing from its module's
-``AOT_SPECS`` fails ``test_every_kernel_has_aot_specs``. The checkers themselves are
+Each ``AOT_SPECS`` entry of tools/gpu/specs/<op>.py (the kernels of kdfast/triton/<op>.py)
+is compiled with ``triton.compile`` for both targets and must compile, stay within its spill
+budget, keep 64-bit offsets where it declares them, use warpgroup MMA on sm_90 where its
+fp16/bf16 ``tl.dot`` shapes allow and never use TF32. A @triton.jit kernel missing from its
+spec module's ``AOT_SPECS`` fails ``test_every_kernel_has_aot_specs``. The checkers themselves are
 tested on toy kernels defined here, so each check is shown to be able to fail.
 Skips only when Triton is not importable.
 """
@@ -19,7 +19,13 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from kdfast.triton import aot  # noqa: E402
+from tools.gpu import aot  # noqa: E402
+from tools.gpu.ptx import (  # noqa: E402
+    mma_instructions,
+    narrow_offsets,
+    uses_tf32,
+    uses_warpgroup_mma,
+)
 
 
 def _jit(fn):
@@ -112,13 +118,15 @@ SPECS = aot.all_specs()
 def test_every_kernel_has_aot_specs():
     for module in MODULES:
         assert aot.uncovered_kernels(module) == [], (
-            f"{module.__name__}: @triton.jit kernels missing from AOT_SPECS"
+            f"{module.__name__}: @triton.jit kernels missing from tools/gpu/specs AOT_SPECS"
         )
         assert aot.missing_autotune_configs(module) == [], (
-            f"{module.__name__}: autotune candidates missing from AOT_SPECS"
+            f"{module.__name__}: autotune candidates missing from tools/gpu/specs AOT_SPECS"
         )
-        for spec in getattr(module, "AOT_SPECS", []):
+        for spec in aot.specs_of(module):
             assert isinstance(spec, aot.KernelSpec), module.__name__
+            kernel_module = aot.jit_function(spec.kernel).fn.__module__
+            assert kernel_module == module.__name__, f"{spec.name} is a kernel of {kernel_module}"
             assert set(spec.constexprs) <= set(spec.signature), spec.name
             assert all(spec.signature[k] == "constexpr" for k in spec.constexprs), spec.name
 
@@ -140,13 +148,13 @@ def test_kernel_compiles_within_budgets(module_spec, arch):
         f"{module}.{spec.name} sm_{arch}: {r.spills} spill bytes > budget {spec.spill_budget}"
         f"\n{compiled.ptxas_log}"
     )
-    narrow = aot.narrow_offsets(compiled.ptx, strict=spec.int64_offsets)
+    narrow = narrow_offsets(compiled.ptx, strict=spec.int64_offsets)
     assert narrow == [], f"{spec.name}: 32-bit offset arithmetic feeds addresses: {narrow}"
     if any(t in ("*fp32", "*fp64") for t in spec.signature.values()):
-        assert not aot.uses_tf32(compiled.sass()), f"{spec.name} uses TF32 (SPEC 7)"
+        assert not uses_tf32(compiled.sass()), f"{spec.name} uses TF32 (SPEC 7)"
     if arch == 90 and spec.expects_wgmma():
-        assert aot.uses_warpgroup_mma(compiled.sass()), (
-            f"{spec.name}: no warpgroup MMA on sm_90: {aot.mma_instructions(compiled.sass())}"
+        assert uses_warpgroup_mma(compiled.sass()), (
+            f"{spec.name}: no warpgroup MMA on sm_90: {mma_instructions(compiled.sass())}"
         )
 
 
@@ -156,10 +164,11 @@ def test_kernel_compiles_within_budgets(module_spec, arch):
 def test_discovery_reports_a_kernel_without_specs():
     module = types.ModuleType(__name__)
     module.add64 = add64
-    assert aot.uncovered_kernels(module) == ["add64"]
-    module.AOT_SPECS = [aot.KernelSpec(add64, ADD_SIG, {"BLOCK": 256})]
-    assert aot.uncovered_kernels(module) == []
+    assert aot.uncovered_kernels(module) == ["add64"]  # no tools/gpu/specs module of its name
+    assert aot.uncovered_kernels(module, [aot.KernelSpec(add64, ADD_SIG, {"BLOCK": 256})]) == []
     assert all(m.__name__.startswith("kdfast.triton.") for m in MODULES)
+    # every spec module belongs to a kernel module (a renamed kernel file leaves none behind)
+    assert set(aot.spec_module_names()) <= {m.__name__.rsplit(".", 1)[1] for m in MODULES}
 
 
 def test_discovery_follows_helpers_called_through_helpers():
@@ -169,8 +178,8 @@ def test_discovery_follows_helpers_called_through_helpers():
     assert sorted(aot.uncovered_kernels(module)) == sorted(
         ["add64_nested", "_orphan", "_double", "_double_inner", "_double_outer"]
     )
-    module.AOT_SPECS = [aot.KernelSpec(add64_nested, ADD_SIG, {"BLOCK": 256})]
-    assert aot.uncovered_kernels(module) == ["_orphan"]
+    specs = [aot.KernelSpec(add64_nested, ADD_SIG, {"BLOCK": 256})]
+    assert aot.uncovered_kernels(module, specs) == ["_orphan"]
 
 
 def test_discovery_reports_missing_autotune_candidates():
@@ -179,13 +188,13 @@ def test_discovery_reports_missing_autotune_candidates():
         triton.Config({"BLOCK": b}, num_warps=w, num_stages=2) for b, w in [(256, 4), (1024, 8)]
     ]
     module.tuned = triton.autotune(configs=configs, key=["n"])(_jit(_add64))
-    module.AOT_SPECS = [aot.KernelSpec(module.tuned, ADD_SIG, {"BLOCK": 256}, num_warps=4)]
-    assert aot.uncovered_kernels(module) == []
-    (missing,) = aot.missing_autotune_configs(module)
+    specs = [aot.KernelSpec(module.tuned, ADD_SIG, {"BLOCK": 256}, num_warps=4)]
+    assert aot.uncovered_kernels(module, specs) == []
+    (missing,) = aot.missing_autotune_configs(module, specs)
     assert missing.startswith("tuned:") and "1024" in missing
-    module.AOT_SPECS.append(aot.KernelSpec(module.tuned, ADD_SIG, {"BLOCK": 1024}, num_warps=8))
-    assert aot.missing_autotune_configs(module) == []
-    assert aot.compile_spec(module.AOT_SPECS[1], 90).resources.threads == 256
+    specs.append(aot.KernelSpec(module.tuned, ADD_SIG, {"BLOCK": 1024}, num_warps=8))
+    assert aot.missing_autotune_configs(module, specs) == []
+    assert aot.compile_spec(specs[1], 90).resources.threads == 256
 
 
 @pytest.mark.parametrize("arch", aot.TARGETS)
@@ -217,13 +226,13 @@ def test_narrow_offsets_found_in_int32_indexing(arch):
         return aot.compile_spec(aot.KernelSpec(kernel, sig, {"BLOCK": 1024}), arch).ptx
 
     # 1-D flat offsets: pid * BLOCK + arange in int32 wraps (strict check, int64_offsets)
-    assert aot.narrow_offsets(ptx(add64, ADD_SIG), strict=True) == []
-    assert aot.narrow_offsets(ptx(add32, ADD_SIG)) == []
-    found = aot.narrow_offsets(ptx(add32, ADD_SIG), strict=True)
+    assert narrow_offsets(ptx(add64, ADD_SIG), strict=True) == []
+    assert narrow_offsets(ptx(add32, ADD_SIG)) == []
+    found = narrow_offsets(ptx(add32, ADD_SIG), strict=True)
     assert found and all(line.startswith(("mul.wide", "cvt")) for line in found)
     # row * stride in int32 wraps whatever the grid (every spec)
-    assert aot.narrow_offsets(ptx(rows64, ROWS_SIG), strict=True) == []
-    assert aot.narrow_offsets(ptx(rows32, ROWS_SIG)) != []
+    assert narrow_offsets(ptx(rows64, ROWS_SIG), strict=True) == []
+    assert narrow_offsets(ptx(rows32, ROWS_SIG)) != []
 
 
 def test_narrow_offsets_on_handwritten_ptx():
@@ -247,20 +256,20 @@ def test_narrow_offsets_on_handwritten_ptx():
     add.s64 %rd11, %rd2, %rd10;
     st.global.b32 [ %rd11 + 0 ], { %r5 };
     """
-    assert aot.narrow_offsets(ptx) == ["cvt.s64.s32 %rd9, %r7;"]
-    strict = aot.narrow_offsets(ptx, strict=True)
+    assert narrow_offsets(ptx) == ["cvt.s64.s32 %rd9, %r7;"]
+    strict = narrow_offsets(ptx, strict=True)
     assert strict == ["mul.wide.s32 %rd3, %r4, 4;", "cvt.s64.s32 %rd9, %r7;"]
 
 
 def test_warpgroup_mma_and_tf32_checkers():
     half = aot.compile_spec(_mm_spec("fp16"), 90)
     assert half.resources.spills == 0
-    assert aot.uses_warpgroup_mma(half.sass()) and not aot.uses_tf32(half.sass())
+    assert uses_warpgroup_mma(half.sass()) and not uses_tf32(half.sass())
     assert _mm_spec("fp16").expects_wgmma() and not _mm_spec("fp32").expects_wgmma()
     ampere = aot.compile_spec(_mm_spec("bf16"), 80)
-    assert not aot.uses_warpgroup_mma(ampere.sass())
-    assert any(op.startswith("HMMA") for op in aot.mma_instructions(ampere.sass()))
+    assert not uses_warpgroup_mma(ampere.sass())
+    assert any(op.startswith("HMMA") for op in mma_instructions(ampere.sass()))
     ieee = aot.compile_spec(_mm_spec("fp32", ieee=True), 90)
-    assert not aot.uses_tf32(ieee.sass()) and not aot.mma_instructions(ieee.sass())
+    assert not uses_tf32(ieee.sass()) and not mma_instructions(ieee.sass())
     tf32 = aot.compile_spec(_mm_spec("fp32", ieee=False), 90)
-    assert aot.uses_tf32(tf32.sass())
+    assert uses_tf32(tf32.sass())

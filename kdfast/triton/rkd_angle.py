@@ -28,7 +28,6 @@ import triton.language as tl
 from torch import Tensor
 
 from kdfast._validation import check_vertex_range, compute_dtype
-from kdfast.triton.aot import KernelSpec
 from kdfast.triton.rkd_distance import centred_gram
 
 #: SPEC 1.5: a pair is degenerate when D2 <= 64 u (G_ii + G_jj), u = 2^-53 (float64).
@@ -182,55 +181,6 @@ def column_kernel(
         mt -= g * rt_ij[:, None] * rt_ik[None, :]
     tl.store(ms_ptr + tile, ms, mask=mask)
     tl.store(mt_ptr + tile, mt, mask=mask)
-
-
-def _sig(*names: str) -> dict[str, str]:
-    return {name: "*fp64" for name in names}
-
-
-AOT_SPECS = [
-    KernelSpec(
-        pair_kernel,
-        {
-            **_sig("g_ptr", "x_ptr", "r_ptr", "active_ptr", "fix_ptr"),
-            "n": "i32",
-            "dim": "i32",
-            "BLOCK": "constexpr",
-        },
-        {"BLOCK": BLOCK_PAIR},
-        label=f"fp64 BLOCK={BLOCK_PAIR}",
-    ),
-    *[
-        KernelSpec(
-            row_kernel,
-            {
-                **_sig("gs_ptr", "rs_ptr", "fs_ptr", "gt_ptr", "rt_ptr", "ft_ptr", "loss_ptr"),
-                **_sig("ws_ptr", "ps_ptr", "wt_ptr", "pt_ptr"),
-                "n": "i32",
-                "start": "i32",
-                "GRAD": "constexpr",
-                "BLOCK_J": "constexpr",
-                "BLOCK_K": "constexpr",
-            },
-            {"GRAD": grad, "BLOCK_J": BLOCK_J, "BLOCK_K": BLOCK_K},
-            label=f"fp64 GRAD={grad} BLOCK_J={BLOCK_J} BLOCK_K={BLOCK_K}",
-        )
-        for grad in (False, True)
-    ],
-    KernelSpec(
-        column_kernel,
-        {
-            **_sig("gs_ptr", "rs_ptr", "fs_ptr", "gt_ptr", "rt_ptr", "ft_ptr", "ms_ptr", "mt_ptr"),
-            "n": "i32",
-            "start": "i32",
-            "stop": "i32",
-            "BLOCK_J": "constexpr",
-            "BLOCK_K": "constexpr",
-        },
-        {"BLOCK_J": BLOCK_J, "BLOCK_K": BLOCK_K},
-        label=f"fp64 BLOCK_J={BLOCK_J} BLOCK_K={BLOCK_K}",
-    ),
-]
 
 
 def _side(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:

@@ -16,7 +16,6 @@ import triton.language as tl
 from torch import Tensor
 
 from kdfast._validation import compute_dtype
-from kdfast.triton.aot import KernelSpec
 
 #: SPEC 1.5: a pair is degenerate when D2 <= 64 u (G_ii + G_jj), u = 2^-53 (float64).
 DEGENERATE = tl.constexpr(64.0 * 2.0**-53)
@@ -63,29 +62,6 @@ def pair_backward_kernel(g_ptr, grad_dist_ptr, grad_d2_ptr, n, BLOCK: tl.constex
     grad_dist = tl.load(grad_dist_ptr + offsets, mask=mask, other=0.0)
     safe = tl.where(active, dist, 1.0)
     tl.store(grad_d2_ptr + offsets, tl.where(active, grad_dist / (2.0 * safe), 0.0), mask=mask)
-
-
-_PAIR_SIGNATURE = {"g_ptr": "*fp64", "dist_ptr": "*fp64", "n": "i32", "BLOCK": "constexpr"}
-AOT_SPECS = [
-    KernelSpec(
-        pair_forward_kernel,
-        _PAIR_SIGNATURE,
-        {"BLOCK": BLOCK},
-        label=f"fp64 BLOCK={BLOCK}",
-    ),
-    KernelSpec(
-        pair_backward_kernel,
-        {
-            "g_ptr": "*fp64",
-            "grad_dist_ptr": "*fp64",
-            "grad_d2_ptr": "*fp64",
-            "n": "i32",
-            "BLOCK": "constexpr",
-        },
-        {"BLOCK": BLOCK},
-        label=f"fp64 BLOCK={BLOCK}",
-    ),
-]
 
 
 def _grid(n: int) -> tuple[int, int]:
