@@ -1,4 +1,4 @@
-"""Autocast rules for every kdfast custom op (issue 7).
+"""Autocast rules for every kdfast custom op.
 
 kdfast's losses compute their statistics in promote_types(inputs, float32) (SPEC 0), never in
 autocast's lower precision. :mod:`kdfast.functional` runs every op with autocast disabled; in
