@@ -5,7 +5,9 @@
 // column across kept rows). From the centred sums Saa = |a|^2, Sbb, Sab:
 //   drho/da = b / D - k_a a,  k_a = Sab |b| / (|a| D^2)  (0 when |a| = 0, as torch's norm
 //   backward),  D = |a| |b| + eps; symmetrically for b. Centring needs no extra term: both
-//   pieces already have zero mean.
+//   pieces already have zero mean, provided the means are exact where it matters: a
+//   constant column has |b| = 0 and D = eps, so its b must be exactly 0 (the CPU kernel's
+//   column moments are exact for constant columns, csrc/cpu/dist_loss.cpp).
 // Loss = beta s (1 - mean_rows rho) + gamma s (1 - mean_cols rho), s = tau^2 or 1; the
 // gradient with respect to y = act(z / tau) goes through the softmax Jacobian
 // dz = y (g - <g, y>) / tau, or through the sigmoid's y (1 - y) / tau.

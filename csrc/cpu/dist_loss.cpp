@@ -89,35 +89,41 @@ void stats_row(const double* u, const double* v, double* ys, double* yt, int64_t
   stats_row_impl(u, v, ys, yt, n, sigmoid, stats);
 }
 
-// Rows per tile of pass 1: a tile's column moments are taken around the tile's own means in
-// acc_t (a few rows, no cancellation to speak of) and merged into the block's float64
-// moments by Chan et al., once per tile instead of a float64 Welford update per element.
+// Rows per tile of pass 1: a tile's column moments are taken in acc_t and merged into the
+// block's float64 moments by Chan et al., once per tile instead of a float64 Welford update
+// per element.
 constexpr int64_t kTileRows = 16;
 
 // Merge the column moments of the m x n tile (ys, yt) into `col` (moments of `count` rows).
-// `scratch` holds 5 n acc_t. One row (B = 1) gives its own values as the means, exactly.
+// `scratch` holds 5 n acc_t. The moments are taken of y_j - y_0 (the tile shifted by its
+// first row), so a column equal in every row (one teacher row expanded or repeated over the
+// batch; B = 1) gets that value as its mean and second moments of 0, exactly. Pass 2 needs
+// this: such a column's Pearson denominator is eps = 1e-8, and its gradient term leaves out
+// the centring projection (the pieces have zero column mean only if the mean is exact), so
+// the rounding of a float32 sum of the rows in that mean would reach the gradient times 1e8.
 template <typename acc_t>
 KDFAST_INLINE void tile_moments_impl(const acc_t* ys, const acc_t* yt, int64_t m, int64_t n,
                                      double count, double* col, acc_t* scratch) {
-  acc_t *ms = scratch, *mt = ms + n, *m2s = mt + n, *m2t = m2s + n, *cst = m2t + n;
+  // ds, dt: means of the shifted columns
+  acc_t *ds = scratch, *dt = ds + n, *m2s = dt + n, *m2t = m2s + n, *cst = m2t + n;
 #pragma omp simd
-  for (int64_t c = 0; c < n; ++c) ms[c] = ys[c], mt[c] = yt[c];
+  for (int64_t c = 0; c < n; ++c) ds[c] = 0, dt[c] = 0;
   for (int64_t j = 1; j < m; ++j) {
     const acc_t *ys_j = ys + j * n, *yt_j = yt + j * n;
 #pragma omp simd
-    for (int64_t c = 0; c < n; ++c) ms[c] += ys_j[c], mt[c] += yt_j[c];
+    for (int64_t c = 0; c < n; ++c) ds[c] += ys_j[c] - ys[c], dt[c] += yt_j[c] - yt[c];
   }
   const acc_t rows = static_cast<acc_t>(m);
 #pragma omp simd
   for (int64_t c = 0; c < n; ++c) {
-    ms[c] /= rows, mt[c] /= rows;
+    ds[c] /= rows, dt[c] /= rows;
     m2s[c] = 0, m2t[c] = 0, cst[c] = 0;
   }
   for (int64_t j = 0; j < m; ++j) {
     const acc_t *ys_j = ys + j * n, *yt_j = yt + j * n;
 #pragma omp simd
     for (int64_t c = 0; c < n; ++c) {
-      const acc_t a = ys_j[c] - ms[c], b = yt_j[c] - mt[c];
+      const acc_t a = (ys_j[c] - ys[c]) - ds[c], b = (yt_j[c] - yt[c]) - dt[c];
       m2s[c] += a * a, m2t[c] += b * b, cst[c] += a * b;
     }
   }
@@ -126,14 +132,16 @@ KDFAST_INLINE void tile_moments_impl(const acc_t* ys, const acc_t* yt, int64_t m
   if (count == 0.0) {
 #pragma omp simd
     for (int64_t c = 0; c < n; ++c) {
-      cms[c] = ms[c], cmt[c] = mt[c], cm2s[c] = m2s[c], cm2t[c] = m2t[c], ccst[c] = cst[c];
+      cms[c] = double(ys[c]) + double(ds[c]), cmt[c] = double(yt[c]) + double(dt[c]);
+      cm2s[c] = m2s[c], cm2t[c] = m2t[c], ccst[c] = cst[c];
     }
     return;
   }
 #pragma omp simd
   for (int64_t c = 0; c < n; ++c) {
-    merge_moments(count, double(m), cms[c], cmt[c], cm2s[c], cm2t[c], ccst[c], double(ms[c]),
-                  double(mt[c]), double(m2s[c]), double(m2t[c]), double(cst[c]));
+    merge_moments(count, double(m), cms[c], cmt[c], cm2s[c], cm2t[c], ccst[c],
+                  double(ys[c]) + double(ds[c]), double(yt[c]) + double(dt[c]),
+                  double(m2s[c]), double(m2t[c]), double(cst[c]));
   }
 }
 
