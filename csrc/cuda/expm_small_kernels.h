@@ -23,7 +23,8 @@ constexpr int64_t kMaxBlocks = 1024;  // bounds the workspace; blocks stride ove
 // One thread per entry of the n x n matrix, at least a warp, at most kThreads.
 inline int threads_for(int n) { return std::min(kThreads, std::max(32, n * n)); }
 
-inline int64_t blocks_for(int64_t batch, int64_t max_blocks) {
+// A block per matrix, at most max_blocks: the blocks then stride over the batch.
+inline int64_t grid_blocks(int64_t batch, int64_t max_blocks) {
   return std::min(batch, max_blocks);
 }
 
@@ -46,7 +47,7 @@ void launch_expm_small(const at::Tensor& A, const at::Tensor& E, at::Tensor& R, 
                        bool skew) {
   const int64_t batch = A.size(0);
   const int n = static_cast<int>(A.size(-1));
-  const int64_t blocks = blocks_for(batch, Grid::max_blocks(kMaxBlocks));
+  const int64_t blocks = grid_blocks(batch, Grid::max_blocks(kMaxBlocks));
   const int threads = Grid::threads(threads_for(n));
   at::Tensor work = at::empty({blocks * workspace_size(n)}, A.options());
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "expm_small_cuda", [&] {
