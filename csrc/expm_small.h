@@ -152,6 +152,9 @@ KDFAST_HOST_DEVICE void lu_factor(const Team& team, int64_t n, T* a, int64_t* pi
       if (v > best) best = v, p = i;
     }
     piv[k] = p;
+    // every thread must have read column k before one of them swaps its entries: a thread
+    // that searched the swapped column would choose another pivot (and permutation)
+    team.sync();
     if (p != k) {
       for (int64_t j = team.rank(); j < n; j += team.size()) {
         const T x = a[k * n + j];

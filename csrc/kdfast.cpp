@@ -4,10 +4,12 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "cpu/cuda_host.h"
 #include "cpu/output_pool.h"
 
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #ifndef KDFAST_TORCH_VERSION
@@ -53,6 +55,29 @@ TORCH_LIBRARY_FRAGMENT(kdfast, m) {
       "Tensor m, Tensor s) -> Tensor");
   m.def("expm_small_cpp(Tensor A, bool skew) -> Tensor");
   m.def("expm_frechet_small_cpp(Tensor A, Tensor E, bool skew=False) -> (Tensor, Tensor)");
+  // Test-only: the raw CUDA kernels run on the CPU grid driver (csrc/cpu/cuda_host_*.cpp),
+  // `threads` per block and `max_blocks` overriding the CUDA launchers' (0: theirs). CPU
+  // tensors, always built; no backend of kdfast/_dispatch.py uses them.
+  m.def("rkd_distance_cuda_host(Tensor student, Tensor teacher, int threads=0) -> Tensor");
+  m.def(
+      "rkd_distance_cuda_host_backward(Tensor grad, Tensor student, Tensor teacher, "
+      "bool student_grad, bool teacher_grad, int threads=0) -> (Tensor, Tensor)");
+  m.def("rkd_angle_cuda_host(Tensor student, Tensor teacher, int threads=0) -> Tensor");
+  m.def(
+      "rkd_angle_cuda_host_backward(Tensor grad, Tensor student, Tensor teacher, "
+      "bool student_grad, bool teacher_grad, int threads=0) -> (Tensor, Tensor)");
+  m.def(
+      "rkd_angle_vertices_cuda_host(Tensor student, Tensor teacher, int start, int stop, "
+      "int threads=0) -> Tensor");
+  m.def(
+      "rkd_angle_vertices_cuda_host_backward(Tensor grad, Tensor student, Tensor teacher, "
+      "int start, int stop, bool student_grad, bool teacher_grad, int threads=0) -> "
+      "(Tensor, Tensor)");
+  m.def(
+      "expm_small_cuda_host(Tensor A, bool skew, int threads=0, int max_blocks=0) -> Tensor");
+  m.def(
+      "expm_frechet_small_cuda_host(Tensor A, Tensor E, bool skew=False, int threads=0, "
+      "int max_blocks=0) -> (Tensor, Tensor)");
 #ifdef WITH_CUDA
   m.def("rkd_distance_cuda(Tensor student, Tensor teacher) -> Tensor");
   m.def(
@@ -99,6 +124,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cuda_archs", &cuda_archs, "CUDA architectures compiled for (TORCH_CUDA_ARCH_LIST)");
   m.def("release_cached_outputs", [] { return kdfast::pool::OutputPool::instance().release(); },
         "free the idle recycled gradient buffers of the CPU logit kernels; returns bytes");
+  m.def(
+      "cuda_host_launches",
+      [] {
+        std::vector<std::tuple<std::string, int64_t, int64_t>> out;
+        for (const auto& l : kdfast::cuda_host::take_launches()) {
+          out.emplace_back(l.kernel, l.blocks, l.threads);
+        }
+        return out;
+      },
+      "(kernel, blocks, threads per block) of the CPU grid driver's launches since the last "
+      "call (test-only, csrc/cpu/cuda_host.h)");
   m.def("cached_output_bytes", [] { return kdfast::pool::OutputPool::instance().idle_bytes(); },
         "bytes held by idle recycled gradient buffers");
 }
