@@ -1,7 +1,14 @@
 """The ``jsd_loss`` op (generalised Jensen-Shannon divergence over logits): every backend's
 implementation and its samples.
 
-* reference: :func:`kdfast.reference.jsd_loss.jsd_loss`.
+* reference: :func:`kdfast.reference.jsd_loss.jsd_loss`;
+* cpp: ``kdfast::jsd_loss_cpp`` (csrc/cpu/jsd_loss.cpp, which also holds its schema).
+
+Same contract as :mod:`kdfast.ops.kd_loss`: ``(loss, grad_student, grad_teacher)``, the
+gradients (for a unit upstream gradient; per row for reduction "none") written in the
+forward pass only when the flags (from ``torch.is_grad_enabled()`` and ``requires_grad``)
+ask for them; once-differentiable. The kernel takes (rows, C) logits: (N, C, S) logits reach
+it as a permuted copy (the "rows" layout).
 """
 
 from __future__ import annotations
@@ -9,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kdfast import _dispatch
+from kdfast import _dispatch, _extension
 from kdfast._validation import compute_dtype, logit_rows
 from kdfast.ops._common import (
     grad_flags,
@@ -18,7 +25,7 @@ from kdfast.ops._common import (
     saved_grad_backward,
     setup_saved_grad,
 )
-from kdfast.ops._samples import BadInput, Contract, declare
+from kdfast.ops._samples import BadInput, Contract, Sample, declare, randn
 from kdfast.ops.kd_loss import logit_bad_inputs, logit_samples
 from kdfast.reference.jsd_loss import jsd_loss as reference
 
@@ -54,6 +61,10 @@ def make_impl(op, layout: str = "rows"):
 
 
 _dispatch.implement("jsd_loss", "reference", reference)
+if _extension.unavailable_reason() is None:
+    register_op("kdfast::jsd_loss_cpp")
+    impl = make_impl(torch.ops.kdfast.jsd_loss_cpp.default)
+    _dispatch.implement("jsd_loss", "cpp", impl, devices={"cpu"})
 
 
 # --- samples ---------------------------------------------------------------------------
@@ -61,6 +72,17 @@ _dispatch.implement("jsd_loss", "reference", reference)
 
 def _args(**kwargs):
     return lambda: ((torch.randn(4, 5), torch.randn(4, 5)), kwargs)
+
+
+def _near(beta: float):
+    """A teacher 0.01 away from the student (late in training): the loss is second order
+    in the difference, where log m must keep its relative accuracy."""
+
+    def make(gen):
+        s = 3 * randn(gen, 16, 300)
+        return (s, s + 0.01 * randn(gen, 16, 300)), {"beta": beta}
+
+    return make
 
 
 declare(
@@ -76,8 +98,11 @@ declare(
                 "mean": {"reduction": "mean", "temperature": 0.5},
                 "none": {"reduction": "none", "beta": 0.3},
                 "none_beta_1": {"reduction": "none", "beta": 1.0},
+                "beta_1e-4": {"beta": 1e-4, "reduction": "none"},
+                "beta_1-1e-4": {"beta": 1 - 1e-4, "temperature": 2.0},
             }
-        ),
+        )
+        + (Sample("near_teacher", _near(0.5)), Sample("near_teacher_beta_0.05", _near(0.05))),
         bad_inputs=logit_bad_inputs(("student_logits", "teacher_logits"))
         + (
             BadInput(
