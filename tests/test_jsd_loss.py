@@ -318,11 +318,12 @@ def test_module_validates(kwargs, error, match):
 @pytest.mark.parametrize("beta", [1e-4, 0.05, 0.5, 1 - 1e-4])
 def test_compiled_float32_near_teacher_keeps_relative_accuracy(backend, beta):
     """Late in training the teacher is close and the loss second order in the difference:
-    the kernels keep 1e-5 of the float64 truth there (the float32 reference loses digits,
-    ~1e-3, so the contract's 2x-the-reference rule would not notice)."""
+    the kernels stay within 5e-5 of the float64 truth there, where the float32 reference is
+    off by 1e-3 (beta = 1/2) to 4 (beta = 1e-4), so the contract's 2x-the-reference rule
+    would not notice a kernel as inaccurate as it."""
     s = rand(16, 1000, seed=32, scale=3.0)
     t = s + 0.01 * rand(16, 1000, seed=33, scale=1.0)
     s32, t32 = s.float(), t.float()
     truth = KF.jsd_loss(s32.double(), t32.double(), beta)
     with kdfast.use_backend(backend):
-        assert rel(KF.jsd_loss(s32, t32, beta), truth) <= 1e-5
+        assert rel(KF.jsd_loss(s32, t32, beta), truth) <= 5e-5

@@ -103,9 +103,49 @@ enum class Mode { kMixture, kForwardKL, kReverseKL };  // 0 < beta < 1, beta = 0
 template <typename acc_t>
 struct Params {
   Mode mode;
-  double beta;  // the mixture weight (kMixture)
-  acc_t coef;                         // the row's weight in the loss / T
+  double beta;     // the mixture weight (kMixture)
+  bool near_ends;  // kMixture with beta within 1/16 of 0 or 1 (mixture_block)
+  acc_t coef;      // the row's weight in the loss / T
 };
+
+// One block [b, e) of the kMixture sweep: ds, dt into u, v, ps, pt into ps, pt; returns
+// their sums sum ps ds, sum pt dt in kl_s, kl_t. w = beta, w1 = 1 - beta (> 0).
+//
+// log m is taken relative to the larger side A, from delta = log pt - log ps alone: with
+// x = -|delta| <= 0, m / p_A = w_a + w_b e^x = 1 + w_b expm1(x) in (0, 1] (w_a, w_b the
+// weights of A and of the other side B): no overflow, no underflow of m, and log_near_one
+// keeps the relative accuracy of d_A near p_s = p_t, where the loss is second order in ds,
+// dt (log m from m and log p from the lse would leave an absolute error of an ulp of
+// |log p| in each). d_B = x + d_A has a relative error below 32 eps for w_a >= 1/16; nearer
+// the ends (kNearEnds) it cancels where |d_B| < log 2 and is taken as -log1p(g) there, g =
+// m / p_B - 1 = w_a (e^-x - 1) (a second log per element). A -inf logit gives ds or dt =
+// -inf and a term 0 * -inf = NaN, as the reference.
+template <bool kNearEnds, typename acc_t>
+KDFAST_INLINE void mixture_block(acc_t* u, acc_t* v, acc_t* ps, acc_t* pt, int64_t b,
+                                 int64_t e, acc_t dlse, acc_t inv_s, acc_t inv_t, acc_t w,
+                                 acc_t w1, acc_t& kl_s, acc_t& kl_t) {
+  acc_t kls = 0, klt = 0;
+#pragma omp simd reduction(+ : kls, klt)
+  for (int64_t c = b; c < e; ++c) {
+    const acc_t delta = (v[c] - u[c]) + dlse;
+    const bool pos = delta > acc_t(0);
+    const acc_t x = pos ? -delta : delta, ex = rows::exp_approx(x);
+    const acc_t wa = pos ? w : w1, wb = pos ? w1 : w;
+    const acc_t em = expm1_neg(x, ex);
+    const acc_t d_a = -log_near_one(wa + wb * ex, wb * em);
+    acc_t d_b = x + d_a;
+    if constexpr (kNearEnds) {
+      const acc_t g = -wa * em / ex;
+      d_b = g < acc_t(1) ? -log_near_one(acc_t(1) + g, g) : d_b;
+    }
+    const acc_t ds = pos ? d_b : d_a, dt = pos ? d_a : d_b;
+    const acc_t q_s = ps[c] * inv_s, q_t = pt[c] * inv_t;
+    kls += q_s * ds;
+    klt += q_t * dt;
+    u[c] = ds, v[c] = dt, ps[c] = q_s, pt[c] = q_t;
+  }
+  kl_s = kls, kl_t = klt;
+}
 
 // One row on acc_t buffers. Entry: u = zs / T, v = zt / T. Returns the row's divergence;
 // with gs / gt non-null, writes coef * T dJ/dz there (gs may be ps, gt may be pt: each
@@ -129,32 +169,10 @@ KDFAST_INLINE double jsd_row_impl(acc_t* u, acc_t* v, acc_t* ps, acc_t* pt, int6
       // clamped to the smallest normal: a beta that rounds to 0 in acc_t keeps m > 0
       const acc_t w = std::max(acc_t(p.beta), std::numeric_limits<acc_t>::min());
       const acc_t w1 = std::max(acc_t(1.0 - p.beta), std::numeric_limits<acc_t>::min());
-#pragma omp simd reduction(+ : kls, klt)
-      for (int64_t c = b; c < e; ++c) {
-        // log m relative to the larger side, from delta = log pt - log ps alone: with
-        // x = -|delta| <= 0, m / ps = (1 - beta) + beta e^x (delta <= 0) and m / pt = beta +
-        // (1 - beta) e^x (delta > 0), i.e. w_a + w_b e^x = 1 + w_b expm1(x) in (0, 1]: no
-        // overflow, no underflow of m, and log_near_one keeps the relative accuracy of ds,
-        // dt near p_s = p_t, where the loss is second order in them (log m from m and
-        // log p from the lse would leave an absolute error of an ulp of |log p| in each).
-        // A -inf logit gives ds or dt = -inf and a term 0 * -inf = NaN, as the reference.
-        const acc_t delta = (v[c] - u[c]) + dlse;
-        const bool pos = delta > acc_t(0);
-        const acc_t x = pos ? -delta : delta, ex = rows::exp_approx(x);
-        const acc_t wa = pos ? w : w1, wb = pos ? w1 : w;
-        const acc_t em = expm1_neg(x, ex);
-        // the larger side A: d_A = -log(m / p_A); the other side: d_B = x + d_A, or where
-        // that cancels (|d_B| < log 2: beta near 0 or 1), -log1p(g) with g = m / p_B - 1
-        // = w_a (e^-x - 1) in [0, 1)
-        const acc_t d_a = -log_near_one(wa + wb * ex, wb * em);
-        const acc_t g = -wa * em / ex;
-        const acc_t d_b = g < acc_t(1) ? -log_near_one(acc_t(1) + g, g) : x + d_a;
-        const acc_t ds = pos ? d_b : d_a;
-        const acc_t dt = pos ? d_a : d_b;
-        const acc_t q_s = ps[c] * inv_s, q_t = pt[c] * inv_t;
-        kls += q_s * ds;
-        klt += q_t * dt;
-        u[c] = ds, v[c] = dt, ps[c] = q_s, pt[c] = q_t;
+      if (p.near_ends) {
+        mixture_block<true>(u, v, ps, pt, b, e, dlse, inv_s, inv_t, w, w1, kls, klt);
+      } else {
+        mixture_block<false>(u, v, ps, pt, b, e, dlse, inv_s, inv_t, w, w1, kls, klt);
       }
     } else {
       const bool fwd = p.mode == Mode::kForwardKL;
@@ -233,7 +251,8 @@ void jsd_rows(const at::Tensor& s, const at::Tensor& t, const bool* mask, const 
   const Mode mode = o.beta == 0.0   ? Mode::kForwardKL
                     : o.beta == 1.0 ? Mode::kReverseKL
                                     : Mode::kMixture;
-  const Params<acc_t> p{mode, o.beta, acc_t(o.weight / o.temperature)};
+  const bool near_ends = std::min(o.beta, 1.0 - o.beta) < 1.0 / 16;
+  const Params<acc_t> p{mode, o.beta, near_ends, acc_t(o.weight / o.temperature)};
   const acc_t inv_t = acc_t(1.0 / o.temperature);
   // float / double gradients are written in place (the outputs are contiguous); half ones
   // through the probability buffers
