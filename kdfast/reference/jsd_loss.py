@@ -39,6 +39,20 @@ and for the end points those of the KL (``kdfast.reference.kd_loss``, without T^
 NaN and +-Inf logits give NaN (or Inf), as TRL's formula does: a -inf logit makes
 ``p * (log p - log m) = 0 * -inf``.
 
+Where kdfast differs from the official code:
+
+* TRL: the class dim is last (kdfast: dim 1, so (B, L, V) is passed as (B * L, V)); its
+  "batchmean" of a 2-D (rows, V) input divides by rows * V (``jsd.size(0) * jsd.size(1)``;
+  kdfast: by rows, what TRL does for its documented 3-D input); "none" is element-wise;
+  ``labels`` instead of a mask; the teacher is detached (kdfast differentiates a teacher
+  that requires grad).
+* Liger: takes log-probabilities (``log_softmax`` is the caller's, no temperature), computes
+  m from them without renormalising, differentiates the student only, and returns one
+  reduction (the sum over non-ignored rows divided by their number, kdfast's "batchmean").
+  Its beta convention and end points equal TRL's.
+* Matched: TRL's ``trl/trainer/gkd_trainer.py`` at a9fa292. Earlier TRL versions differ
+  (one interpolated the log-probabilities, a geometric mixture, without end-point cases).
+
 Inputs arrive validated from :mod:`kdfast.functional`: (rows, C) or (N, C, S), one device,
 original dtypes; everything is computed in ``compute_dtype(s, t)`` and returned in it.
 """
