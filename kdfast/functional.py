@@ -11,6 +11,7 @@ See SPEC.md for the exact definitions.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 from torch import Tensor
@@ -101,6 +102,48 @@ def per_sample_kl(
     s, t = check_logit_pair(student_logits, teacher_logits)
     check_positive("temperature", temperature)
     return _call("per_sample_kl", s, t, float(temperature))
+
+
+def jsd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    reduction: str = "batchmean",
+    mask: Tensor | None = None,
+) -> Tensor:
+    """Generalised Jensen-Shannon divergence (GKD, Agarwal et al., ICLR 2024; TRL's
+    ``GKDTrainer.generalized_jsd_loss``, Liger-Kernel's ``LigerJSD``).
+
+    With ``p = softmax(z / T)`` over the class dim and ``m = beta p_t + (1 - beta) p_s``:
+    ``beta KL(p_t || m) + (1 - beta) KL(p_s || m)`` per row for 0 < beta < 1;
+    ``KL(p_t || p_s)`` (forward) at beta = 0 and ``KL(p_s || p_t)`` (reverse) at beta = 1,
+    as TRL. No T^2 factor (TRL). Details: :mod:`kdfast.reference.jsd_loss`.
+
+    Args:
+        student_logits: (B, C) or (N, C, *) logits, class dim 1: token logits (B, L, V)
+            are passed as (B * L, V) (as given, L would be read as the class dim).
+        teacher_logits: same shape.
+        beta: in [0, 1], the teacher's weight in the mixture. Default 0.5 (symmetric JSD).
+        temperature: T > 0, finite.
+        reduction: "batchmean" (sum / rows, default), "sum", "mean" (sum / (rows * C)) or
+            "none" (a (rows,) vector of per-row divergences).
+        mask: optional bool (rows,) keeping rows (False = padding, e.g. TRL's
+            ``labels != -100``); means are over kept rows.
+
+    Returns:
+        A scalar (or (rows,) for "none") in promote_types(student, teacher, float32).
+    """
+    s, t = check_logit_pair(student_logits, teacher_logits)
+    check_positive("temperature", temperature)
+    if not math.isfinite(temperature):
+        raise ValueError(f"temperature must be finite, got {temperature!r}")
+    beta = check_real("beta", beta)
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta!r}")
+    check_choice("reduction", reduction, KD_REDUCTIONS)
+    mask = check_mask(mask, logit_rows(s), s.device)
+    return _call("jsd_loss", s, t, beta, float(temperature), reduction, mask)
 
 
 def dist_loss(
@@ -261,4 +304,12 @@ def vkd_loss(
     return _call("vkd_loss", projected_student, teacher, normalize)
 
 
-__all__ = ["kd_loss", "per_sample_kl", "dist_loss", "rkd_distance", "rkd_angle", "vkd_loss"]
+__all__ = [
+    "kd_loss",
+    "per_sample_kl",
+    "jsd_loss",
+    "dist_loss",
+    "rkd_distance",
+    "rkd_angle",
+    "vkd_loss",
+]

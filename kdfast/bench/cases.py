@@ -83,6 +83,12 @@ def setup_kd(size, device, dtype):
     return (lambda: loss(s, t)), [s]
 
 
+def setup_jsd(size, device, dtype):
+    s, t = _logit_pair(size, device, dtype)
+    loss = kdfast.losses.kd.JSDLoss(beta=0.5)
+    return (lambda: loss(s, t)), [s]
+
+
 def setup_dist(size, device, dtype):
     s, t = _logit_pair(size, device, dtype)
     loss = kdfast.losses.DISTLoss()
@@ -159,6 +165,19 @@ CASES: list[Case] = [
             "full": [(4096, 32000), (8192, 128000)],
         },
         setup_kd,
+        _logit_bytes,
+        _logit_truth_bytes,
+    ),
+    Case(
+        "jsd",
+        "JSDLoss beta=0.5 (B, C)",
+        "jsd_loss",
+        {
+            "smoke": [(64, 100)],
+            "quick": [(256, 1000), (1024, 32000)],
+            "full": [(4096, 32000), (8192, 128000)],
+        },
+        setup_jsd,
         _logit_bytes,
         _logit_truth_bytes,
     ),

@@ -1,7 +1,8 @@
-"""Hinton KD and DeiT distillation as ``nn.Module`` drop-ins (SPEC 3)."""
+"""Hinton KD, generalised JSD and DeiT distillation as ``nn.Module`` drop-ins (SPEC 3)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdfast import functional as KF
-from kdfast._validation import check_choice, check_logit_pair, check_positive
+from kdfast._validation import check_choice, check_logit_pair, check_positive, check_real
 
 DEIT_DISTILLATION_TYPES = ("none", "soft", "hard")
 
@@ -57,6 +58,54 @@ class KDLoss(nn.Module):
             f"temperature={self.temperature}, reduction={self.reduction!r}, "
             f"teacher={self.teacher!r}"
         )
+
+
+class JSDLoss(nn.Module):
+    """Generalised Jensen-Shannon divergence of GKD (Agarwal et al., ICLR 2024), as TRL's
+    ``GKDTrainer.generalized_jsd_loss`` and Liger-Kernel's ``LigerJSD`` compute it.
+
+    With ``p = softmax(z / T)`` and ``m = beta p_t + (1 - beta) p_s``, per row
+    ``beta KL(p_t || m) + (1 - beta) KL(p_s || m)``; ``beta = 0`` is the forward
+    ``KL(p_t || p_s)`` and ``beta = 1`` the reverse ``KL(p_s || p_t)`` (TRL's end points).
+    No T^2 factor. See :func:`kdfast.functional.jsd_loss`.
+
+    Args:
+        beta: in [0, 1], the teacher's weight in the mixture. Default 0.5.
+        temperature: T > 0, finite. Default 1.
+        reduction: "batchmean" (default: sum / rows), "sum", "mean" (sum / (rows * C)) or
+            "none" (a (rows,) vector of per-row divergences).
+
+    Shapes:
+        student, teacher: (B, C) or (N, C, *) (class dim 1; N * prod(*) rows); token
+        logits (B, L, V) are passed as (B * L, V) (as given, L would be the class dim).
+        mask: optional bool (rows,); False rows drop out (TRL's ``labels != -100``), means
+        are over kept rows.
+        Output: scalar, or (rows,) for "none", in promote_types(student, teacher, float32).
+
+    Example::
+
+        >>> loss = JSDLoss(beta=0.5)(student_logits.view(-1, V), teacher_logits.view(-1, V))
+    """
+
+    def __init__(
+        self, beta: float = 0.5, temperature: float = 1.0, reduction: str = "batchmean"
+    ) -> None:
+        super().__init__()
+        check_positive("temperature", temperature)
+        if not math.isfinite(temperature):
+            raise ValueError(f"temperature must be finite, got {temperature!r}")
+        if not 0.0 <= check_real("beta", beta) <= 1.0:
+            raise ValueError(f"beta must be in [0, 1], got {beta!r}")
+        check_choice("reduction", reduction, KF.KD_REDUCTIONS)
+        self.beta = float(beta)
+        self.temperature = float(temperature)
+        self.reduction = reduction
+
+    def forward(self, student: Tensor, teacher: Tensor, mask: Tensor | None = None) -> Tensor:
+        return KF.jsd_loss(student, teacher, self.beta, self.temperature, self.reduction, mask)
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}, temperature={self.temperature}, reduction={self.reduction!r}"
 
 
 class DeiTDistillationLoss(nn.Module):
@@ -174,4 +223,4 @@ def deit_inference_logits(outputs: Tensor | Sequence[Tensor]) -> Tensor:
     return (cls_logits + dist_logits) / 2
 
 
-__all__ = ["KDLoss", "DeiTDistillationLoss", "deit_inference_logits"]
+__all__ = ["KDLoss", "JSDLoss", "DeiTDistillationLoss", "deit_inference_logits"]
