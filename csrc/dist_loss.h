@@ -1,4 +1,4 @@
-// Per-element math of the fused DIST loss (SPEC 2), shared by csrc/cpu/dist_loss.cpp (and
+// Per-element math of the fused DIST loss (semantics 2), shared by csrc/cpu/dist_loss.cpp (and
 // any device kernel).
 //
 // rho(a, b) = <a, b> / (|a| |b| + eps) on centred vectors a, b (a row across classes, or a

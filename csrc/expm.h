@@ -1,4 +1,4 @@
-// Constants of the Pade scaling-and-squaring exponential (SPEC 6), shared by the ATen
+// Constants of the Pade scaling-and-squaring exponential (semantics 6), shared by the ATen
 // path (csrc/expm_op.cpp) and the fused small-matrix kernel (csrc/expm_small.h), as
 // functions so that host and device code read the same literals.
 #pragma once

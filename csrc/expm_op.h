@@ -1,5 +1,5 @@
 // The matrix exponential and its Frechet derivative on ATen (device-generic), batched over
-// leading dims (SPEC 6). The same code serves CPU tensors and, in the CUDA build, CUDA
+// leading dims (semantics 6). The same code serves CPU tensors and, in the CUDA build, CUDA
 // tensors; it mirrors kdfast/reference/expm.py step by step (degrees, thresholds, d_p
 // estimates, rounding check, per-matrix scaling with masked squaring).
 #pragma once

@@ -1,4 +1,4 @@
-// Per-element math of the fused softmax + KL losses (SPEC 3): Hinton KD (all reductions,
+// Per-element math of the fused softmax + KL losses (semantics 3): Hinton KD (all reductions,
 // teacher given as logits, probs or log-probs), per-sample KL and the DeiT soft term.
 // Shared by csrc/cpu/kd_loss.cpp (and any device kernel).
 //

@@ -28,7 +28,7 @@ TORCH_LIBRARY_FRAGMENT(kdfast, m) {
   m.def(
       "rkd_angle_cpp_backward(Tensor grad, Tensor student, Tensor teacher, bool student_grad, "
       "bool teacher_grad) -> (Tensor, Tensor)");
-  // the share of the angle loss whose vertex lies in [start, stop) (gather=True, issue 7)
+  // the share of the angle loss whose vertex lies in [start, stop) (gather=True)
   m.def("rkd_angle_vertices_cpp(Tensor student, Tensor teacher, int start, int stop) -> Tensor");
   m.def(
       "rkd_angle_vertices_cpp_backward(Tensor grad, Tensor student, Tensor teacher, int start, "
@@ -43,7 +43,7 @@ TORCH_LIBRARY_FRAGMENT(kdfast, m) {
       "dist_loss_cpp(Tensor student, Tensor teacher, float beta, float gamma, float tau, "
       "bool tau_squared, str activation, Tensor? mask, bool compute_grad_student, "
       "bool compute_grad_teacher) -> (Tensor, Tensor, Tensor)");
-  // matrix exponential (SPEC 6): ATen path (any n) and the fused small-matrix kernel (n <= 32)
+  // matrix exponential (semantics 6): ATen path (any n) and the fused small-matrix kernel (n <= 32)
   m.def("expm_cpp(Tensor A, bool skew) -> Tensor");
   m.def("expm_frechet_cpp(Tensor A, Tensor E, bool skew=False) -> (Tensor, Tensor)");
   // forward that keeps its powers and LU (thresholds l_m), and the backward that reuses them
@@ -87,7 +87,7 @@ TORCH_LIBRARY_FRAGMENT(kdfast, m) {
   m.def(
       "rkd_angle_cuda_backward(Tensor grad, Tensor student, Tensor teacher, bool student_grad, "
       "bool teacher_grad) -> (Tensor, Tensor)");
-  // the share of the angle loss whose vertex lies in [start, stop) (gather=True, issue 7)
+  // the share of the angle loss whose vertex lies in [start, stop) (gather=True)
   m.def("rkd_angle_vertices_cuda(Tensor student, Tensor teacher, int start, int stop) -> Tensor");
   m.def(
       "rkd_angle_vertices_cuda_backward(Tensor grad, Tensor student, Tensor teacher, int start, "

@@ -1,4 +1,4 @@
-// Per-pair and per-triplet math of the RKD angle loss from a Gram matrix (SPEC 1.3, 1.5).
+// Per-pair and per-triplet math of the RKD angle loss from a Gram matrix (semantics 1.3, 1.5).
 // Shared by csrc/cpu/rkd_angle.cpp and csrc/cuda/rkd_angle.cu.
 //
 // With G the Gram matrix of the centred rows and vertex i:
@@ -24,7 +24,7 @@ namespace kdfast::rkd {
 
 // F.normalize's floor of the norm.
 constexpr double kMinNorm = 1e-12;
-// A pair is degenerate when D2 <= 64 u (G_ii + G_jj) (SPEC 1.5).
+// A pair is degenerate when D2 <= 64 u (G_ii + G_jj) (semantics 1.5).
 constexpr double kAngleDegenerateFactor = 64.0;
 // A pair is near when D2 <= 1e-5 (G_ii + G_jj): the Gram expansion's D2 would carry a
 // relative error of about 4 u / 1e-5, so its D2 is recomputed from the centred rows

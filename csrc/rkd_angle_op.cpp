@@ -4,7 +4,7 @@ namespace kdfast::rkd {
 namespace {
 
 // One side: centred rows (float64 for every input dtype: products of float32 values are
-// exact in float64, SPEC 1.5; never TF32), their Gram matrix and the inverse pair norms.
+// exact in float64, semantics 1.5; never TF32), their Gram matrix and the inverse pair norms.
 struct AngleSide {
   at::Tensor centred;
   AngleSideMatrices m;

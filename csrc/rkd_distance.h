@@ -1,4 +1,4 @@
-// Per-pair math of the RKD distance loss from a Gram matrix (SPEC 1.1, 1.2, 1.5).
+// Per-pair math of the RKD distance loss from a Gram matrix (semantics 1.1, 1.2, 1.5).
 // Shared by csrc/cpu/rkd_distance.cpp and csrc/cuda/rkd_distance.cu.
 #pragma once
 
@@ -8,9 +8,9 @@
 
 namespace kdfast::rkd {
 
-// Distances are clamped below at sqrt(1e-12) = 1e-6 (SPEC 1.1).
+// Distances are clamped below at sqrt(1e-12) = 1e-6 (semantics 1.1).
 constexpr double kMinSquaredDistance = 1e-12;
-// A pair is degenerate when D2 <= 64 u (G_ii + G_jj) (SPEC 1.5).
+// A pair is degenerate when D2 <= 64 u (G_ii + G_jj) (semantics 1.5).
 constexpr double kDegenerateFactor = 64.0;
 
 // Distance of the pair (i, j), i != j, from the entries of the centred Gram matrix.

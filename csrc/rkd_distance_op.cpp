@@ -5,7 +5,7 @@ namespace {
 
 // One side (student or teacher): centred rows, their float64 Gram matrix, the pair
 // distances and their off-diagonal mean. float64 accumulation for every input dtype:
-// products of float32 values are exact in float64 (SPEC 1.5), and it is never TF32.
+// products of float32 values are exact in float64 (semantics 1.5), and it is never TF32.
 struct Side {
   at::Tensor centred, gram, dist, mean;
 };

@@ -26,7 +26,7 @@ def check_tensor(name: str, x: object) -> Tensor:
 
 
 def compute_dtype(*tensors: Tensor) -> torch.dtype:
-    """promote_types(*dtypes, float32): the dtype a loss computes and returns in (SPEC 0)."""
+    """promote_types(*dtypes, float32): the dtype a loss computes and returns in (semantics 0)."""
     dtype = torch.float32
     for t in tensors:
         dtype = torch.promote_types(dtype, t.dtype)
@@ -50,7 +50,7 @@ def check_rank(name: str, x: Tensor, min_rank: int) -> None:
 
 
 def as_logits(name: str, x: Tensor) -> Tensor:
-    """Logits (B, C) as they are, (N, C, *) as (N, C, S) with S = prod(*) (SPEC 0).
+    """Logits (B, C) as they are, (N, C, *) as (N, C, S) with S = prod(*) (semantics 0).
 
     The class dimension stays at 1 and rows are r = n * S + s: a view whenever the trailing
     dims can be flattened, never a permuted copy (the compiled kernels read the strides).

@@ -1,8 +1,8 @@
 """Data-free distillation in the SSD-KD style: a generator against the frozen teacher and a
-prioritized replay buffer feeding the student (SPEC 5).
+prioritized replay buffer feeding the student (semantics 5).
 
 Liu et al., "Small Scale Data-Free Knowledge Distillation", CVPR 2024. No official code
-exists; the loss forms below are the ones SPEC 5 fixes, the rest are documented knobs.
+exists; the loss forms below are the ones semantics 5 fixes, the rest are documented knobs.
 
 Each round:
 

@@ -119,7 +119,7 @@ def dist_loss_global(
     mask: Tensor | None,
     group=None,
 ) -> Tensor:
-    """DIST (SPEC 2) over the concatenated batch of every rank, from all-reduced moments.
+    """DIST (semantics 2) over the concatenated batch of every rank, from all-reduced moments.
 
     s, t: this rank's validated (rows, C) logits; mask: optional bool (rows,). Equal to
     :func:`kdfast.reference.dist_loss` on the concatenation (rank order), up to rounding.

@@ -5,7 +5,7 @@ logits as (rows, C), then hands them to the backend chosen by :mod:`kdfast._disp
 Argument order is ``(student, teacher)`` everywhere. Losses compute in
 ``promote_types(student, teacher, float32)`` and return that dtype. A teacher that
 ``requires_grad`` is differentiated exactly as written (online / mutual distillation).
-See SPEC.md for the exact definitions.
+See docs/semantics.md for the exact definitions.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def _autocast_off(device: torch.device):
     """A context disabling autocast on ``device`` when it is on (else a no-op).
 
     Under ``torch.autocast`` a loss still computes its statistics in
-    promote_types(student, teacher, float32) (SPEC 0): autocast would otherwise run the
+    promote_types(student, teacher, float32) (semantics 0): autocast would otherwise run the
     reference's matmuls (Gram matrices, angle cosines) in float16 / bfloat16, where RKD on
     unnormalised features overflows and the angle loss loses 4 digits. Half inputs (e.g. the
     outputs of autocast layers) are accepted as they are; the loss is float32.
@@ -69,7 +69,7 @@ def kd_loss(
 ) -> Tensor:
     """Hinton KD: ``T^2 * KL(p_t || p_s)`` with ``p = softmax(z / T)`` over the class dim.
 
-    Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network", 2015 (SPEC 3).
+    Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network", 2015 (semantics 3).
 
     Args:
         student_logits: (B, C) or (N, C, *) logits (class dim 1).
@@ -95,7 +95,7 @@ def kd_loss(
 def per_sample_kl(
     student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0
 ) -> Tensor:
-    """Per-row ``KL(p_t || p_s)`` at temperature T, without the T^2 factor (SPEC 3).
+    """Per-row ``KL(p_t || p_s)`` at temperature T, without the T^2 factor (semantics 3).
 
     Feeds SSD-KD priorities. Inputs (B, C) or (N, C, *); returns (rows,).
     """
@@ -159,7 +159,7 @@ def dist_loss(
     gather: bool = False,
     process_group=None,
 ) -> Tensor:
-    """DIST: ``beta * tau^2 * inter + gamma * tau^2 * intra`` (SPEC 2).
+    """DIST: ``beta * tau^2 * inter + gamma * tau^2 * intra`` (semantics 2).
 
     Huang et al., "Knowledge Distillation from A Stronger Teacher", NeurIPS 2022
     (hunto/DIST_KD). inter = 1 - mean Pearson correlation per sample (across classes),
@@ -205,7 +205,7 @@ def dist_loss(
 def rkd_distance(
     student: Tensor, teacher: Tensor, *, gather: bool = False, process_group=None
 ) -> Tensor:
-    """RKD distance loss (SPEC 1.2): SmoothL1 between mean-normalised pairwise distances.
+    """RKD distance loss (semantics 1.2): SmoothL1 between mean-normalised pairwise distances.
 
     Park et al., "Relational Knowledge Distillation", CVPR 2019 (lenscloth/RKD).
     student (N, Ds, *) and teacher (N, Dt, *) are flattened to (N, -1); N >= 2.
@@ -226,7 +226,7 @@ def rkd_distance(
 def rkd_angle(
     student: Tensor, teacher: Tensor, *, gather: bool = False, process_group=None
 ) -> Tensor:
-    """RKD angle loss (SPEC 1.3): SmoothL1 between all N^3 triplet angle cosines.
+    """RKD angle loss (semantics 1.3): SmoothL1 between all N^3 triplet angle cosines.
 
     Park et al., CVPR 2019. student (N, Ds, *), teacher (N, Dt, *), flattened; N >= 3.
 
@@ -278,7 +278,7 @@ def rkd_angle_global(s_all: Tensor, t_all: Tensor, start: int, stop: int, group=
 def vkd_loss(
     projected_student: Tensor, teacher: Tensor, normalize: str | None = "standardize"
 ) -> Tensor:
-    """VkD representation loss (SPEC 4): SmoothL1 mean between the projected student and the
+    """VkD representation loss (semantics 4): SmoothL1 mean between the projected student and the
     normalised teacher features.
 
     Miles, Elezi, Deng, "VkD: Improving Knowledge Distillation using Orthogonal

@@ -1,4 +1,4 @@
-"""Matrix functions: the matrix exponential and its Frechet derivative (SPEC 6).
+"""Matrix functions: the matrix exponential and its Frechet derivative (semantics 6).
 
 Both run on whichever backend :mod:`kdfast._dispatch` picks (the reference backend is
 ``kdfast.ops.expm``) and are differentiable to any order; float64 gradients pass gradcheck.
@@ -33,7 +33,7 @@ def expm(A: Tensor, skew: bool = False) -> Tensor:
     m in {3, 5, 7, 9, 13} (float32: {3, 5, 7}) and number of squarings
     s = max(0, ceil(log2(eta / theta_m))), eta from the estimates ||A^p||_1^(1/p).
     Accuracy in float64: relative error <= 100 u max(1, ||A||_1) for small matrices, and
-    1e-13 max(1, ||A||_2) for skew-symmetric or symmetric ones (SPEC 6). The gradient is
+    1e-13 max(1, ||A||_2) for skew-symmetric or symmetric ones (semantics 6). The gradient is
     grad_A = L(A^T, grad_out), the Frechet derivative from :func:`expm_frechet`. On the cpp
     backend (n > 32), when a gradient will be needed the forward chooses (m, s) with the
     joint thresholds l_m and keeps its powers and LU, which the backward reuses.

@@ -1,7 +1,7 @@
 """SSD-KD sampling: a prioritized replay buffer and the diversity-aware modulating function.
 
 Reference: Liu et al., "Small Scale Data-Free Knowledge Distillation", CVPR 2024 (SSD-KD).
-No official code exists; the forms below are SPEC section 5.
+No official code exists; the forms below are docs/semantics.md section 5.
 
 Fixed by the paper (implemented as stated):
 
@@ -308,7 +308,7 @@ class PrioritizedReplayBuffer:
 
 
 def ssd_kd_priorities(kl_per_sample: Tensor, previous_weights: Tensor | None = None) -> Tensor:
-    """SSD-KD priorities |delta| = |w_{i-1} * KL| (B,), detached (SPEC 5).
+    """SSD-KD priorities |delta| = |w_{i-1} * KL| (B,), detached (semantics 5).
 
     Args:
         kl_per_sample: KL(p_t || p_s) per sample (B,), e.g. ``per_sample_kl(zs, zt)``.
@@ -337,7 +337,7 @@ def ssd_kd_priorities(kl_per_sample: Tensor, previous_weights: Tensor | None = N
 def diversity_difficulty_weights(
     teacher_logits: Tensor, gamma: float = 1.0, temperature: float = 1.0
 ) -> Tensor:
-    """SSD-KD diversity-aware modulating function phi (B,) [unverified form: SPEC 5].
+    """SSD-KD diversity-aware modulating function phi (B,) [unverified form: semantics 5].
 
     phi(x) = (1 / count of x's teacher-predicted class in the batch) * (1 - p_t(class | x))^gamma,
     p_t = softmax(teacher_logits / temperature); the predicted class is the argmax (ties go to

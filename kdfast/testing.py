@@ -1,4 +1,4 @@
-"""Error measures and tolerances of SPEC.md section 7, for tests and benchmarks.
+"""Error measures and tolerances of docs/semantics.md section 7, for tests and benchmarks.
 
 * relative error = ||x - x_ref||_F / ||x_ref||_F (norm-wise);
 * truth for half/float32 inputs = the float64 computation on the same rounded inputs;
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-#: SPEC 7 tolerances keyed by input dtype: (loss, gradient) relative error vs the truth.
+#: semantics 7 tolerances keyed by input dtype: (loss, gradient) relative error vs the truth.
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float64: (1e-9, 1e-7),
     torch.float32: (1e-5, 1e-5),
@@ -37,7 +37,7 @@ def rel_error(x: Tensor, ref: Tensor) -> float:
 
 
 def tolerance(dtype: torch.dtype, kind: str = "loss", pytorch_error: float | None = None) -> float:
-    """SPEC 7 tolerance for ``kind`` in {"loss", "grad"} at input ``dtype``.
+    """semantics 7 tolerance for ``kind`` in {"loss", "grad"} at input ``dtype``.
 
     For half and float32 inputs pass ``pytorch_error`` (PyTorch's reference evaluated in
     that dtype, against the truth) to get max(1e-5, 2 * pytorch_error).

@@ -1,4 +1,4 @@
-"""Inputs and helpers shared by the per-loss test files (SPEC worked examples, seeded
+"""Inputs and helpers shared by the per-loss test files (docs/semantics.md worked examples, seeded
 random inputs, the reference-backend fixture)."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import kdfast
 
 F64 = torch.float64
 
-#: SPEC 2 / 3 worked-example logits
+#: semantics 2 / 3 worked-example logits
 ZS = [[1.0, 2.0, 3.0], [0.0, 0.0, 1.0]]
 ZT = [[3.0, 2.0, 1.0], [1.0, 0.0, 0.0]]
 
-#: SPEC 1 worked-example features: student, teacher, a student with a duplicate row
+#: semantics 1 worked-example features: student, teacher, a student with a duplicate row
 S_EX = [[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]]
 T_EX = [[0.0, 0.0], [3.0, 4.0], [6.0, 0.0]]
 S_DUP = [[0.0, 0.0], [0.0, 0.0], [1.0, 1.0]]
@@ -42,7 +42,8 @@ def rand(*shape, seed: int = 0, dtype=F64, scale: float = 2.0) -> torch.Tensor:
 
 
 def clustered(n: int, d: int, seed: int, clusters: int = 10, spread: float = 1e-3):
-    """Rows around `clusters` unit-scale centres, spread 1e-3 of their separation (SPEC 1.5)."""
+    """Rows around `clusters` unit-scale centres, spread 1e-3 of their separation
+    (semantics 1.5)."""
     centres = randn(clusters, d, seed=seed)
     noise = randn(n, d, seed=seed + 1)
     return (centres[torch.arange(n) % clusters] + spread * noise).float()

@@ -1,4 +1,4 @@
-"""Autocast: every loss computes its statistics as SPEC 0 / 7 say, whatever
+"""Autocast: every loss computes its statistics as semantics 0 / 7 say, whatever
 ``torch.autocast`` is active, and returns a finite float32 loss where a half-precision
 evaluation of the official formulas overflows (RKD on unnormalised features around 100).
 """
@@ -45,7 +45,7 @@ def _official_rkd_distance(s, t):
 @pytest.mark.parametrize("amp_dtype", HALF)
 @pytest.mark.parametrize("op,backend", OP_BACKENDS)
 def test_losses_ignore_autocast(op, backend, amp_dtype):
-    """float32 and half inputs under autocast: float32 loss within SPEC 7 of the truth."""
+    """float32 and half inputs under autocast: float32 loss within semantics 7 of the truth."""
     if backend != "reference":
         require_backend(backend)
     s, t = _features()

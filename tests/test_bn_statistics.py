@@ -1,4 +1,4 @@
-"""BNStatisticsLoss: the DeepInversion BatchNorm-statistics prior (SPEC 5)."""
+"""BNStatisticsLoss: the DeepInversion BatchNorm-statistics prior (semantics 5)."""
 
 from __future__ import annotations
 

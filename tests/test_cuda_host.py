@@ -61,7 +61,7 @@ def _randn(*shape, seed):
 
 def rkd_inputs(case: str, n: int = N) -> tuple[torch.Tensor, torch.Tensor]:
     s, t = _randn(n, 8, seed=1), _randn(n, 5, seed=2)
-    if case == "clustered":  # 10 clusters with 1e-3 of their separation as spread (SPEC 1.5)
+    if case == "clustered":  # 10 clusters with 1e-3 of their separation as spread (semantics 1.5)
         s = (_randn(10, 16, seed=3) * 10)[torch.arange(n) % 10] + 1e-2 * _randn(n, 16, seed=4)
     elif case == "near_duplicates":  # recomputed from the rows (kNearFactor)
         s[4] = s[1] + 1e-6
@@ -83,7 +83,7 @@ def reference_grads(fn, s, t, *args, grad=1.0):
 def check_grads(case, got, want, tol=1e-7):
     for g, w in zip(got, want, strict=True):
         assert g.shape == w.shape
-        if case == "duplicate_rows":  # the reference's gradient there is ~1/eps (SPEC 1.3)
+        if case == "duplicate_rows":  # the reference's gradient there is ~1/eps (semantics 1.3)
             assert torch.isfinite(g).all()
         else:
             assert rel_error(g, w) <= tol, (case, rel_error(g, w))

@@ -1,4 +1,4 @@
-"""DeiT distillation (SPEC 3): DeiTDistillationLoss and deit_inference_logits."""
+"""DeiT distillation (semantics 3): DeiTDistillationLoss and deit_inference_logits."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def forbidden_teacher(inputs):
     raise AssertionError("the teacher must not run")
 
 
-# --- SPEC worked examples ------------------------------------------------------------
+# --- docs/semantics.md worked examples ------------------------------------------------------------
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""DIST (SPEC 2): dist_loss and DISTLoss on the reference backend."""
+"""DIST (semantics 2): dist_loss and DISTLoss on the reference backend."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def official_dist(z_s, z_t, beta=1.0, gamma=1.0, tau=1.0, use_sigmoid=False):
     return beta * inter_loss + gamma * intra_loss
 
 
-# --- SPEC worked examples ------------------------------------------------------------
+# --- docs/semantics.md worked examples ------------------------------------------------------------
 
 
 def close(x: torch.Tensor, expected: float, tol: float = 1e-12) -> bool:

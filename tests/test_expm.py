@@ -1,8 +1,8 @@
-"""Matrix exponential and Frechet derivative (SPEC 6) on every backend
+"""Matrix exponential and Frechet derivative (semantics 6) on every backend
 (reference, and cpp: the ATen port and the fused small-matrix kernel for n <= 32).
 
 Truths: mpmath at 50 digits (small n), eigendecompositions (skew and symmetric A), SciPy's
-``expm`` / ``expm_frechet``, and float64 for float32 inputs (SPEC 7).
+``expm`` / ``expm_frechet``, and float64 for float32 inputs (semantics 7).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from kdfast.testing import rel_error
 
 F64, F32 = torch.float64, torch.float32
 U64 = 2.0**-53
-# SPEC 6 thresholds, copied here so that a wrong table in the implementation fails a test
+# semantics 6 thresholds, copied here so that a wrong table in the implementation fails a test
 THETA64 = {
     3: 1.495585217958292e-2,
     5: 2.539398330063230e-1,
@@ -167,7 +167,7 @@ def rounding_check(A, m, u):
 
 
 def spec_choice(A, thresholds, u, skew=False, check_rounding=True):
-    """(m, s) as SPEC 6 writes it, in NumPy."""
+    """(m, s) as semantics 6 writes it, in NumPy."""
     A = A.numpy()
     d = {p: np.linalg.norm(np.linalg.matrix_power(A, p), 1) ** (1 / p) for p in (4, 6, 8, 10)}
     eta46, eta68 = max(d[4], d[6]), max(d[6], d[8])
@@ -222,7 +222,7 @@ def test_zero_and_scalar():
         m, s = ref.scaling_parameters(Z)
         assert m.tolist() == [3, 3] and s.tolist() == [0, 0]
     a = torch.tensor([[[-7.5]], [[0.3]], [[12.0]]], dtype=F64)
-    # SPEC 6 (n <= 8): 100 u max(1, ||A||_1); the reference and fused kernel reach ~1 u, the
+    # semantics 6 (n <= 8): 100 u max(1, ||A||_1); the reference and fused kernel reach ~1 u, the
     # ATen path's two squarings at ||a|| = 12 about 6 u
     assert rel_error(linalg.expm(a), torch.exp(a)) <= 100 * U64 * 12
 

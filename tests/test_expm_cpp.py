@@ -1,4 +1,4 @@
-"""The cpp backend of expm (SPEC 6): the ATen port (``kdfast::expm_cpp``,
+"""The cpp backend of expm (semantics 6): the ATen port (``kdfast::expm_cpp``,
 ``kdfast::expm_frechet_cpp``) and the fused small-matrix kernel (``kdfast::expm_small_cpp``,
 ``kdfast::expm_frechet_small_cpp``) against each other, the reference and float64 truths;
 opcheck, gradcheck and the n = 768 float32 targets. The accuracy suite of tests/test_expm.py
@@ -66,7 +66,7 @@ def test_small_kernel_matches_aten_and_reference(n, skew, dtype):
 
 
 def test_small_kernel_float64_parity_with_reference():
-    """SPEC 7 float64 parity of the fused kernel on moderate norms: <= 1e-13 matrix-wise."""
+    """semantics 7 float64 parity of the fused kernel on moderate norms: <= 1e-13 matrix-wise."""
     for n in (2, 7, 16, 32):
         A = mixed_batch(n, F64, seed=40 + n)[:6]  # ||A||_1 <= 4
         E = torch.randn(A.shape, generator=torch.Generator().manual_seed(n), dtype=F64)
@@ -164,7 +164,7 @@ def test_opcheck():
 
 @pytest.mark.parametrize("kind", ["skew", "gaussian"])
 def test_float32_gradient_and_orthogonality_n768(kind):
-    """SPEC 6: float32, ||A||_2 = 8, G ~ N(0, 1), n = 768: gradient within 2e-6 of float64."""
+    """semantics 6: float32, ||A||_2 = 8, G ~ N(0, 1), n = 768: gradient within 2e-6 of float64."""
     n = 768
     g = torch.Generator().manual_seed(7)
     B = torch.randn(n, n, generator=g, dtype=F64)

@@ -1,6 +1,6 @@
 """Hostile inputs, over every public loss and every backend that runs it.
 
-* NaN and +-Inf anywhere in either input reach the loss (SPEC 0: never silently masked);
+* NaN and +-Inf anywhere in either input reach the loss (semantics 0: never silently masked);
 * empty batches, N below the minimum, mismatched batch sizes, rank < 2, integer / complex /
   bool dtypes and tensors on different devices raise ValueError / TypeError naming the
   argument;

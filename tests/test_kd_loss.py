@@ -1,4 +1,4 @@
-"""Hinton KD (SPEC 3): kd_loss, per_sample_kl and KDLoss on the reference backend."""
+"""Hinton KD (semantics 3): kd_loss, per_sample_kl and KDLoss on the reference backend."""
 
 from __future__ import annotations
 
@@ -17,14 +17,14 @@ pytestmark = pytest.mark.usefixtures("reference_backend")
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
 
 
-# --- SPEC worked examples ------------------------------------------------------------
+# --- docs/semantics.md worked examples ------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
     ("temperature", "expected"), [(1.0, 0.2524326820596044), (3.0, 0.27645711921979926)]
 )
 def test_spec_example_mean(temperature, expected):
-    # SPEC 3's DeiT soft numbers are T^2 * sum KL / (B * C), i.e. kd_loss "mean".
+    # semantics 3's DeiT soft numbers are T^2 * sum KL / (B * C), i.e. kd_loss "mean".
     zs, zt = torch.tensor(ZS, dtype=F64), torch.tensor(ZT, dtype=F64)
     loss = KF.kd_loss(zs, zt, temperature, reduction="mean")
     assert loss.dtype == F64 and loss.shape == ()
@@ -98,7 +98,7 @@ def test_probs_with_zeros_use_zero_log_zero():
 def test_inf_in_teacher_logits_propagates():
     s, t = rand(2, 3), rand(2, 3, seed=1)
     t[0, 1] = -float("inf")
-    assert torch.isnan(KF.kd_loss(s, t, reduction="none")[0])  # SPEC 0: never silently masked
+    assert torch.isnan(KF.kd_loss(s, t, reduction="none")[0])  # semantics 0: never silently masked
 
 
 def test_nchw_equals_permuted_rows():

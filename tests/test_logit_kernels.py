@@ -1,9 +1,9 @@
 """Contract tests of the fused logit-loss kernels (kd_loss, per_sample_kl, dist_loss) on
 every compiled backend that runs here (cpp; triton under TRITON_INTERPRET=1).
 
-Every option of SPEC 2 and 3 against the reference: float64 parity (loss <= 1e-9, student
+Every option of semantics 2 and 3 against the reference: float64 parity (loss <= 1e-9, student
 and teacher gradients <= 1e-7) on random, extreme (80 * N(0, 1)), B = 1, uniform-row and
-masked inputs; half and float32 inputs by SPEC 7's rule; gradcheck; opcheck; the
+masked inputs; half and float32 inputs by semantics 7's rule; gradcheck; opcheck; the
 compute-grad contract (nothing requested under no_grad or for a detached teacher); double
 backward raises; non-contiguous, expanded and (N, C, *) inputs.
 """
@@ -123,7 +123,7 @@ def test_float64_parity(op, backend):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("op,backend", _pairs(OPS))
 def test_low_precision_against_float64_truth(op, backend, dtype):
-    """SPEC 7: the loss and its gradient (unit upstream gradient) within max(1e-5, 2x
+    """semantics 7: the loss and its gradient (unit upstream gradient) within max(1e-5, 2x
     PyTorch's own error in that dtype) of the float64 truth; gradients also allow their
     final rounding to ``dtype``. With another upstream gradient w, the backward returns the
     saved ``dtype`` gradient times w, rounded once more to ``dtype`` (checked exactly: for
@@ -340,7 +340,7 @@ def test_identical_rows_against_float64_truth(op, backend, dtype):
     so its DIST intra-class Pearson denominator is eps = 1e-8 and any rounding in its column
     mean reaches the student gradient times 1e8 (the reference's centring backward projects
     that constant out; a fused kernel must get the mean exact). Loss and student gradient
-    against the float64 truth, inputs with their strides as given, SPEC 7 tolerances as in
+    against the float64 truth, inputs with their strides as given, semantics 7 tolerances as in
     test_low_precision_against_float64_truth. (Not the teacher gradient: a constant teacher
     column's is its student column / eps, and even the float64 reference's is off by the
     rounding of torch's column mean times 1e8.)"""
@@ -394,7 +394,7 @@ def _logit_sized(event, logits: torch.Tensor) -> bool:
 
 @pytest.mark.parametrize("op,backend", _pairs(OPS))
 def test_nc_star_inputs_read_in_place(op, backend):
-    """SPEC 0: (N, C, *) logits are N * prod(*) rows, row n * S + s, read without a permuted
+    """semantics 0: (N, C, *) logits are N * prod(*) rows, row n * S + s, read without a permuted
     copy; masks and reduction "none" use that row order."""
     require_backend(backend)
     impl = _dispatch._IMPLS[op][backend].fn
@@ -601,7 +601,7 @@ def _count_logit_reads(monkeypatch, tensors: dict) -> dict:
 @pytest.mark.parametrize("resident", [False, True])
 def test_triton_dist_read_count(resident, monkeypatch):
     """Reads of zs and zt per call (elements loaded / numel), as the module docstring of
-    kdfast/triton/dist_loss.py states: RESIDENT rows 1 for the loss, 2 with gradients (SPEC
+    kdfast/triton/dist_loss.py states: RESIDENT rows 1 for the loss, 2 with gradients (semantics
     2's budget: 3 of zs, 2 of zt); chunked softmax rows 2, 4 with gradients (over the
     budget, see the docstring); chunked sigmoid rows 1, 2 with gradients."""
     if "dist_loss" not in _triton_only(["dist_loss"]):

@@ -1,4 +1,4 @@
-"""OrthogonalProjector (SPEC 4): exp-parameterised orthonormal projection, with folding."""
+"""OrthogonalProjector (semantics 4): exp-parameterised orthonormal projection, with folding."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def randomise(module, seed=0, scale=1.0):
 
 
 def full_generator(module):
-    """A = [[B, -C^T], [C, 0]] (n x n) built from the parameters as SPEC 4 writes it."""
+    """A = [[B, -C^T], [C, 0]] (n x n) built from the parameters as semantics 4 writes it."""
     lower = module.skew_block.detach().double().tril(-1)
     B, C = lower - lower.mT, module.coupling.detach().double()
     A = torch.zeros(module.n, module.n, dtype=F64)
@@ -132,7 +132,7 @@ def test_adamw_with_weight_decay_stays_orthonormal(n_in, n_out):
 
 
 def test_weight_decay_alone_keeps_the_identity_block():
-    # the released Householder map collapses to P = 0 here (SPEC 4)
+    # the released Householder map collapses to P = 0 here (semantics 4)
     module = OrthogonalProjector(6, 12)
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-2, weight_decay=0.05)
     module(torch.randn(3, 6)).sum().mul(0).backward()

@@ -1,11 +1,12 @@
-"""Property tests (hypothesis) of the SPEC invariants, over every backend of each op, and
-determinism.
+"""Property tests (hypothesis) of the docs/semantics.md invariants, over every backend of
+each op, and determinism.
 
 Invariants: RKD distance and angle losses are invariant to scaling and translating either
-set (SPEC 1.2-1.3); DIST with softmax to adding a constant to a row of logits (SPEC 2); KD is
-exactly 0 when student equals teacher (SPEC 3); expm(A) expm(-A) = I (SPEC 6); the VkD
-projector is orthogonal (SPEC 4); replay-buffer probabilities sum to 1 and FIFO overwriting
-keeps the newest ``capacity`` samples without duplicates (SPEC 5).
+set (semantics 1.2-1.3); DIST with softmax to adding a constant to a row of logits
+(semantics 2); KD is
+exactly 0 when student equals teacher (semantics 3); expm(A) expm(-A) = I (semantics 6); the VkD
+projector is orthogonal (semantics 4); replay-buffer probabilities sum to 1 and FIFO overwriting
+keeps the newest ``capacity`` samples without duplicates (semantics 5).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""RKD angle loss (SPEC 1.3): reference backend, functional API and module."""
+"""RKD angle loss (semantics 1.3): reference backend, functional API and module."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def official_rkd_angle(student: torch.Tensor, teacher: torch.Tensor) -> torch.Te
     return F.smooth_l1_loss(s_angle, t_angle)
 
 
-# --- SPEC worked examples ------------------------------------------------------------------
+# --- docs/semantics.md worked examples ------------------------------------------------------------
 
 
 def test_worked_example_triangle():
@@ -86,7 +86,7 @@ def test_float32_is_computed_in_float32():
     assert_rel_close(loss, official_rkd_angle(s, t), 1e-6, "float32 vs official float32")
 
 
-# --- float32 / half accuracy against the float64 truth (SPEC 1.5, 7) -----------------------
+# --- float32 / half accuracy against the float64 truth (semantics 1.5, 7) -----------------------
 
 
 def check_against_truth(s: torch.Tensor, t: torch.Tensor, tol: float):

@@ -1,4 +1,4 @@
-"""RKD distance loss (SPEC 1.1, 1.2, 1.4): reference backend, functional API and modules."""
+"""RKD distance loss (semantics 1.1, 1.2, 1.4): reference backend, functional API and modules."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def official_rkd_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch
     return F.smooth_l1_loss(d, t_d)
 
 
-# --- SPEC worked examples ------------------------------------------------------------------
+# --- docs/semantics.md worked examples ------------------------------------------------------------
 
 
 def test_pdist_worked_example():
@@ -92,7 +92,7 @@ def test_matches_official_code_float64(n, ds, dt):
     assert_rel_close(pdist(s), official_d, 1e-12, "pdist vs official")
 
 
-# --- float32 / half accuracy against the float64 truth (SPEC 1.1, 1.5, 7) -------------------
+# --- float32 / half accuracy against the float64 truth (semantics 1.1, 1.5, 7) -------------------
 
 
 def check_against_truth(s: torch.Tensor, t: torch.Tensor, tol: float):

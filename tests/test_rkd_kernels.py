@@ -31,7 +31,7 @@ def _randn(*shape, seed):
 
 
 def _clustered(n: int, d: int, spread: float, seed: int) -> torch.Tensor:
-    """10 class clusters whose spread is ``spread`` of their separation (SPEC 1.5)."""
+    """10 class clusters whose spread is ``spread`` of their separation (semantics 1.5)."""
     centres = _randn(10, d, seed=seed) * 10
     return centres[torch.arange(n) % 10] + spread * 10 * _randn(n, d, seed=seed + 1)
 
@@ -66,7 +66,7 @@ def test_spec_examples(op, backend):
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_float32_clustered_within_1e5_of_float64_truth(backend, op, spread):
-    """SPEC 1.5: a float32 Gram kernel without float64 cancellation-prone terms is off by
+    """semantics 1.5: a float32 Gram kernel without float64 cancellation-prone terms is off by
     tens of percent here; the truth is the float64 reference on the same rounded inputs."""
     require_backend(backend)
     n = _size(backend)
@@ -174,7 +174,7 @@ def test_vertex_ranges_match_reference(backend):
             ref, ref_gs, ref_gt = _vertices("reference", s, t, start, stop)
             assert loss.dtype == F64 and gs.shape == s.shape and gt.shape == t.shape
             assert rel_error(loss, ref) <= 1e-9, (name, start, stop, rel_error(loss, ref))
-            if name == "duplicate_rows":  # the reference's gradient there is ~1/eps (SPEC 1.3)
+            if name == "duplicate_rows":  # the reference's gradient there is ~1/eps (semantics 1.3)
                 assert torch.isfinite(gs).all() and torch.isfinite(gt).all()
                 continue
             assert rel_error(gs, ref_gs) <= 1e-7, (name, start, stop, rel_error(gs, ref_gs))

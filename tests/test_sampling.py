@@ -1,4 +1,4 @@
-"""SSD-KD sampling (SPEC 5): PrioritizedReplayBuffer, priorities, the modulating function."""
+"""SSD-KD sampling (semantics 5): PrioritizedReplayBuffer, priorities, the modulating function."""
 
 from __future__ import annotations
 

@@ -151,7 +151,7 @@ def test_kernel_compiles_within_budgets(module_spec, arch):
     narrow = narrow_offsets(compiled.ptx, strict=spec.int64_offsets)
     assert narrow == [], f"{spec.name}: 32-bit offset arithmetic feeds addresses: {narrow}"
     if any(t in ("*fp32", "*fp64") for t in spec.signature.values()):
-        assert not uses_tf32(compiled.sass()), f"{spec.name} uses TF32 (SPEC 7)"
+        assert not uses_tf32(compiled.sass()), f"{spec.name} uses TF32 (semantics 7)"
     if arch == 90 and spec.expects_wgmma():
         assert uses_warpgroup_mma(compiled.sass()), (
             f"{spec.name}: no warpgroup MMA on sm_90: {mma_instructions(compiled.sass())}"

@@ -164,7 +164,7 @@ def _run(fn, backend, s, t, grad_teacher=True):
 
 
 def assert_matches_reference(fn, s, t, grad_teacher=True) -> None:
-    """float64 parity of the triton backend with the reference (SPEC 7)."""
+    """float64 parity of the triton backend with the reference (semantics 7)."""
     got = _run(fn, "triton", s, t, grad_teacher)
     want = _run(fn, "reference", s, t, grad_teacher)
     assert rel_error(got[0], want[0]) <= 1e-9, rel_error(got[0], want[0])

@@ -1,4 +1,4 @@
-"""VkD loss (SPEC 4): normalisations, the reference loss, the functional API and VkDLoss."""
+"""VkD loss (semantics 4): normalisations, the reference loss, the functional API and VkDLoss."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def smooth_l1_mean(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.where(x < 1, 0.5 * x * x, x - 0.5).mean())
 
 
-# --- SPEC worked example -------------------------------------------------------------------
+# --- docs/semantics.md worked example -------------------------------------------------------------
 
 
 def test_worked_example_reference():

@@ -1,7 +1,7 @@
-// CPU fused DIST (SPEC 2) in the minimum passes: pass 1 reads each row once (row
+// CPU fused DIST (semantics 2) in the minimum passes: pass 1 reads each row once (row
 // log-sum-exps, row correlation sums, column moments of 16-row tiles merged into per-block
 // moments and the blocks merged with Chan-Golub-LeVeque); pass 2 reads each row once more and, from a per-thread row
-// buffer, computes <g, y> and writes the gradient (passes 2 and 3 of SPEC 2 share one
+// buffer, computes <g, y> and writes the gradient (passes 2 and 3 of semantics 2 share one
 // read). 2 reads of each input, 1 write per gradient, no (rows, C) temporaries.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>

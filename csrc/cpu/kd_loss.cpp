@@ -1,4 +1,4 @@
-// CPU fused softmax + KL (SPEC 3): one read of each input row, one exp per element and
+// CPU fused softmax + KL (semantics 3): one read of each input row, one exp per element and
 // side, the gradient written in the same sweep when requested, per-thread row buffers only
 // (no (rows, C) temporaries, also for half inputs). Rows run in parallel.
 #include <ATen/Dispatch.h>

@@ -57,7 +57,7 @@ KDFAST_INLINE double exp_approx(double x) {
   return std::exp(x);
 }
 
-// Rows of logits (B, C) or (N, C, S), read in place (SPEC 0: class dim 1, row r = n S + s,
+// Rows of logits (B, C) or (N, C, S), read in place (semantics 0: class dim 1, row r = n S + s,
 // no permuted copy): row r starts at (r / S) stride_n + (r % S) stride_s and its C entries
 // are stride_c apart (1 for 2-D inputs after unit_column_stride(), S for contiguous 3-D).
 template <typename T>

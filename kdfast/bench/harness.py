@@ -4,7 +4,7 @@ Time: median and spread of ``repeats`` timed runs after warm-up, for "forward",
 "backward" (forward untimed) and "forward+backward". Memory: the process's peak
 resident-set increase during the timed runs, measured after import, input creation and
 warm-up (Linux: VmHWM reset through /proc/self/clear_refs; CUDA: max_memory_allocated).
-Error: relative error (SPEC 7) of the loss and the gradient against the float64
+Error: relative error (semantics 7) of the loss and the gradient against the float64
 reference on the same inputs (kdfast's own float64 result where the reference is skipped).
 """
 

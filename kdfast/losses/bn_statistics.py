@@ -2,7 +2,7 @@
 
 Reference: Yin et al., "Dreaming to Distill: Data-free Knowledge Transfer via DeepInversion",
 CVPR 2020 (NVlabs/DeepInversion); used by Liu et al., "Small Scale Data-Free Knowledge
-Distillation", CVPR 2024. Semantics: SPEC section 5.
+Distillation", CVPR 2024. Semantics: docs/semantics.md section 5.
 
 For each BatchNorm layer l of the (teacher) model, on the layer's input x:
 mu = mean over every dim but the channel dim 1, var = biased variance over the same dims,

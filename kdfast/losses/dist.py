@@ -1,4 +1,4 @@
-"""DIST as an ``nn.Module`` (SPEC 2)."""
+"""DIST as an ``nn.Module`` (semantics 2)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from kdfast._validation import check_choice, check_positive
 
 
 class DISTLoss(nn.Module):
-    """DIST: ``beta * tau^2 * inter + gamma * tau^2 * intra`` (SPEC 2).
+    """DIST: ``beta * tau^2 * inter + gamma * tau^2 * intra`` (semantics 2).
 
     Huang, You, Wang, Qian, Xu, "Knowledge Distillation from A Stronger Teacher",
     NeurIPS 2022 (hunto/DIST_KD). inter = 1 - mean over samples of the Pearson correlation

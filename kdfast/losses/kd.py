@@ -1,4 +1,4 @@
-"""Hinton KD, generalised JSD and DeiT distillation as ``nn.Module`` drop-ins (SPEC 3)."""
+"""Hinton KD, generalised JSD and DeiT distillation as ``nn.Module`` drop-ins (semantics 3)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ DEIT_DISTILLATION_TYPES = ("none", "soft", "hard")
 
 
 class KDLoss(nn.Module):
-    """Hinton KD: ``T^2 * KL(p_t || p_s)`` with ``p = softmax(z / T)`` (SPEC 3).
+    """Hinton KD: ``T^2 * KL(p_t || p_s)`` with ``p = softmax(z / T)`` (semantics 3).
 
     Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network", 2015.
 
@@ -132,7 +132,7 @@ class DeiTDistillationLoss(nn.Module):
         outputs: (B, C) cls logits, or a tuple (cls_logits, dist_logits) of (B, C) tensors
         (required unless the type is "none"). teacher_logits: optional precomputed (B, C)
         teacher logits, used instead of running the teacher; used as given (a tensor that
-        requires grad is differentiated, SPEC 0; DeiT's frozen teacher is ``.detach()``).
+        requires grad is differentiated, semantics 0; DeiT's frozen teacher is ``.detach()``).
         Returns a scalar.
     """
 
@@ -207,7 +207,7 @@ def _split_heads(outputs: Tensor | Sequence[Tensor]) -> tuple[Tensor, Tensor | N
 
 
 def deit_inference_logits(outputs: Tensor | Sequence[Tensor]) -> Tensor:
-    """Prediction logits of a distilled ViT: the mean of its two heads (DeiT, SPEC 3).
+    """Prediction logits of a distilled ViT: the mean of its two heads (DeiT, semantics 3).
 
     ``outputs`` is (cls_logits, dist_logits), each (B, C); a plain tensor (a model without
     a distillation head) is returned unchanged.

@@ -1,5 +1,5 @@
 """RKD loss modules: Park, Kim, Lu, Cho, "Relational Knowledge Distillation", CVPR 2019
-(official code: lenscloth/RKD). SPEC section 1.
+(official code: lenscloth/RKD). docs/semantics.md section 1.
 
 Recipes: the official metric-learning scripts use distance_weight = 1, angle_weight = 2 (the
 defaults here) on the embeddings; the common classification recipe applies RKD to the
@@ -38,7 +38,7 @@ class _Gathering(nn.Module):
 
 class RKDDistanceLoss(_Gathering):
     __doc__ = (
-        """Distance-wise RKD: SmoothL1 between mean-normalised pairwise distances (SPEC 1.2).
+        """Distance-wise RKD: SmoothL1 between mean-normalised pairwise distances (semantics 1.2).
 
     forward(student (N, Ds, *), teacher (N, Dt, *)) -> scalar; inputs are flattened to
     (N, -1), N >= 2. Invariant to translating or scaling either set.
@@ -53,7 +53,7 @@ class RKDDistanceLoss(_Gathering):
 
 class RKDAngleLoss(_Gathering):
     __doc__ = (
-        """Angle-wise RKD: SmoothL1 between the cosines of all N^3 triplet angles (SPEC 1.3).
+        """Angle-wise RKD: SmoothL1 between the cosines of all N^3 triplet angles (semantics 1.3).
 
     forward(student (N, Ds, *), teacher (N, Dt, *)) -> scalar; N >= 3. With gather=True each
     rank evaluates the angles at its own vertices (N^3 / world_size work).
@@ -75,7 +75,7 @@ def _check_weight(name: str, value: float) -> float:
 
 
 class RKDLoss(_Gathering):
-    """RKD: distance_weight * L_D + angle_weight * L_A (Park et al., CVPR 2019; SPEC 1.4).
+    """RKD: distance_weight * L_D + angle_weight * L_A (Park et al., CVPR 2019; semantics 1.4).
 
     Args:
         distance_weight: weight of the distance term (default 1.0, the metric-learning
@@ -87,7 +87,7 @@ class RKDLoss(_Gathering):
 
     forward(student (N, Ds, *), teacher (N, Dt, *)) -> scalar in
     promote_types(student, teacher, float32). The teacher is differentiated when it
-    requires grad (SPEC 0).
+    requires grad (semantics 0).
     """
 
     def __init__(

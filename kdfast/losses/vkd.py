@@ -1,5 +1,5 @@
 """VkD loss module: Miles, Elezi, Deng, "VkD: Improving Knowledge Distillation using
-Orthogonal Projections", CVPR 2024 (official code: roymiles/VkD). SPEC section 4.
+Orthogonal Projections", CVPR 2024 (official code: roymiles/VkD). docs/semantics.md section 4.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ class VkDLoss(nn.Module):
                 "student_features and teacher_features must have the same batch size, got "
                 f"{tuple(student_features.shape)} and {tuple(teacher_features.shape)}"
             )
-        # half features meet float32 parameters: project in the promoted dtype (SPEC 0)
+        # half features meet float32 parameters: project in the promoted dtype (semantics 0)
         param_dtype = next(self.projector.parameters()).dtype
         dtype = torch.promote_types(student_features.dtype, param_dtype)
         projected = self.projector(student_features.to(dtype))

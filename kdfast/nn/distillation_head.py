@@ -1,4 +1,4 @@
-"""DeiT's class and distillation tokens with their two classification heads (SPEC 3).
+"""DeiT's class and distillation tokens with their two classification heads (semantics 3).
 
 Touvron et al., "Training data-efficient image transformers & distillation through
 attention", ICML 2021 (facebookresearch/deit ``models.py``: ``DistilledVisionTransformer``).

@@ -1,4 +1,4 @@
-"""Orthogonal projector parameterised by the matrix exponential (SPEC 4).
+"""Orthogonal projector parameterised by the matrix exponential (semantics 4).
 
 VkD (Miles, Elezi, Deng, "VkD: Improving Knowledge Distillation using Orthogonal
 Projections", CVPR 2024) projects student features with an orthogonal matrix;
@@ -34,7 +34,7 @@ class OrthogonalProjector(nn.Module):
     the complement do not move the first k columns, and A of this form still reaches every
     point of the Stiefel manifold.
 
-    Computation (SPEC 4): for k <= n/2 the QR-free reduced form: S = C^T C,
+    Computation (semantics 4): for k <= n/2 the QR-free reduced form: S = C^T C,
     K = [[B, -S], [I_k, 0]] (2k x 2k), E = exp(K)[:, :k], Q = [E_top; C E_bot]. K is not
     skew, so its exponential runs in float64 (also for float32 parameters) to keep
     P^T P = I to ~1e-7 after rounding to float32. It is differentiable everywhere, including

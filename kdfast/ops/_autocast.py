@@ -1,6 +1,6 @@
 """Autocast rules for every kdfast custom op.
 
-kdfast's losses compute their statistics in promote_types(inputs, float32) (SPEC 0), never in
+kdfast's losses compute their statistics in promote_types(inputs, float32) (semantics 0), never in
 autocast's lower precision. :mod:`kdfast.functional` runs every op with autocast disabled; in
 addition each forward custom op gets a ``torch.library.register_autocast`` rule, so that a
 direct call (``torch.ops.kdfast.<op>``) under ``torch.autocast`` also runs with autocast

@@ -41,7 +41,7 @@ def forbid_double_backward(op_name: str) -> None:
     )
 
 
-#: How a compiled logit op takes (N, C, S) logits (a backend capability, SPEC 0):
+#: How a compiled logit op takes (N, C, S) logits (a backend capability, semantics 0):
 #: "strided" reads any strides in place; "contiguous" reads contiguous ones in place (others
 #: are made contiguous first, same layout); "rows" gets a permuted (rows, C) copy.
 LOGIT_LAYOUTS = ("strided", "contiguous", "rows")

@@ -38,7 +38,10 @@ class Sample:
       zero gradient through the pair and the reference ~1/eps (docs/semantics.md 1.5): only
       finiteness of the gradients is compared;
     * ``"float64_only"``: not representable in half precision (e.g. a large common offset);
-    * ``"float32_and_up"``: not representable in float16 / bfloat16.
+    * ``"float32_and_up"``: not representable in float16 / bfloat16;
+    * ``"low_precision_first_grad_only"``: below float64 only the first argument's gradient
+      is held to the tolerance table, the others only to finiteness (a known accuracy gap,
+      named where the sample is declared).
     """
 
     name: str

@@ -1,4 +1,4 @@
-"""The ``dist_loss`` op (fused DIST, SPEC 2): every backend's implementation and its
+"""The ``dist_loss`` op (fused DIST, semantics 2): every backend's implementation and its
 samples.
 
 * reference: :func:`kdfast.reference.dist_loss.dist_loss`;

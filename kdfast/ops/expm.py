@@ -1,4 +1,4 @@
-"""Custom ops for the matrix exponential on the reference backend (SPEC 6).
+"""Custom ops for the matrix exponential on the reference backend (semantics 6).
 
 ``kdfast::expm_reference(Tensor A, bool skew) -> Tensor`` and
 ``kdfast::expm_frechet_reference(Tensor A, Tensor E, bool skew=False) -> (Tensor, Tensor)``
@@ -8,7 +8,7 @@ synchronisation, so it must be opaque to tracing), with fake and autograd regist
 Backward of expm: grad_A = L(A^T, grad) for real A (the adjoint of L(A, .) is L(A^T, .)),
 computed by the joint algorithm. The forward is not redone with the Frechet thresholds l_m:
 the backward recomputes exp(A^T) with its own scaling inside ``expm_frechet_reference``
-(simplest; a fused kernel would save the powers and the LU instead, SPEC 6).
+(simplest; a fused kernel would save the powers and the LU instead, semantics 6).
 
 Backward of expm_frechet: with M = [[A, E], [0, A]], exp(M) = [[exp(A), L(A, E)], [0, exp(A)]]
 (Higham, Functions of Matrices, 2008, Thm 3.6), so the gradient with respect to M of the
@@ -17,7 +17,7 @@ matrices); dA is the sum of its diagonal blocks and dE its top-right block. Both
 call the custom op, so every order of derivative works and tracing stays opaque.
 
 The extra ``skew`` flag of the Frechet op carries expm's promise of skew-symmetry into its
-backward (the cheaper norm estimates, SPEC 6); it defaults to False.
+backward (the cheaper norm estimates, semantics 6); it defaults to False.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ _dispatch.implement("expm_frechet", "reference", _expm_frechet, dtypes=_FLOATS)
 # ``kdfast::expm_small_cpp`` / ``kdfast::expm_frechet_small_cpp``: the fused per-matrix
 # kernel (csrc/expm_small.h; CPU under at::parallel_for, CUDA one matrix per block).
 #
-# Backward of the ATen path: save, not recompute (SPEC 6). When a gradient will be needed
+# Backward of the ATen path: save, not recompute (semantics 6). When a gradient will be needed
 # (grad mode on and A requires grad) the forward runs ``kdfast::expm_save_cpp``: the
 # Frechet-safe thresholds l_m, and it returns its scaled powers, the LU of V - U, r_m and
 # (m, s) as extra outputs; ``kdfast::expm_backward_cpp`` computes grad_A = L(A, G^T)^T from

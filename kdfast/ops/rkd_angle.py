@@ -7,7 +7,7 @@ vertex i lies in [start, stop) (what one rank computes under ``gather=True``).
 * reference: :mod:`kdfast.reference.rkd_angle`;
 * cpp / cuda: ``kdfast::rkd_angle_{cpp,cuda}`` and ``kdfast::rkd_angle_vertices_{cpp,cuda}``
   (csrc/cpu/rkd_angle.cpp, csrc/cuda/rkd_angle.cu): the loss from the float64 Gram matrix of
-  the centred features (SPEC 1.5) with a streamed triple loop over (i, j, k) that stores
+  the centred features (semantics 1.5) with a streamed triple loop over (i, j, k) that stores
   nothing of size N^3; the backward op recomputes the Gram matrices and runs the fused
   triple loop that accumulates dL/dG (O(N^2) memory), then one GEMM back to the features;
 * triton: ``kdfast::rkd_angle_triton`` / ``kdfast::rkd_angle_vertices_triton`` around the
@@ -75,7 +75,7 @@ if _dispatch.BACKENDS["triton"].unavailable is None:
 # --- samples ---------------------------------------------------------------------------
 # N = 12 keeps the N^3 triplets cheap under the Triton interpreter. Near duplicates are
 # 1e-5 apart: the kernels resolve closer pairs from the Gram matrix, whose cancellation
-# leaves float64 gradients 2e-7 off at 1e-6 (SPEC 1.5 asks for exact near pairs; open).
+# leaves float64 gradients 2e-7 off at 1e-6 (semantics 1.5 asks for exact near pairs; open).
 _ANGLE_SAMPLES = feature_samples(12, near=1e-5, min_rows=3)
 
 

@@ -3,7 +3,7 @@
 * reference: :func:`kdfast.reference.rkd_distance.rkd_distance`;
 * cpp / cuda: ``kdfast::rkd_distance_{cpp,cuda}`` (csrc/cpu/rkd_distance.cpp,
   csrc/cuda/rkd_distance.cu): the loss from the float64 Gram matrix of the centred features
-  (SPEC 1.5); the backward op recomputes the Gram matrices (two GEMMs) instead of saving
+  (semantics 1.5); the backward op recomputes the Gram matrices (two GEMMs) instead of saving
   N x N intermediates;
 * triton: ``kdfast::rkd_distance_triton`` around the launchers of
   :mod:`kdfast.triton.rkd_distance`.

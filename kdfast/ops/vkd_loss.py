@@ -1,4 +1,4 @@
-"""The ``vkd_loss`` op (SPEC 4): its implementation (reference only: a SmoothL1 mean of a
+"""The ``vkd_loss`` op (semantics 4): its implementation (reference only: a SmoothL1 mean of a
 (B, D) difference has nothing to fuse) and its samples."""
 
 from __future__ import annotations

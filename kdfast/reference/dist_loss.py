@@ -1,4 +1,4 @@
-"""Reference DIST: ``beta * tau^2 * inter + gamma * tau^2 * intra`` (SPEC 2).
+"""Reference DIST: ``beta * tau^2 * inter + gamma * tau^2 * intra`` (semantics 2).
 
 Huang, You, Wang, Qian, Xu, "Knowledge Distillation from A Stronger Teacher", NeurIPS 2022
 (hunto/DIST_KD). inter = 1 - mean over rows of the Pearson correlation across classes;

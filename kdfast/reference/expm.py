@@ -1,4 +1,4 @@
-"""Matrix exponential and its Frechet derivative by Pade scaling and squaring (SPEC 6).
+"""Matrix exponential and its Frechet derivative by Pade scaling and squaring (semantics 6).
 
 The executable spec: plain PyTorch ops, batched over leading dims ``(..., n, n)``, float32 or
 float64 (callers upcast half inputs). Autograd can differentiate these functions directly,
@@ -88,7 +88,7 @@ def expm_frechet(A: Tensor, E: Tensor, skew: bool = False) -> tuple[Tensor, Tens
     L(A, E) is the Frechet derivative of exp at A in direction E. The degree and scaling use
     the same d_p estimates as :func:`expm`, without its rounding-error check, with the
     thresholds l_m of the joint algorithm (SciPy's ``expm_frechet`` uses ||A||_1 instead of
-    d_p; the d_p are sharper and save squarings, see SPEC 6).
+    d_p; the d_p are sharper and save squarings, see semantics 6).
     """
     return _scaling_and_squaring(A, E, skew)
 

@@ -1,4 +1,4 @@
-"""Reference Hinton KD: ``T^2 * KL(p_t || p_s)`` with ``p = softmax(z / T)`` (SPEC 3).
+"""Reference Hinton KD: ``T^2 * KL(p_t || p_s)`` with ``p = softmax(z / T)`` (semantics 3).
 
 Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network", 2015.
 
@@ -30,7 +30,7 @@ def _row_kl(s: Tensor, t: Tensor, temperature: float, teacher: str) -> Tensor:
     if teacher == "probs":
         # xlogy gives 0 * log 0 = 0: exact zeros in cached probabilities are legitimate.
         return (torch.special.xlogy(t, t) - t * log_ps).sum(dim=1)
-    # -inf teacher logits / log-probs give NaN, as Inf inputs must propagate (SPEC 0);
+    # -inf teacher logits / log-probs give NaN, as Inf inputs must propagate (semantics 0);
     # pass probabilities to express exact zeros.
     log_pt = F.log_softmax(t / temperature, dim=1) if teacher == "logits" else t
     return (log_pt.exp() * (log_pt - log_ps)).sum(dim=1)

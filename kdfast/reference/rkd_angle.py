@@ -1,9 +1,9 @@
-"""Reference RKD angle loss (SPEC 1.3): Park et al., "Relational Knowledge Distillation",
+"""Reference RKD angle loss (semantics 1.3): Park et al., "Relational Knowledge Distillation",
 CVPR 2019 (lenscloth/RKD).
 
 The official difference-based formula, evaluated in promote_types(s, t, float32) without an
 upcast: normalising the differences x_j - x_i before the inner products keeps it accurate
-(about 4e-7 relative in float32 on clustered features, SPEC 1.5), and it is the baseline the
+(about 4e-7 relative in float32 on clustered features, semantics 1.5), and it is the baseline the
 kernels are benchmarked against. It needs O(N^2 D + N^3) memory.
 """
 
@@ -34,7 +34,7 @@ def angles(x: Tensor) -> Tensor:
 
 
 def rkd_angle(s: Tensor, t: Tensor) -> Tensor:
-    """RKD angle loss: mean over all N^3 triplets of SmoothL1(A^s_ijk - A^t_ijk) (SPEC 1.3).
+    """RKD angle loss: mean over all N^3 triplets of SmoothL1(A^s_ijk - A^t_ijk) (semantics 1.3).
 
     Degenerate entries (j = i or k = i: 0 on both sides; j = k != i: 1 on both sides) stay
     in the denominator, as in the official code. The teacher side is differentiated when

@@ -1,10 +1,10 @@
-"""Reference RKD distance loss (SPEC 1.1-1.2): Park et al., "Relational Knowledge
+"""Reference RKD distance loss (semantics 1.1-1.2): Park et al., "Relational Knowledge
 Distillation", CVPR 2019 (lenscloth/RKD).
 
 The official pdist takes squared norms from a separate row sum and works in the input
 dtype; in float32 that cancels catastrophically for features far from the origin or in tight
 clusters. kdfast centres the rows (distances are translation invariant) and forms the Gram
-expansion in float64, so this reference is the float64 truth of SPEC 7 for every input dtype.
+expansion in float64, so this reference is the float64 truth of semantics 7 for every input dtype.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ D2_MIN = 1e-12
 
 
 def pdist(e: Tensor) -> Tensor:
-    """Pairwise Euclidean distances of the rows of ``e`` (SPEC 1.1), in float64.
+    """Pairwise Euclidean distances of the rows of ``e`` (semantics 1.1), in float64.
 
     G = e e^T of the centred rows; D2_ij = G_ii + G_jj - 2 G_ij (squared norms from the
     diagonal of the same G, so a duplicate pair gives exactly 0 before the clamp); D2 is
@@ -53,7 +53,7 @@ def _normalised_distances(e: Tensor) -> Tensor:
 
 
 def rkd_distance(s: Tensor, t: Tensor) -> Tensor:
-    """RKD distance loss: mean over all N^2 entries of SmoothL1(psi_s - psi_t) (SPEC 1.2).
+    """RKD distance loss: mean over all N^2 entries of SmoothL1(psi_s - psi_t) (semantics 1.2).
 
     The gradient flows through mu_s, and through the teacher side when ``t`` requires grad
     (the official code detaches the teacher). Computed in float64.

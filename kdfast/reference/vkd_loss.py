@@ -1,4 +1,4 @@
-"""Reference VkD representation loss (SPEC 4): Miles, Elezi, Deng, "VkD: Improving Knowledge
+"""Reference VkD representation loss (semantics 4): Miles, Elezi, Deng, "VkD: Improving Knowledge
 Distillation using Orthogonal Projections", CVPR 2024 (roymiles/VkD).
 
 The loss compares the orthogonally projected student features with normalised teacher
@@ -20,7 +20,7 @@ from torch import Tensor
 
 from kdfast._validation import compute_dtype
 
-#: eps of every normalisation (SPEC 4).
+#: eps of every normalisation (semantics 4).
 EPS = 1e-5
 
 

@@ -1,5 +1,5 @@
 """Helpers shared by the Triton logit kernels (kd_loss, dist_loss): the mask flags, the
-(rows, C) or (N, C, S) logit layouts (SPEC 0: class dim 1, rows r = n * S + s, no permuted
+(rows, C) or (N, C, S) logit layouts (semantics 0: class dim 1, rows r = n * S + s, no permuted
 copy) and the element offsets of either."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Triton fused DIST (SPEC 2) and the custom op ``kdfast::dist_loss_triton``.
+"""Triton fused DIST (semantics 2) and the custom op ``kdfast::dist_loss_triton``.
 
 Same contract as ``kdfast::dist_loss_cpp`` (:mod:`kdfast.ops.dist_loss`): the op returns
 ``(loss, grad_student, grad_teacher)``, the gradients written in the forward pass only when
@@ -28,10 +28,10 @@ interpreter), each of zs and zt alike:
 * RESIDENT (a row padded to a power of two fits RESIDENT_TILE elements: C <= 2048 in
   float32 / half, 1024 in float64): the tile of BLOCK_R whole rows is loaded once per
   kernel and every sweep runs on the registers; the stats programs also keep their column
-  moments in registers (stored once). 1 read for the loss, 2 with gradients: within SPEC
-  2's budget (3 of zs, 2 of zt).
+  moments in registers (stored once). 1 read for the loss, 2 with gradients: within
+  semantics 2's budget (3 of zs, 2 of zt).
 * chunked (wider rows, up to 262144 and beyond), softmax: 2 loads for the loss
-  (log-sum-exp, then y), 4 with gradients (<g, y>, then the write). SPEC 2's budget
+  (log-sum-exp, then y), 4 with gradients (<g, y>, then the write). semantics 2's budget
   assumes the row on chip: y needs the row's final log-sum-exp before the column moments,
   and every gradient element needs yt (through g) after the column merge, for <g, y> and
   again for the write. A pair of float32 rows of 32000 classes is 256 KB, more than an

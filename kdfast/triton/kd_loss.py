@@ -1,4 +1,4 @@
-"""Triton fused softmax + KL (SPEC 3) and the custom op ``kdfast::kd_loss_triton``: Hinton
+"""Triton fused softmax + KL (semantics 3) and the custom op ``kdfast::kd_loss_triton``: Hinton
 KD (every reduction, mask, teacher given as logits, probs or log-probs), per-sample KL and
 the DeiT soft term (``kd_loss(..., reduction="mean")``).
 

@@ -1,10 +1,10 @@
-"""Triton passes of the RKD angle loss (SPEC 1.3, 1.5) and the custom ops
+"""Triton passes of the RKD angle loss (semantics 1.3, 1.5) and the custom ops
 ``kdfast::rkd_angle_triton`` (all vertices) and ``kdfast::rkd_angle_vertices_triton`` (the
 share of the loss whose vertex i lies in [start, stop): the ``rkd_angle_vertices`` op of
 ``gather=True``).
 
 The launcher centres the rows and forms G with a float64 GEMM through torch for every
-input dtype (SPEC 1.5: never TF32). The kernels work in float64 (csrc/rkd_angle.h has the
+input dtype (semantics 1.5: never TF32). The kernels work in float64 (csrc/rkd_angle.h has the
 derivation):
 
 * ``pair_kernel``, tiles (i-block, j-block): r_ij = 1 / max(||x_j - x_i||, 1e-12), 0 for
@@ -30,7 +30,7 @@ from torch import Tensor
 from kdfast._validation import check_vertex_range, compute_dtype
 from kdfast.triton.rkd_distance import centred_gram
 
-#: SPEC 1.5: a pair is degenerate when D2 <= 64 u (G_ii + G_jj), u = 2^-53 (float64).
+#: semantics 1.5: a pair is degenerate when D2 <= 64 u (G_ii + G_jj), u = 2^-53 (float64).
 DEGENERATE = tl.constexpr(64.0 * 2.0**-53)
 #: F.normalize's floor of the norm.
 MIN_NORM = tl.constexpr(1e-12)
@@ -213,7 +213,7 @@ def _forward(student: Tensor, teacher: Tensor, start: int, stop: int) -> Tensor:
 
 
 def rkd_angle_triton(student: Tensor, teacher: Tensor) -> Tensor:
-    """RKD angle loss (SPEC 1.3) with Triton kernels: scalar in
+    """RKD angle loss (semantics 1.3) with Triton kernels: scalar in
     promote_types(student, teacher, float32). student (N, Ds), teacher (N, Dt), N >= 3."""
     return _forward(student, teacher, 0, student.shape[0])
 

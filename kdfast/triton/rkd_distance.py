@@ -1,8 +1,8 @@
-"""Triton per-pair passes of the RKD distance loss (SPEC 1.2, 1.5) and their launchers
+"""Triton per-pair passes of the RKD distance loss (semantics 1.2, 1.5) and their launchers
 (registered as ``kdfast::rkd_distance_triton`` by :mod:`kdfast.ops.rkd_distance`).
 
 The launcher centres the rows and forms the Gram matrix G with a float64 GEMM through
-torch for every input dtype (SPEC 1.5: never TF32); the kernels work on tiles of pairs
+torch for every input dtype (semantics 1.5: never TF32); the kernels work on tiles of pairs
 (i-block, j-block) of G in float64: distances D_ij with the clamp and the degenerate-pair
 rule, and dL/dD2 in the backward. Launchers accept CPU tensors (TRITON_INTERPRET=1).
 Import only when triton is importable.
@@ -17,9 +17,9 @@ from torch import Tensor
 
 from kdfast._validation import compute_dtype
 
-#: SPEC 1.5: a pair is degenerate when D2 <= 64 u (G_ii + G_jj), u = 2^-53 (float64).
+#: semantics 1.5: a pair is degenerate when D2 <= 64 u (G_ii + G_jj), u = 2^-53 (float64).
 DEGENERATE = tl.constexpr(64.0 * 2.0**-53)
-#: Distances are clamped below at sqrt(1e-12) = 1e-6 (SPEC 1.1).
+#: Distances are clamped below at sqrt(1e-12) = 1e-6 (semantics 1.1).
 MIN_D2 = tl.constexpr(1e-12)
 BLOCK = 32
 
@@ -97,7 +97,7 @@ def _smooth_l1_parts(s: Tensor, t: Tensor):
 
 
 def rkd_distance_triton(student: Tensor, teacher: Tensor) -> Tensor:
-    """RKD distance loss (SPEC 1.2) with Triton pair kernels: scalar in
+    """RKD distance loss (semantics 1.2) with Triton pair kernels: scalar in
     promote_types(student, teacher, float32). student (N, Ds), teacher (N, Dt), N >= 2."""
     diff = _smooth_l1_parts(student, teacher)
     loss = torch.nn.functional.smooth_l1_loss(diff, torch.zeros_like(diff), beta=1.0)

@@ -115,7 +115,8 @@ def test_parity(op, device, backend, dtype, sample):
     finite_only = "exact_duplicates" in sample.tags or _has_duplicate_rows(op, sample, dtype)
     for i, (g, t, o) in enumerate(zip(got_grads, truth_grads, own_grads, strict=True)):
         assert g.dtype == o.dtype and g.shape == o.shape, f"gradient {i}: {g.dtype} {g.shape}"
-        if finite_only:
+        first_only = "low_precision_first_grad_only" in sample.tags and dtype != torch.float64
+        if finite_only or (first_only and i > 0):
             assert torch.isfinite(g).all(), f"gradient {i} is not finite"
             continue
         tol = tolerance(dtype, "grad", rel_error(o, t))
@@ -263,12 +264,17 @@ def test_second_derivative_is_right_or_refused(op, device, backend):
             (second,) = torch.autograd.grad((grad * grad).sum(), x)
         return second
 
+    if backend == "reference":
+        pytest.skip("the reference is the oracle of second derivatives")
     try:
         got = hvp(backend)
     except RuntimeError as exc:
         assert "double backward" in str(exc), exc
         return
-    assert rel_error(got, hvp("reference")) <= 1e-7
+    want = hvp("reference")
+    if not torch.isfinite(want).all():
+        pytest.skip(f"the reference's second derivative of {sample.name} is not finite")
+    assert rel_error(got, want) <= 1e-7
 
 
 def _bad_cases():

@@ -2,7 +2,7 @@
 
 * ``parse_ptxas_log``: per-kernel ``Resources`` (registers, spills, shared memory) from
   ``ptxas -v`` output (also as ``nvcc -Xptxas -v`` prints it);
-* SASS checks: tensor-core instructions (warpgroup MMA on sm_90, no TF32: SPEC 7);
+* SASS checks: tensor-core instructions (warpgroup MMA on sm_90, no TF32: semantics 7);
 * PTX checks: ``narrow_offsets``, 32-bit index arithmetic feeding global addresses.
 
 Tools: ptxas, cuobjdump and nvdisasm of the Triton wheel (triton/backends/nvidia/bin), else
@@ -139,7 +139,7 @@ def uses_warpgroup_mma(sass: str) -> bool:
 
 
 def uses_tf32(sass: str) -> bool:
-    """Whether SASS contains a TF32 tensor-core instruction (forbidden: SPEC 7)."""
+    """Whether SASS contains a TF32 tensor-core instruction (forbidden: semantics 7)."""
     return any("TF32" in op for op in mma_instructions(sass))
 
 
