@@ -8,6 +8,10 @@
 //   dKL/dzt = pt (log pt - log ps - KL) / T       (teacher logits)
 //           = pt (log pt - log ps + 1)            (teacher log-probs: pt = exp(zt))
 //           = log pt + 1 - log ps                 (teacher probs)
+// For teacher logits, log pt - log ps = w + const with w = zt / T - zs / T, so
+//   T dKL/dzt = pt (w - sum_j pt_j w_j) = pt ((w - w_top) + sum_j pt_j (w_top - w_j))
+// with w_top the w of the teacher's top class: the form without cancellation when that class
+// holds nearly all the mass (teacher_logit_grad).
 #pragma once
 
 #include <cmath>
@@ -56,11 +60,20 @@ KDFAST_HOST_DEVICE acc_t kl_term(acc_t pt, acc_t log_pt, acc_t log_ps, Teacher k
   return pt * (log_pt - log_ps);
 }
 
-// dKL/d(teacher input) times T for logits (the caller divides by T); see the header comment.
+// T dKL/dzt for teacher logits (the caller divides by T): pt ((w - w_top) + a), w = zt / T -
+// zs / T, w_top its value at the teacher's top class (the same rounded value, so that the
+// top class gets pt a), a = sum_j pt_j (w_top - w_j) summed term by term. Not
+// pt (log pt - log ps - KL): at a top class holding all but eps of the mass, log pt - log ps
+// and KL (hundreds for extreme logits) differ by about eps times the spread of w, which
+// float32 cannot resolve once eps is below about 1e-7: their rounding errors swamp it.
 template <typename acc_t>
-KDFAST_HOST_DEVICE acc_t teacher_grad(acc_t pt, acc_t log_pt, acc_t log_ps, acc_t kl,
-                                      Teacher kind) {
-  if (kind == Teacher::kLogits) return pt * (log_pt - log_ps - kl);
+KDFAST_HOST_DEVICE acc_t teacher_logit_grad(acc_t pt, acc_t w, acc_t w_top, acc_t a) {
+  return pt * ((w - w_top) + a);
+}
+
+// dKL/d(teacher input) for teacher probs or log-probs; see the header comment.
+template <typename acc_t>
+KDFAST_HOST_DEVICE acc_t teacher_grad(acc_t pt, acc_t log_pt, acc_t log_ps, Teacher kind) {
   if (kind == Teacher::kLogProbs) return pt * (log_pt - log_ps + acc_t(1));
   return log_pt + acc_t(1) - log_ps;
 }

@@ -153,6 +153,61 @@ def test_low_precision_against_float64_truth(op, backend, dtype):
             torch.testing.assert_close(scaled[1][0], want, rtol=0, atol=0)
 
 
+def _extreme_teacher_cases():
+    """(op, backend, tiny): kd_loss and per_sample_kl on every backend; Triton also with
+    tiny tiles (the teacher's top class found across column blocks)."""
+    return [
+        (op, b, tiny)
+        for op, b in _pairs(["kd_loss", "per_sample_kl"])
+        for tiny in ((False, True) if b == "triton" else (False,))
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("op,backend,tiny", _extreme_teacher_cases())
+def test_teacher_gradient_of_extreme_logits(op, backend, tiny, dtype, monkeypatch):
+    """SPEC 7 for the teacher's gradient pt (log pt - log ps - KL) / T of a teacher far more
+    confident than the student (student 80 N(0, 1), teacher 160 N(0, 1)): in a row whose top
+    class holds all but less than eps of the mass, log pt - log ps at that class and KL agree
+    far beyond their size (hundreds), so their difference formed in float32 is rounding
+    noise there (float64 itself rounds it to 0 once the rest is below 1e-16). Within
+    max(1e-5, 2x PyTorch's own error) of the float64 truth on the same rounded inputs, for
+    every teacher kind, temperature and reduction (upstream weights 0.5 to 1.5 for per-row
+    losses); also over more than one column block (rows of 2100 classes; tiny Triton
+    tiles)."""
+    require_backend(backend)
+    if tiny:
+        _tiny_tiles(monkeypatch, False)
+    g = torch.Generator().manual_seed(0)
+    shapes = [(12, 37), (3, 130 if SMALL else 2100)]
+    pairs = [
+        (80 * torch.randn(*shape, generator=g, dtype=torch.float64),
+         160 * torch.randn(*shape, generator=g, dtype=torch.float64))
+        for shape in shapes
+    ]  # fmt: skip
+    # interpreted Triton: a fifth of the options, still every kind, reduction and T of kd_loss
+    options_list = OPTIONS[op][:: 5 if SMALL else 1]
+    for s64, t64 in pairs:
+        s = s64.to(dtype)
+        for options in options_list:
+            kind = options.get("teacher", "logits")
+            t = t64.to(dtype)
+            if kind != "logits":
+                t = teacher_as(t, kind, options["temperature"])
+                # no exact zero probabilities (their gradient is log 0)
+                t = t.clamp_min(torch.finfo(dtype).tiny) if kind == "probs" else t
+            got = _call(op, backend, s, t, None, options, as_given=True)[1]
+            own = _call(op, "reference", s, t, None, options, as_given=True)[1]
+            truth = _call(op, "reference", s.double(), t.double(), None, options, as_given=True)[1]
+            where = (tuple(s.shape), options)
+            for i in range(2):
+                assert got[i].dtype == dtype
+                tol = tolerance(dtype, "grad", rel_error(own[i], truth[i]))
+                tol = max(tol, torch.finfo(dtype).eps)  # the final rounding to dtype
+                err = rel_error(got[i], truth[i])
+                assert err <= tol, (where, "student teacher".split()[i], err, tol)
+
+
 @pytest.mark.parametrize("op,backend", _pairs(OPS))
 def test_gradcheck(op, backend):
     require_backend(backend)

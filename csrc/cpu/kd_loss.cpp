@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <limits>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -31,13 +32,17 @@ KDFAST_INLINE acc_t kl_row_impl(acc_t* u, acc_t* v, acc_t* es, acc_t* et, int64_
   const double lse_s64 = ls.lse();
   const acc_t max_s = ls.max, log_sum_s = static_cast<acc_t>(std::log(ls.sum));
   acc_t kl = 0, sum_pt = 0;
-  // After these loops: u = log ps, v = pt, et = log pt (except pt_in_et below).
+  // After these loops: u = log ps, v = pt, et = log pt (except for teacher logits: see
+  // pt_in_et, and with grad_t u = w = v - u, the log-ratio log pt - log ps up to a constant).
   bool pt_in_et = false;  // teacher logits without grad_t: et = exp(v - max_t), pt = et / sum
   acc_t inv_sum_t = 1;
+  // teacher logits with grad_t: w at a top class of the teacher (the largest w among ties;
+  // any tied class would do: tied classes share the mass, none holds nearly all of it)
+  acc_t w_top = -std::numeric_limits<acc_t>::infinity();
   if (kind == Teacher::kLogits) {
     const rows::Lse<acc_t> lt = rows::exp_row(v, n, et);
     const double lse_t64 = lt.lse();
-    const acc_t max_t = lt.max, log_sum_t = static_cast<acc_t>(std::log(lt.sum));
+    const acc_t max_t = lt.max;
     inv_sum_t = acc_t(1.0 / lt.sum);
     pt_in_et = !grad_t;
     const acc_t dlse = static_cast<acc_t>(lse_s64 - lse_t64);
@@ -56,15 +61,17 @@ KDFAST_INLINE acc_t kl_row_impl(acc_t* u, acc_t* v, acc_t* es, acc_t* et, int64_
           pt_part += pt;
         }
       } else {
-#pragma omp simd reduction(+ : kl_part, pt_part)
+        acc_t w_top_part = -std::numeric_limits<acc_t>::infinity();
+#pragma omp simd reduction(+ : kl_part, pt_part) reduction(max : w_top_part)
         for (int64_t c = b; c < e; ++c) {
-          const acc_t log_ps = (u[c] - max_s) - log_sum_s;
-          const acc_t log_pt = (v[c] - max_t) - log_sum_t;
-          const acc_t pt = et[c] * inv_sum_t;
-          kl_part += pt * ((v[c] - u[c]) + dlse);
+          const acc_t pt = et[c] * inv_sum_t, w = v[c] - u[c];
+          kl_part += pt * (w + dlse);
           pt_part += pt;
-          u[c] = log_ps, v[c] = pt, et[c] = log_pt;
+          const acc_t w_if_top = v[c] == max_t ? w : -std::numeric_limits<acc_t>::infinity();
+          w_top_part = w_if_top > w_top_part ? w_if_top : w_top_part;
+          u[c] = w, v[c] = pt;
         }
+        w_top = std::max(w_top, w_top_part);
       }
       kl_sum += static_cast<double>(kl_part), sum_pt64 += static_cast<double>(pt_part);
     }
@@ -97,8 +104,22 @@ KDFAST_INLINE acc_t kl_row_impl(acc_t* u, acc_t* v, acc_t* es, acc_t* et, int64_
       for (int64_t c = 0; c < n; ++c) es[c] = es[c] * scale - v[c] * coef_s;
     }
   }
-  if (grad_t) {
-    for (int64_t c = 0; c < n; ++c) et[c] = teacher_grad(v[c], et[c], u[c], kl, kind);
+  if (grad_t && kind == Teacher::kLogits) {
+    // T dKL/dzt = pt ((w - w_top) + a), a = sum_j pt_j (w_top - w_j) (csrc/kd_loss.h): no
+    // cancellation at a top class holding nearly all the mass (its own term of a is 0).
+    double a = 0.0;
+    for (int64_t b = 0; b < n; b += rows::kBlock) {
+      const int64_t e = std::min(n, b + rows::kBlock);
+      acc_t part = 0;
+#pragma omp simd reduction(+ : part)
+      for (int64_t c = b; c < e; ++c) part += v[c] * (w_top - u[c]);
+      a += static_cast<double>(part);
+    }
+    const acc_t a_acc = static_cast<acc_t>(a);
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) et[c] = teacher_logit_grad(v[c], u[c], w_top, a_acc);
+  } else if (grad_t) {
+    for (int64_t c = 0; c < n; ++c) et[c] = teacher_grad(v[c], et[c], u[c], kind);
   }
   return kl;
 }

@@ -11,7 +11,11 @@ One kernel, programs over tiles of BLOCK_R rows, looping over column blocks of B
 C up to 262144 and beyond): pass 1 the online max / sum of exp of each side (for a teacher
 given as probs or log-probs, with a student gradient alone: sum(pt)), pass 2 the row KL and
 sum(pt), and with a student gradient alone its write, pass 3 (only with a teacher gradient,
-which needs the row KL) the gradient writes. Reads of each input per call (counted under
+which needs a row sum of pass 2) the gradient writes. The gradient of teacher logits is
+pt ((d - d_top) + a) / T with d = zt - zs, d_top its value at the teacher's top class and
+a = sum_j pt_j (d_top - d_j), summed in pass 2 (not pt (log pt - log ps - KL), see
+csrc/kd_loss.h); pass 1 then reads the teacher first, finding its top class, and takes the
+student's logit there as it reads the student. Reads of each input per call (counted under
 the interpreter by tests/test_logit_kernels.py): 2, also with a student gradient; 3 with a
 teacher gradient; a teacher given as probs or log-probs is not read in pass 1 unless the
 student's gradient alone is asked for. Pass 2 runs from the last column block back to the
@@ -53,24 +57,43 @@ def _row_lse(
     S,
     n_cols,
     scale,
+    top,
     SPATIAL: tl.constexpr,
     BLOCK_C: tl.constexpr,
     ACC: tl.constexpr,
     KIND: tl.constexpr,
+    TOP: tl.constexpr = 0,
 ):
-    """Pass 1 over one side of the tile: (max, sum of exp(x * scale - max)) of each row
-    (KIND 0: logits); for a teacher given as probs (KIND 1) or log-probs (KIND 2), (0,
-    sum(pt)), summed as pass 2 sums it."""
+    """Pass 1 over one side of the tile: (max, sum of exp(x * scale - max), top, x_top) of
+    each row (KIND 0: logits); for a teacher given as probs (KIND 1) or log-probs (KIND 2),
+    (0, sum(pt), ...), sum(pt) summed as pass 2 sums it. TOP 1: top = the first column
+    holding the max of the row (-1 for a row of -inf or NaN), x_top = x there (unscaled);
+    TOP 2: x_top = the unscaled x at the given column top of each row; TOP 0: top, x_top
+    unused."""
     m = tl.full(offs_r.shape, float("-inf"), ACC)
     if KIND != 0:
         m = tl.zeros(offs_r.shape, ACC)
     total = tl.zeros(offs_r.shape, ACC)
+    if TOP == 1:
+        top = tl.full(offs_r.shape, -1, tl.int32)
+        x_top = tl.full(offs_r.shape, float("-inf"), ACC)
+    else:
+        x_top = tl.zeros(offs_r.shape, ACC)
     for c0 in range(0, n_cols, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         col_ok = cols < n_cols
         ok = row_ok[:, None] & col_ok[None, :]
-        x = tl.load(logit_ptrs(x_ptr, offs_r, cols, rs, cs, S, SPATIAL), mask=ok, other=1.0)
-        x = x.to(ACC) * scale
+        raw = tl.load(logit_ptrs(x_ptr, offs_r, cols, rs, cs, S, SPATIAL), mask=ok, other=1.0)
+        raw = raw.to(ACC)
+        if TOP == 1:
+            block_max, block_top = tl.max(
+                tl.where(col_ok[None, :], raw, float("-inf")), axis=1, return_indices=True
+            )
+            top = tl.where(block_max > x_top, c0 + block_top, top)
+            x_top = tl.maximum(x_top, block_max)
+        elif TOP == 2:
+            x_top += tl.sum(tl.where(cols[None, :] == top[:, None], raw, 0.0), axis=1)
+        x = raw * scale
         if KIND == 0:
             x = tl.where(col_ok[None, :], x, float("-inf"))
             m_new = tl.maximum(m, tl.max(x, axis=1))
@@ -79,7 +102,7 @@ def _row_lse(
         else:
             pt = x if KIND == 1 else tl.exp(x)
             total += tl.sum(tl.where(ok, pt, 0.0), axis=1)
-    return m, total
+    return m, total, top, x_top
 
 
 @triton.jit
@@ -132,15 +155,26 @@ def kd_loss_kernel(
     row_ok = offs_r < n_rows
     inv_t = tl.load(params_ptr + 1)
     teacher_scale = inv_t if KIND == 0 else 1.0
-    max_s, sum_s = _row_lse(
-        s_ptr, offs_r, row_ok, s_rs, s_cs, S, n_cols, inv_t, SPATIAL, BLOCK_C, ACC, 0
-    )
+    if GRAD_T and KIND == 0:
+        # the teacher first: its top class (pass 2), then the student's logit there
+        max_t, sum_t, top, d_top = _row_lse(
+            t_ptr, offs_r, row_ok, t_rs, t_cs, S, n_cols, inv_t, -1, SPATIAL, BLOCK_C, ACC, 0, 1
+        )
+        max_s, sum_s, _, zs_top = _row_lse(
+            s_ptr, offs_r, row_ok, s_rs, s_cs, S, n_cols, inv_t, top, SPATIAL, BLOCK_C, ACC, 0, 2
+        )
+        d_top -= zs_top
+    else:
+        max_s, sum_s, _, _ = _row_lse(
+            s_ptr, offs_r, row_ok, s_rs, s_cs, S, n_cols, inv_t, -1, SPATIAL, BLOCK_C, ACC, 0
+        )
     log_sum_s = tl.log(sum_s)
     inv_sum_s = 1.0 / sum_s
     if KIND == 0:
-        max_t, sum_t = _row_lse(
-            t_ptr, offs_r, row_ok, t_rs, t_cs, S, n_cols, inv_t, SPATIAL, BLOCK_C, ACC, 0
-        )
+        if not GRAD_T:
+            max_t, sum_t, _, _ = _row_lse(
+                t_ptr, offs_r, row_ok, t_rs, t_cs, S, n_cols, inv_t, -1, SPATIAL, BLOCK_C, ACC, 0
+            )
     else:
         max_t = tl.zeros(offs_r.shape, ACC)
         sum_t = tl.full(offs_r.shape, 1.0, ACC)
@@ -158,8 +192,8 @@ def kd_loss_kernel(
     if KIND == 0:
         sum_pt_first = sum_t * inv_sum_t
     elif GRAD_S and not GRAD_T:
-        _, sum_pt_first = _row_lse(
-            t_ptr, offs_r, row_ok, t_rs, t_cs, S, n_cols, 1.0, SPATIAL, BLOCK_C, ACC, KIND
+        _, sum_pt_first, _, _ = _row_lse(
+            t_ptr, offs_r, row_ok, t_rs, t_cs, S, n_cols, 1.0, -1, SPATIAL, BLOCK_C, ACC, KIND
         )
     else:
         sum_pt_first = tl.zeros((BLOCK_R,), ACC)  # unused
@@ -168,6 +202,10 @@ def kd_loss_kernel(
     # column block back to the first, so that what pass 1 read last is re-read first
     kl = tl.zeros((BLOCK_R,), ACC)
     sum_pt = tl.zeros((BLOCK_R,), ACC)
+    # teacher logits with their gradient (pass 3): a = sum_j pt_j (d_top - d_j), d = zt - zs
+    # as read (a difference of two loaded values: no product to contract into an FMA, so
+    # every pass rounds it alike, and the top class's own term is exactly 0)
+    a = tl.zeros((BLOCK_R,), ACC)
     last = last_block(n_cols, BLOCK_C, False)
     for i in range(0, n_cols, BLOCK_C):
         cols = (last - i) + tl.arange(0, BLOCK_C)
@@ -185,6 +223,8 @@ def kd_loss_kernel(
             term = pt * (log_pt - log_ps)
         kl += tl.sum(tl.where(ok, term, 0.0), axis=1)
         sum_pt += tl.sum(tl.where(ok, pt, 0.0), axis=1)
+        if GRAD_T and KIND == 0:
+            a += tl.sum(tl.where(ok, pt * (d_top[:, None] - (v - u)), 0.0), axis=1)
         if GRAD_S and not GRAD_T:
             gs = (tl.exp(shifted_s) * ps_scale[:, None] - pt) * coef_s
             gs = tl.where(keep[:, None], gs, 0.0)
@@ -197,27 +237,37 @@ def kd_loss_kernel(
         for c0 in range(0, n_cols, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
             ok = row_ok[:, None] & (cols < n_cols)[None, :]
-            u = tl.load(logit_ptrs(s_ptr, offs_r, cols, s_rs, s_cs, S, SPATIAL), mask=ok, other=0.0)
-            u = u.to(ACC) * inv_t
-            v = tl.load(logit_ptrs(t_ptr, offs_r, cols, t_rs, t_cs, S, SPATIAL), mask=ok, other=1.0)
-            pt, log_pt = _teacher_terms(
-                v.to(ACC) * teacher_scale, max_t, log_sum_t, inv_sum_t, KIND
+            zs = tl.load(
+                logit_ptrs(s_ptr, offs_r, cols, s_rs, s_cs, S, SPATIAL), mask=ok, other=0.0
             )
+            zs = zs.to(ACC)
+            u = zs * inv_t
+            zt = tl.load(
+                logit_ptrs(t_ptr, offs_r, cols, t_rs, t_cs, S, SPATIAL), mask=ok, other=1.0
+            )
+            zt = zt.to(ACC)
+            pt, log_pt = _teacher_terms(zt * teacher_scale, max_t, log_sum_t, inv_sum_t, KIND)
             out = grad_offsets(offs_r, cols, n_cols, S, SPATIAL)
-            if GRAD_S:
-                gs = (tl.exp(u - max_s[:, None]) * ps_scale[:, None] - pt) * coef_s
-                gs = tl.where(keep[:, None], gs, 0.0)
-                tl.store(gs_ptr + out, gs.to(gs_ptr.dtype.element_ty), mask=ok)
             if GRAD_T:
                 log_ps = (u - max_s[:, None]) - log_sum_s[:, None]
                 if KIND == 0:
-                    gt = pt * (log_pt - log_ps - kl[:, None])
+                    # pt (w - sum_j pt_j w_j) with w = (zt - zs) / T (log pt - log ps up to a
+                    # constant) as pt ((d - d_top) + a) / T, not pt (log pt - log ps - KL): at
+                    # a top class holding nearly all the mass, log pt - log ps and KL agree far
+                    # below float32's resolution of their size (csrc/kd_loss.h)
+                    gt = pt * (((zt - zs) - d_top[:, None]) + a[:, None]) * inv_t
                 elif KIND == 2:
                     gt = pt * (log_pt - log_ps + 1.0)
                 else:
                     gt = log_pt + 1.0 - log_ps
                 gt = tl.where(keep[:, None], gt * coef_t, 0.0)
                 tl.store(gt_ptr + out, gt.to(gt_ptr.dtype.element_ty), mask=ok)
+            # after the teacher's: in this order zs and zt are dead before gs is formed, and
+            # the fp32 (2, 1024) tile fits in registers on sm_80 (spills the other way round)
+            if GRAD_S:
+                gs = (tl.exp(u - max_s[:, None]) * ps_scale[:, None] - pt) * coef_s
+                gs = tl.where(keep[:, None], gs, 0.0)
+                tl.store(gs_ptr + out, gs.to(gs_ptr.dtype.element_ty), mask=ok)
 
 
 def blocks(n_cols: int, elem: int) -> tuple[int, int]:
