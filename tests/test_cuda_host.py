@@ -17,8 +17,10 @@ import pytest
 import torch
 from conftest import NO_EXT, require_backend
 
-from kdfast import _dispatch, _extension, reference
+from kdfast import _dispatch, _extension
 from kdfast.reference import expm as ref_expm
+from kdfast.reference.rkd_angle import rkd_angle, rkd_angle_vertices
+from kdfast.reference.rkd_distance import rkd_distance
 from kdfast.testing import rel_error
 
 F64, F32 = torch.float64, torch.float32
@@ -111,7 +113,7 @@ def test_distance_matches_reference(case, threads):
     per_block = threads or RKD_THREADS
     grid = blocks(N * N, per_block)
     loss = ops().rkd_distance_cuda_host(s, t, threads)
-    want, want_s, want_t = reference_grads(reference.rkd_distance, s, t, grad=0.7)
+    want, want_s, want_t = reference_grads(rkd_distance, s, t, grad=0.7)
     assert loss.dtype == F64 and rel_error(loss, want) <= 1e-9
     assert launches() == [("pair_forward_kernel", grid, per_block)] * 2
     got = ops().rkd_distance_cuda_host_backward(
@@ -125,7 +127,7 @@ def test_distance_matches_reference(case, threads):
 @pytest.mark.parametrize("side", ["student", "teacher"])
 def test_distance_one_side_gradient(side):
     s, t = rkd_inputs("clustered")
-    _, want_s, want_t = reference_grads(reference.rkd_distance, s, t)
+    _, want_s, want_t = reference_grads(rkd_distance, s, t)
     student = side == "student"
     gs, gt = ops().rkd_distance_cuda_host_backward(
         torch.tensor(1.0, dtype=F64), s, t, student, not student, 32
@@ -139,12 +141,10 @@ def test_distance_float32_inputs_and_small_n():
     s, t = rkd_inputs("random")
     loss = ops().rkd_distance_cuda_host(s.float(), t.float(), 7)
     assert loss.dtype == F32
-    assert rel_error(loss, reference.rkd_distance(s.float().double(), t.float().double())) <= 1e-6
+    assert rel_error(loss, rkd_distance(s.float().double(), t.float().double())) <= 1e-6
     for n in (2, 3):  # one block, mostly idle threads
         s, t = rkd_inputs("random", n)
-        assert (
-            rel_error(ops().rkd_distance_cuda_host(s, t, 0), reference.rkd_distance(s, t)) <= 1e-12
-        )
+        assert rel_error(ops().rkd_distance_cuda_host(s, t, 0), rkd_distance(s, t)) <= 1e-12
         assert launches()[-1] == ("pair_forward_kernel", 1, RKD_THREADS)
 
 
@@ -169,7 +169,7 @@ def angle_launches(threads: int, start: int, stop: int, n: int = N, backward: bo
 def test_angle_matches_reference(case, threads):
     s, t = rkd_inputs(case)
     loss = ops().rkd_angle_cuda_host(s, t, threads)
-    want, want_s, want_t = reference_grads(reference.rkd_angle, s, t, grad=1.3)
+    want, want_s, want_t = reference_grads(rkd_angle, s, t, grad=1.3)
     assert loss.dtype == F64 and rel_error(loss, want) <= 1e-9, rel_error(loss, want)
     assert launches() == angle_launches(threads, 0, N)
     got = ops().rkd_angle_cuda_host_backward(
@@ -188,7 +188,7 @@ def test_angle_vertex_ranges_match_reference(case, threads):
     s, t = rkd_inputs(case)
     for start, stop in RANGES:
         loss = ops().rkd_angle_vertices_cuda_host(s, t, start, stop, threads)
-        want, want_s, want_t = reference_grads(reference.rkd_angle_vertices, s, t, start, stop)
+        want, want_s, want_t = reference_grads(rkd_angle_vertices, s, t, start, stop)
         assert rel_error(loss, want) <= 1e-9, (case, start, stop, rel_error(loss, want))
         assert launches() == angle_launches(threads, start, stop)
         got = ops().rkd_angle_vertices_cuda_host_backward(
@@ -214,7 +214,7 @@ def test_angle_empty_vertex_range_launches_nothing():
 def test_angle_one_side_gradient(side, start, stop):
     """The side without gradient gets null outputs in row_kernel and column_kernel."""
     s, t = rkd_inputs("clustered")
-    _, want_s, want_t = reference_grads(reference.rkd_angle_vertices, s, t, start, stop)
+    _, want_s, want_t = reference_grads(rkd_angle_vertices, s, t, start, stop)
     student = side == "student"
     gs, gt = ops().rkd_angle_vertices_cuda_host_backward(
         torch.tensor(1.0, dtype=F64), s, t, start, stop, student, not student, 7
@@ -228,7 +228,7 @@ def test_angle_float32_inputs():
     s, t = rkd_inputs("clustered")
     s, t = s.float(), t.float()
     loss = ops().rkd_angle_cuda_host(s, t, 32)
-    want, want_s, want_t = reference_grads(reference.rkd_angle, s, t)
+    want, want_s, want_t = reference_grads(rkd_angle, s, t)
     assert loss.dtype == F32 and rel_error(loss, want) <= 1e-6
     gs, gt = ops().rkd_angle_cuda_host_backward(torch.tensor(1.0), s, t, True, True, 32)
     assert gs.dtype == F32 and rel_error(gs, want_s) <= 1e-5 and rel_error(gt, want_t) <= 1e-5
