@@ -44,10 +44,15 @@ if [ $dry_run -eq 1 ]; then
   # the interpreter is slow: the dry run checks every stage works, on the random samples
   contract_filter=(-k "random")
   bench_suite=--smoke
+  # the bench measures what a CPU user runs: the compiled kernels, not the interpreter
+  bench_env=(env -u TRITON_INTERPRET)
+  bench_limit=600
 else
   device=cuda
   contract_filter=(-k "cuda")
   bench_suite=--quick
+  bench_env=(env)
+  bench_limit=300
 fi
 
 stage "environment"
@@ -95,7 +100,8 @@ else
 fi
 
 stage "quick bench on $device"
-run 300 bench $PY -m kdfast.bench $bench_suite --device "$device" --json "$out/bench.json"
+run "$bench_limit" bench "${bench_env[@]}" $PY -m kdfast.bench $bench_suite --device "$device" \
+  --json "$out/bench.json"
 
 stage "summary"
 if [ -f "$out/gpu_run.json" ]; then
