@@ -67,6 +67,11 @@ def kd(size, e):
     return _logits(size, e, 12, 10)
 
 
+def jsd(size, e):
+    """JSDLoss (B, C): two temperature softmaxes, the mixture and its two KLs per element."""
+    return _logits(size, e, 16, 14)
+
+
 def dist(size, e):
     """DISTLoss (B, C) or per pixel (N, C, H, W): two softmaxes, row and column Pearson
     correlations."""
@@ -142,6 +147,7 @@ def vkd(size, e):
 
 FORMULAS = {
     "kd": kd,
+    "jsd": jsd,
     "dist": dist,
     "dist_seg": dist,
     "rkd_distance": rkd_distance,

@@ -129,10 +129,17 @@ def cuda_spill_budget(kernel: str) -> int:
 
 
 def cuda_block_size(source: str) -> int | None:
-    """The block size a .cu launches with, from its ``constexpr int kThreads = N;``."""
-    with open(source) as f:
-        m = re.search(r"constexpr\s+int\s+kThreads\s*=\s*(\d+)", f.read())
-    return int(m.group(1)) if m else None
+    """The block size a .cu launches with: its ``constexpr int k...Threads = N;``, in the
+    .cu or in its kernel-body header ``<op>_kernels.h`` beside it."""
+    header = source[: -len(".cu")] + "_kernels.h"
+    for path in (source, header):
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            m = re.search(r"constexpr\s+int\s+k\w*Threads\s*=\s*(\d+)", f.read())
+        if m:
+            return int(m.group(1))
+    return None
 
 
 def cuda_resources(source: str, arch: int, cache_dir: str | None = None) -> list[Resources]:
