@@ -166,7 +166,7 @@ def _extreme_teacher_cases():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("op,backend,tiny", _extreme_teacher_cases())
 def test_teacher_gradient_of_extreme_logits(op, backend, tiny, dtype, monkeypatch):
-    """SPEC 7 for the teacher's gradient pt (log pt - log ps - KL) / T of a teacher far more
+    """Semantics 7 for the teacher's gradient pt (log pt - log ps - KL) / T of a teacher far more
     confident than the student (student 80 N(0, 1), teacher 160 N(0, 1)): in a row whose top
     class holds all but less than eps of the mass, log pt - log ps at that class and KL agree
     far beyond their size (hundreds), so their difference formed in float32 is rounding
