@@ -35,14 +35,17 @@ def pytest_report_header(config):
     ]
 
 
-def compiled_backends(device: str = "cpu") -> list[str]:
-    """Compiled backends that must be tested on ``device`` in this run."""
+def compiled_backends(device: str = "cpu", op: str | None = None) -> list[str]:
+    """Compiled backends that must be tested on ``device`` in this run (of them, those that
+    implement ``op``, when given: Triton under the interpreter has no expm, for example)."""
     names = []
     if not NO_EXT:
         names.append("cpp")
     triton = _dispatch.BACKENDS["triton"]
     if triton.unavailable is None and device in (triton.devices or ()):
         names.append("triton")
+    if op is not None:
+        names = [name for name in names if name in _dispatch.implementations(op)]
     return names
 
 

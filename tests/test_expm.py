@@ -38,7 +38,7 @@ ELL64 = {3: 1.08e-2, 5: 2.00e-1, 7: 7.83e-1, 9: 1.78, 13: 4.74}
 ELL32 = {3: 0.308033, 5: 1.48253, 7: 3.24867}
 
 
-BACKENDS = ["reference", *compiled_backends()]
+BACKENDS = ["reference", *compiled_backends(op="expm")]
 
 
 @pytest.fixture(autouse=True, params=[*BACKENDS, *(["cpp-fused"] if "cpp" in BACKENDS else [])])
