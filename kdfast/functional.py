@@ -18,6 +18,12 @@ from torch import Tensor
 
 from kdfast import _dispatch
 from kdfast import distributed as _distributed
+from kdfast._constants import (
+    DIST_ACTIVATIONS,
+    KD_REDUCTIONS,
+    KD_TEACHER_KINDS,
+    VKD_NORMALIZATIONS,
+)
 from kdfast._validation import (
     check_choice,
     check_feature_pair,
@@ -51,12 +57,6 @@ def _call(op: str, *args):
     """``_dispatch.call`` with autocast disabled on the inputs' device."""
     with _autocast_off(args[0].device):
         return _dispatch.call(op, *args)
-
-
-KD_REDUCTIONS = ("batchmean", "sum", "mean", "none")
-KD_TEACHER_KINDS = ("logits", "probs", "log_probs")
-DIST_ACTIVATIONS = ("softmax", "sigmoid")
-VKD_NORMALIZATIONS = ("standardize", "batch_standardize", "whiten", None)
 
 
 def kd_loss(

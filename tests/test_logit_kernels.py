@@ -655,10 +655,10 @@ def _count_logit_reads(monkeypatch, tensors: dict) -> dict:
 
 @pytest.mark.parametrize("resident", [False, True])
 def test_triton_dist_read_count(resident, monkeypatch):
-    """Reads of zs and zt per call (elements loaded / numel), as the module docstring of
-    kdfast/triton/dist_loss.py states: RESIDENT rows 1 for the loss, 2 with gradients (semantics
+    """Reads of zs and zt per call (elements loaded / numel), as docs/semantics.md
+    section 2 states: RESIDENT rows 1 for the loss, 2 with gradients (semantics
     2's budget: 3 of zs, 2 of zt); chunked softmax rows 2, 4 with gradients (over the
-    budget, see the docstring); chunked sigmoid rows 1, 2 with gradients."""
+    budget, see there); chunked sigmoid rows 1, 2 with gradients."""
     if "dist_loss" not in _triton_only(["dist_loss"]):
         pytest.skip("triton does not run on CPU tensors here (TRITON_INTERPRET unset)")
     require_backend("triton")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from kdfast import functional as KF
+from kdfast._constants import DIST_ACTIVATIONS
 from kdfast._validation import check_choice, check_positive
 
 
@@ -63,7 +64,7 @@ class DISTLoss(nn.Module):
             if not isinstance(weight, (int, float)) or isinstance(weight, bool):
                 raise TypeError(f"{name} must be a real number, got {weight!r}")
         check_positive("tau", tau)
-        check_choice("activation", activation, KF.DIST_ACTIVATIONS)
+        check_choice("activation", activation, DIST_ACTIVATIONS)
         if not isinstance(tau_squared, bool):
             raise TypeError(f"tau_squared must be a bool, got {type(tau_squared).__name__}")
         self.beta = float(beta)

@@ -10,9 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdfast import functional as KF
+from kdfast._constants import DEIT_DISTILLATION_TYPES, KD_REDUCTIONS, KD_TEACHER_KINDS
 from kdfast._validation import check_choice, check_logit_pair, check_positive, check_real
-
-DEIT_DISTILLATION_TYPES = ("none", "soft", "hard")
 
 
 class KDLoss(nn.Module):
@@ -44,8 +43,8 @@ class KDLoss(nn.Module):
     ) -> None:
         super().__init__()
         check_positive("temperature", temperature)
-        check_choice("reduction", reduction, KF.KD_REDUCTIONS)
-        check_choice("teacher", teacher, KF.KD_TEACHER_KINDS)
+        check_choice("reduction", reduction, KD_REDUCTIONS)
+        check_choice("teacher", teacher, KD_TEACHER_KINDS)
         self.temperature = float(temperature)
         self.reduction = reduction
         self.teacher = teacher
@@ -96,7 +95,7 @@ class JSDLoss(nn.Module):
             raise ValueError(f"temperature must be finite, got {temperature!r}")
         if not 0.0 <= check_real("beta", beta) <= 1.0:
             raise ValueError(f"beta must be in [0, 1], got {beta!r}")
-        check_choice("reduction", reduction, KF.KD_REDUCTIONS)
+        check_choice("reduction", reduction, KD_REDUCTIONS)
         self.beta = float(beta)
         self.temperature = float(temperature)
         self.reduction = reduction
