@@ -25,11 +25,13 @@ def check_tensor(name: str, x: object) -> Tensor:
     return x
 
 
-def compute_dtype(*tensors: Tensor) -> torch.dtype:
-    """promote_types(*dtypes, float32): the dtype a loss computes and returns in (semantics 0)."""
+def compute_dtype(*tensors: Tensor | torch.dtype) -> torch.dtype:
+    """promote_types(*dtypes, float32): the dtype a loss computes and returns in (semantics 0).
+
+    The one place this rule is written; takes tensors or dtypes."""
     dtype = torch.float32
     for t in tensors:
-        dtype = torch.promote_types(dtype, t.dtype)
+        dtype = torch.promote_types(dtype, t if isinstance(t, torch.dtype) else t.dtype)
     return dtype
 
 

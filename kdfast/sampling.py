@@ -247,8 +247,7 @@ class PrioritizedReplayBuffer:
             weights = (p_min / p).pow(self.beta)
         else:
             weights = (self._size * p).pow(-self.beta)
-        out_dtype = torch.float64 if self._samples.dtype == torch.float64 else torch.float32
-        return indices, self._samples[indices], weights.to(out_dtype)
+        return indices, self._samples[indices], weights.to(compute_dtype(self._samples))
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 import kdfast
+from kdfast._validation import compute_dtype
 
 GiB = 1 << 30
 
@@ -121,8 +122,7 @@ def setup_rkd_angle_vertices(size, device, dtype):
 def setup_vkd(size, device, dtype):
     b, ds, dt = size
     s, t = _feature_pair(size, device, dtype)
-    param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    loss = kdfast.losses.VkDLoss(ds, dt).to(device=device, dtype=param_dtype)
+    loss = kdfast.losses.VkDLoss(ds, dt).to(device=device, dtype=compute_dtype(dtype))
     return (lambda: loss(s, t)), [s, *loss.parameters()]
 
 
