@@ -7,6 +7,8 @@ backends assume validated input.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -149,16 +151,40 @@ def check_choice(name: str, value: object, choices) -> None:
         )
 
 
+def is_real(value: object) -> bool:
+    """Whether ``value`` is a real Python number: an int or a float, bool excluded (the one
+    spelling of "real number" in kdfast)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def check_real(name: str, value: object) -> float:
     """A finite-or-not real Python number (bool excluded), as float; TypeError otherwise."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not is_real(value):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     return float(value)
 
 
-def check_positive(name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+def check_positive(name: str, value: object, finite: bool = False) -> float:
+    """A real number > 0 (and finite when ``finite``), as float; ValueError otherwise."""
+    if not is_real(value) or not value > 0:
         raise ValueError(f"{name} must be a positive number, got {value!r}")
+    if finite and not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return float(value)
+
+
+def check_unit_interval(name: str, value: object) -> float:
+    """A real number in [0, 1], as float (TypeError when not a real number)."""
+    if not 0.0 <= check_real(name, value) <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+    return float(value)
+
+
+def check_bool(name: str, value: object) -> bool:
+    """TypeError unless ``value`` is a bool."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
 
 
 def check_vertex_range(start: object, stop: object, n: int) -> None:

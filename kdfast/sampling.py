@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kdfast._validation import check_positive, check_tensor, compute_dtype
+from kdfast._validation import check_positive, check_tensor, compute_dtype, is_real
 
 __all__ = ["PrioritizedReplayBuffer", "ssd_kd_priorities", "diversity_difficulty_weights"]
 
@@ -51,7 +51,7 @@ def _check_count(name: str, value: object) -> int:
 
 
 def _check_nonnegative(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+    if not is_real(value) or not value >= 0:
         raise ValueError(f"{name} must be a non-negative number, got {value!r}")
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value!r}")
