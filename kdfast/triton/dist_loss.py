@@ -106,12 +106,12 @@ def dist_stats_kernel(
 ):  # fmt: skip
     """Pass 1: per-row values into row (rows, 10) and this program's column moments into
     col[program] (5, C) (zero-initialised), its kept-row count into count[program].
-    params = [1 / tau, C] in the compute dtype (that of row, col, count). RESIDENT: C <=
-    BLOCK_C, each tile read once, column moments in registers."""
+    params = [1 / T, C] in the compute dtype (that of row, col, count). RESIDENT: C <= BLOCK_C,
+    each tile read once, column moments in registers."""
     ACC = row_ptr.dtype.element_ty
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
-    inv_tau = tl.load(params_ptr)
+    inv_temperature = tl.load(params_ptr)
     n_f = tl.load(params_ptr + 1)
     n64 = pid.to(tl.int64) * 0 + n_cols  # 64-bit field offsets
     col_base = col_ptr + pid.to(tl.int64) * 5 * n64
@@ -148,8 +148,8 @@ def dist_stats_kernel(
                     s_ptr, t_ptr, zs_tile, zt_tile, offs_r, row_ok, c0, n_cols,
                     s_rs, s_cs, t_rs, t_cs, S, SPATIAL, RESIDENT, BLOCK_C,
                 )  # fmt: skip
-                u = tl.where(col_ok[None, :], zs.to(ACC) * inv_tau, float("-inf"))
-                v = tl.where(col_ok[None, :], zt.to(ACC) * inv_tau, float("-inf"))
+                u = tl.where(col_ok[None, :], zs.to(ACC) * inv_temperature, float("-inf"))
+                v = tl.where(col_ok[None, :], zt.to(ACC) * inv_temperature, float("-inf"))
                 new_s = tl.maximum(max_s, tl.max(u, axis=1))
                 new_t = tl.maximum(max_t, tl.max(v, axis=1))
                 sum_s = sum_s * tl.exp(max_s - new_s) + tl.sum(tl.exp(u - new_s[:, None]), 1)
@@ -176,8 +176,8 @@ def dist_stats_kernel(
                 s_ptr, t_ptr, zs_tile, zt_tile, offs_r, row_ok, c0, n_cols,
                 s_rs, s_cs, t_rs, t_cs, S, SPATIAL, RESIDENT, BLOCK_C,
             )  # fmt: skip
-            ys = activate(zs.to(ACC), inv_tau, max_s, inv_sum_s, SIGMOID)
-            yt = activate(zt.to(ACC), inv_tau, max_t, inv_sum_t, SIGMOID)
+            ys = activate(zs.to(ACC), inv_temperature, max_s, inv_sum_s, SIGMOID)
+            yt = activate(zt.to(ACC), inv_temperature, max_t, inv_sum_t, SIGMOID)
             if SIGMOID:  # sd_*: row means, sdd_*: centred second moments and co-moment
                 width = tl.sum(col_ok.to(ACC), axis=0)
                 r_mean_s = tl.sum(tl.where(ok, ys, 0.0), axis=1) / width
@@ -310,7 +310,7 @@ def dist_grad_kernel(
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """Passes 2 and 3: dL/dzs, dL/dzt into gs, gt (contiguous, the inputs' layout: (rows, C)
-    or (N, C, S); zero for masked rows). params = [1 / tau, dL/drho_row = -beta s / kept,
+    or (N, C, S); zero for masked rows). params = [1 / T, dL/drho_row = -beta s / kept,
     dL/drho_col = -gamma s / C]. RESIDENT: C <= BLOCK_C, each tile read once."""
     ACC = row_ptr.dtype.element_ty
     offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -319,7 +319,7 @@ def dist_grad_kernel(
     if HAS_MASK:
         keep = keep & (tl.load(mask_ptr + offs_r, mask=row_ok, other=0) != 0)
     n64 = tl.program_id(0).to(tl.int64) * 0 + n_cols  # 64-bit coefficient offsets
-    inv_tau = tl.load(params_ptr)
+    inv_temperature = tl.load(params_ptr)
     w_row = tl.load(params_ptr + 1)
     w_col = tl.load(params_ptr + 2)
     row = row_ptr + tl.where(row_ok, offs_r, 0) * 10
@@ -338,8 +338,8 @@ def dist_grad_kernel(
                 s_ptr, t_ptr, zs_tile, zt_tile, offs_r, row_ok, c0, n_cols,
                 s_rs, s_cs, t_rs, t_cs, S, SPATIAL, RESIDENT, BLOCK_C,
             )  # fmt: skip
-            ys = activate(zs.to(ACC), inv_tau, max_s, inv_sum_s, SIGMOID)
-            yt = activate(zt.to(ACC), inv_tau, max_t, inv_sum_t, SIGMOID)
+            ys = activate(zs.to(ACC), inv_temperature, max_s, inv_sum_s, SIGMOID)
+            yt = activate(zt.to(ACC), inv_temperature, max_t, inv_sum_t, SIGMOID)
             if GRAD_S:
                 g = dloss_dy(ys, yt, cols, ok, row, coef_ptr, n64, w_row, w_col, True)
                 dot_s += tl.sum(g * ys, axis=1)
@@ -353,23 +353,23 @@ def dist_grad_kernel(
             s_ptr, t_ptr, zs_tile, zt_tile, offs_r, row_ok, c0, n_cols,
             s_rs, s_cs, t_rs, t_cs, S, SPATIAL, RESIDENT, BLOCK_C,
         )  # fmt: skip
-        ys = activate(zs.to(ACC), inv_tau, max_s, inv_sum_s, SIGMOID)
-        yt = activate(zt.to(ACC), inv_tau, max_t, inv_sum_t, SIGMOID)
+        ys = activate(zs.to(ACC), inv_temperature, max_s, inv_sum_s, SIGMOID)
+        yt = activate(zt.to(ACC), inv_temperature, max_t, inv_sum_t, SIGMOID)
         out = grad_offsets(offs_r, cols, n_cols, S, SPATIAL)
         if GRAD_S:
             g = dloss_dy(ys, yt, cols, ok, row, coef_ptr, n64, w_row, w_col, True)
             if SIGMOID:
-                g = g * ys * (1.0 - ys) * inv_tau
+                g = g * ys * (1.0 - ys) * inv_temperature
             else:
-                g = ys * (g - dot_s[:, None]) * inv_tau
+                g = ys * (g - dot_s[:, None]) * inv_temperature
             g = tl.where(keep[:, None], g, 0.0)
             tl.store(gs_ptr + out, g.to(gs_ptr.dtype.element_ty), mask=ok)
         if GRAD_T:
             g = dloss_dy(ys, yt, cols, ok, row, coef_ptr, n64, w_row, w_col, False)
             if SIGMOID:
-                g = g * yt * (1.0 - yt) * inv_tau
+                g = g * yt * (1.0 - yt) * inv_temperature
             else:
-                g = yt * (g - dot_t[:, None]) * inv_tau
+                g = yt * (g - dot_t[:, None]) * inv_temperature
             g = tl.where(keep[:, None], g, 0.0)
             tl.store(gt_ptr + out, g.to(gt_ptr.dtype.element_ty), mask=ok)
 
@@ -424,8 +424,8 @@ def dist_loss_triton(
     teacher: Tensor,
     beta: float,
     gamma: float,
-    tau: float,
-    tau_squared: bool,
+    temperature: float,
+    temperature_squared: bool,
     activation: str,
     mask: Tensor | None,
     compute_grad_student: bool,
@@ -436,8 +436,8 @@ def dist_loss_triton(
     Args:
         student, teacher: (rows, C) logits with any strides, or contiguous (N, C, S) read
             as rows = N * S (row r = n * S + s); any floating dtypes.
-        beta, gamma: weights of the inter and intra terms; tau > 0: temperature;
-        tau_squared: scale both terms by tau^2. activation: "softmax" or "sigmoid".
+        beta, gamma: weights of the inter and intra terms; temperature: T > 0;
+        temperature_squared: scale both terms by T^2. activation: "softmax" or "sigmoid".
         mask: optional bool (rows,) of kept rows (row order r = n * S + s).
         compute_grad_student, compute_grad_teacher: write that gradient.
 
@@ -454,7 +454,7 @@ def dist_loss_triton(
         kept = torch.tensor(float(rows), dtype=torch.float64, device=device)
     else:
         kept = mask.sum().to(torch.float64)
-    scale = tau * tau if tau_squared else 1.0
+    scale = temperature * temperature if temperature_squared else 1.0
     options = dict(SPATIAL=n_spatial > 1, SIGMOID=sigmoid, HAS_MASK=mask is not None)
 
     elem = 8 if acc == torch.float64 else 4
@@ -463,7 +463,7 @@ def dist_loss_triton(
     row_stats = torch.empty(rows, ROW_FIELDS, dtype=acc, device=device)
     col = torch.zeros(groups, COL_FIELDS, n_cols, dtype=acc, device=device)
     count = torch.empty(groups, dtype=acc, device=device)
-    params = torch.tensor([1.0 / tau, float(n_cols)], dtype=acc, device=device)
+    params = torch.tensor([1.0 / temperature, float(n_cols)], dtype=acc, device=device)
     dist_stats_kernel[(groups,)](
         student, teacher, flags, params, row_stats, col, count, rows, n_cols, *strides, n_spatial,
         RESIDENT=resident, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_warps(resident),
@@ -482,8 +482,8 @@ def dist_loss_triton(
     grad_t = teacher.new_empty(teacher.shape if compute_grad_teacher else (0,))
     if compute_grad_student or compute_grad_teacher:
         w_row = -beta * scale / kept
-        weights = [w_row.new_tensor(1.0 / tau), w_row, w_row.new_tensor(-gamma * scale / n_cols)]
-        weights = torch.stack(weights).to(acc)
+        w_col = w_row.new_tensor(-gamma * scale / n_cols)
+        weights = torch.stack([w_row.new_tensor(1.0 / temperature), w_row, w_col]).to(acc)
         block_r, block_c, resident = grad_blocks(rows, n_cols, elem)
         dist_grad_kernel[(triton.cdiv(rows, block_r),)](
             student, teacher, flags, weights, row_stats, coef, grad_s, grad_t, rows, n_cols,
