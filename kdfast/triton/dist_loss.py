@@ -25,8 +25,8 @@ import triton.language as tl
 from torch import Tensor
 
 from kdfast._validation import compute_dtype
-from kdfast.triton._common import grad_offsets, last_block, logit_layout, logit_ptrs, mask_flags
 from kdfast.triton._dist_math import activate, dloss_dy, merge_moments, pearson
+from kdfast.triton._layout import grad_offsets, last_block, logit_layout, logit_ptrs, mask_flags
 
 #: row-stat fields of the (rows, ROW_FIELDS) buffer
 MAX_S, INV_SUM_S, MAX_T, INV_SUM_T, MEAN_S, MEAN_T, INV_D, K_A, K_B, RHO = range(10)

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from kdfast._constants import KD_TEACHER_KINDS
 from kdfast._validation import compute_dtype
-from kdfast.triton._common import grad_offsets, last_block, logit_layout, logit_ptrs, mask_flags
+from kdfast.triton._layout import grad_offsets, last_block, logit_layout, logit_ptrs, mask_flags
 
 #: elements per tile (BLOCK_R * BLOCK_C) for float32 / float64 compute: a tile and its
 #: temporaries stay in registers (no spills, tests/test_triton_aot.py).
