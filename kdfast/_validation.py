@@ -1,8 +1,12 @@
-"""Input validation shared by every public function.
+"""Input validation shared by every public function and module constructor.
 
-Errors name the argument and the shapes seen. Public functions validate once, then
-hand plain 2-D (rows, features) tensors to whichever backend the dispatcher picks;
-backends assume validated input.
+Errors name the argument and the shapes seen. Public functions (kdfast.functional,
+kdfast.linalg, ...) validate once, with these helpers and the option checks built on them
+(nn.Module constructors call the same checks to fail early), then hand (rows, features),
+(B, C) or (N, C, S) tensors to whichever backend the dispatcher picks; backends assume
+validated input. What stays in a backend guards memory for direct callers of
+``torch.ops.kdfast.*``: the C++ TORCH_CHECKs, the Triton launchers' shape and layout checks,
+and the vertex range of ``rkd_angle_vertices`` (checked by every backend).
 """
 
 from __future__ import annotations
