@@ -25,8 +25,10 @@ from dataclasses import dataclass, field
 import torch
 
 from kdfast import _extension
+from kdfast._validation import FLOAT_DTYPES
 
-HALF_AND_FLOAT = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+#: every floating dtype the public functions accept
+HALF_AND_FLOAT = frozenset(FLOAT_DTYPES)
 
 
 def _triton_status() -> tuple[str | None, frozenset[str]]:

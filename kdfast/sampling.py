@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kdfast._validation import check_positive, check_tensor, compute_dtype
+from kdfast._validation import check_positive, check_tensor, compute_dtype, is_real
 
 __all__ = ["PrioritizedReplayBuffer", "ssd_kd_priorities", "diversity_difficulty_weights"]
 
@@ -51,7 +51,7 @@ def _check_count(name: str, value: object) -> int:
 
 
 def _check_nonnegative(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+    if not is_real(value) or not value >= 0:
         raise ValueError(f"{name} must be a non-negative number, got {value!r}")
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value!r}")
@@ -247,8 +247,7 @@ class PrioritizedReplayBuffer:
             weights = (p_min / p).pow(self.beta)
         else:
             weights = (self._size * p).pow(-self.beta)
-        out_dtype = torch.float64 if self._samples.dtype == torch.float64 else torch.float32
-        return indices, self._samples[indices], weights.to(out_dtype)
+        return indices, self._samples[indices], weights.to(compute_dtype(self._samples))
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:

@@ -31,7 +31,7 @@ PUBLIC_OPS: dict[str, PublicOp] = {
     "kd_loss": PublicOp(lambda s, t: KF.kd_loss(s, t, 2.0), 1, True, True),
     "per_sample_kl": PublicOp(lambda s, t: KF.per_sample_kl(s, t, 2.0).sum(), 1, True, True),
     "jsd_loss": PublicOp(lambda s, t: KF.jsd_loss(s, t, 0.3, 2.0), 1, True, True),
-    "dist_loss": PublicOp(lambda s, t: KF.dist_loss(s, t, tau=2.0), 1, True, True),
+    "dist_loss": PublicOp(lambda s, t: KF.dist_loss(s, t, temperature=2.0), 1, True, True),
     "rkd_distance": PublicOp(KF.rkd_distance, 2, False, False),
     "rkd_angle": PublicOp(KF.rkd_angle, 3, False, False),
     "vkd_loss": PublicOp(lambda s, t: KF.vkd_loss(s, t, "standardize"), 1, False, True),

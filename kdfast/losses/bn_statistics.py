@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from kdfast._validation import compute_dtype
+from kdfast._validation import compute_dtype, is_real
 
 __all__ = ["BNStatisticsLoss", "bn_statistics_distance"]
 
@@ -66,7 +66,7 @@ def _resolve_weights(
             f"got {type(layer_weights).__name__}"
         )
     for name, w in zip(names, weights, strict=True):
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+        if not is_real(w) or not math.isfinite(w):
             raise ValueError(f"layer_weights[{name!r}] must be a finite number, got {w!r}")
     return [float(w) for w in weights]
 
