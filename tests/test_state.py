@@ -7,10 +7,15 @@ pickling and copying of its teacher and of itself.
 
 from __future__ import annotations
 
+import copy
+import io
+import pickle
 
 import pytest
 import torch
+from torch import nn
 
+from kdfast.losses.bn_statistics import BNStatisticsLoss
 from kdfast.sampling import PrioritizedReplayBuffer
 
 F64 = torch.float64
@@ -185,3 +190,96 @@ def test_priorities_keep_float64_precision_from_python_floats():
     buf = partial_buffer()
     buf.update_priorities([0], [0.1])
     assert buf.priorities[0].item() == 0.1
+
+
+# ---------------------------------------------------------------- BNStatisticsLoss: copies
+def teacher() -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.BatchNorm1d(4))
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm1d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    return model.to(F64).eval().requires_grad_(False)
+
+
+def inputs(seed: int) -> torch.Tensor:
+    return torch.randn(5, 3, dtype=F64, generator=torch.Generator().manual_seed(seed))
+
+
+def saved(obj):
+    stream = io.BytesIO()
+    torch.save(obj, stream)
+    stream.seek(0)
+    return torch.load(stream, weights_only=False)
+
+
+def test_an_attached_teacher_can_be_saved_and_pickled():
+    model = teacher()
+    loss = BNStatisticsLoss(model)
+    x = inputs(1).requires_grad_()
+    model(x)
+    before = loss().item()
+    loaded = saved(model)
+    unpickled = pickle.loads(pickle.dumps(model))
+    for copied in (loaded, unpickled):
+        assert torch.allclose(copied(inputs(2)), model(inputs(2)))
+    model(x)
+    loaded(inputs(3))  # a loaded teacher's inert hooks feed no loss
+    assert float(loss()) == before
+
+
+def test_a_deep_copied_teacher_does_not_write_into_the_loss():
+    model = teacher()
+    loss = BNStatisticsLoss(model)
+    model(inputs(1))
+    before = float(loss())
+    twin = copy.deepcopy(model)
+    twin(inputs(2) * 5)
+    assert float(loss()) == before
+    model(inputs(2) * 5)
+    assert float(loss()) != before
+
+
+def test_a_copied_loss_is_detached_and_says_so():
+    model = teacher()
+    loss = BNStatisticsLoss(model)
+    model(inputs(1))
+    for copied in (copy.deepcopy(loss), pickle.loads(pickle.dumps(loss)), saved(loss)):
+        assert copied.layer_names == loss.layer_names
+        with pytest.raises(RuntimeError, match="not attached to a model"):
+            copied()
+        copied.detach()  # harmless: the original's hooks stay
+    fresh = BNStatisticsLoss(model)
+    model(inputs(2))
+    assert float(loss()) == float(fresh())  # the original still follows its teacher
+
+
+@pytest.mark.parametrize("loss_first", [False, True])
+def test_a_teacher_copied_with_its_loss_stays_paired(loss_first):
+    model = teacher()
+    pair = {"teacher": model, "loss": BNStatisticsLoss(model, layer_weights=[2.0, 0.5])}
+    if loss_first:  # the copy meets the loss's hook handles before the teacher
+        pair = {"loss": pair["loss"], "teacher": model}
+    pair["teacher"](inputs(1))
+    want = float(pair["loss"]())
+    for twin in (copy.deepcopy(pair), saved(pair), pickle.loads(pickle.dumps(pair))):
+        with pytest.raises(RuntimeError, match="before a forward pass"):
+            twin["loss"]()  # a copy starts with no captured pass
+        twin["teacher"](inputs(1))
+        assert abs(float(twin["loss"]()) - want) < 1e-12 * want
+        twin["teacher"](inputs(4))
+        assert float(pair["loss"]()) == want  # the original pair is untouched
+        assert twin["loss"].attached and pair["loss"].attached
+
+
+def test_detach_removes_the_hooks():
+    model = teacher()
+    loss = BNStatisticsLoss(model)
+    model(inputs(1))
+    loss.detach()
+    assert not model._forward_pre_hooks and not model[1]._forward_hooks
+    assert not model[3]._forward_hooks
+    with pytest.raises(RuntimeError, match=r"not attached to a model.*detach\(\)"):
+        loss()
+    loss.detach()  # idempotent
