@@ -75,7 +75,9 @@ def _real_priorities(name: str, values: Any) -> Tensor:
         if p.is_floating_point():  # Python floats: convert from the values, not via float32
             p = torch.as_tensor(values, dtype=torch.float64)
     if p.dtype.is_complex or p.dtype == torch.bool:
-        raise TypeError(f"{name} must be real numbers, got a {p.dtype} tensor {p.tolist()!r}")
+        raise TypeError(
+            f"{name} must be real numbers, got a {p.dtype} tensor of shape {tuple(p.shape)}"
+        )
     if not (p.is_floating_point() or _is_integer(p.dtype)):
         raise TypeError(f"{name} must be real numbers, got a {p.dtype} tensor")
     return p.to(torch.float64)
