@@ -94,6 +94,12 @@ declare(
             # one teacher row for the whole batch: every class column is constant, so the
             # intra-class correlation is 0 / 0 and decided by eps; the sample checks strides
             expanded_options={"gamma": 0.0},
+            # float32 teacher gradient of 80 / 160 N(0, 1) logits, against the float64 truth:
+            # Triton 6.3e-4, cpp 3.1e-4, PyTorch's own (the reference) 1.9e-4, over the 2x
+            # of the table; the same with float64 accumulators, so it is not the sums
+            gaps={
+                "extreme": (("triton/float32", "teacher gradient 3.3x PyTorch's float32 error"),)
+            },
         ),
         bad_inputs=logit_bad_inputs(("student_logits", "teacher_logits"))
         + (

@@ -15,6 +15,8 @@ flags ask for it, which the wrappers set from ``torch.is_grad_enabled()`` and
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor
 
@@ -92,7 +94,10 @@ if _dispatch.BACKENDS["triton"].unavailable is None:
 
 
 def logit_samples(
-    variants: dict[str, dict], masks: bool = True, expanded_options: dict | None = None
+    variants: dict[str, dict],
+    masks: bool = True,
+    expanded_options: dict | None = None,
+    gaps: dict[str, tuple[tuple[str, str], ...]] | None = None,
 ) -> tuple[Sample, ...]:
     """Random and adversarial (student, teacher) logit cases shared by the logit ops, each
     with default options, then ``variants`` (name -> keyword options) on random logits.
@@ -101,7 +106,8 @@ def logit_samples(
     (constant logits on either side); 130 classes; (N, C, S) = (2, 7, 5) logits read in
     place; transposed (non-contiguous) and expanded teacher rows (with ``expanded_options``:
     identical rows make a per-class statistic degenerate); with ``masks``, a mask dropping
-    every third row, also over (N, C, S) logits.
+    every third row, also over (N, C, S) logits. ``gaps``: sample name -> its known
+    accuracy gaps (:class:`Sample`'s ``gaps``).
     """
 
     def pair(rows=12, cols=37, scale=1.0):
@@ -164,7 +170,8 @@ def logit_samples(
             Sample("spatial_masked", masked(spatial, 10)),
         ]
     samples += [Sample(name, with_options(opts)) for name, opts in variants.items()]
-    return tuple(samples)
+    gaps = gaps or {}
+    return tuple(dataclasses.replace(s, gaps=gaps.get(s.name, ())) for s in samples)
 
 
 def _teacher_as(kind: str, temperature: float):

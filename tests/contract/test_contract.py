@@ -47,9 +47,11 @@ def _cases():
             for sample in CONTRACTS[op].samples:
                 if backend == "reference" or not _wanted(sample, dtype):
                     continue
+                gap = dict(sample.gaps).get(f"{backend}/{DTYPE_NAMES[dtype]}")
                 yield pytest.param(
                     op, device, backend, dtype, sample,
                     id=f"{op}-{device}-{backend}-{DTYPE_NAMES[dtype]}-{sample.name}",
+                    marks=[pytest.mark.xfail(strict=True, reason=gap)] if gap else [],
                 )  # fmt: skip
 
 
