@@ -8,6 +8,8 @@ from kdfast import functional as KF
 from kdfast._deprecation import renamed_keywords
 from kdfast._validation import check_bool
 
+__all__ = ["DISTLoss"]
+
 
 class DISTLoss(nn.Module):
     """DIST: ``beta * T^2 * inter + gamma * T^2 * intra`` (semantics 2).

@@ -25,6 +25,9 @@ _GATHER_DOC = """
     process_group: the group to gather over (default: the world)."""
 
 
+__all__ = ["RKDDistanceLoss", "RKDAngleLoss", "RKDLoss"]
+
+
 class _Gathering(nn.Module):
     def __init__(self, gather: bool = False, process_group=None) -> None:
         super().__init__()

@@ -12,6 +12,8 @@ from kdfast._constants import VKD_NORMALIZATIONS
 from kdfast._validation import check_choice, check_tensor
 from kdfast.nn.projector import OrthogonalProjector
 
+__all__ = ["VkDLoss"]
+
 
 class VkDLoss(nn.Module):
     """Orthogonal projection of the student, then SmoothL1 to the normalised teacher.
