@@ -37,7 +37,7 @@ PUBLIC_OPS: dict[str, PublicOp] = {
     "vkd_loss": PublicOp(lambda s, t: KF.vkd_loss(s, t, "standardize"), 1, False, True),
 }
 
-#: ops without a (student, teacher) public loss: tested in test_expm.py / test_hostile.py, and
+#: ops without a (student, teacher) public loss: tested in ops/test_expm.py / test_hostile.py, and
 #: the sharded angle term in test_distributed.py
 NON_PAIR_OPS = {"expm", "expm_frechet", "rkd_angle_vertices"}
 

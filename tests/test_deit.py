@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from cases import F64, ZS, ZT, rand, reference_backend  # noqa: F401
 from torch import nn
+from worked_examples import F64, ZS, ZT, rand, reference_backend  # noqa: F401
 
 from kdfast.losses.kd import DeiTDistillationLoss, deit_inference_logits
 from kdfast.testing import rel_error as rel

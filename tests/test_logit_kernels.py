@@ -16,8 +16,8 @@ import os
 
 import pytest
 import torch
-from cases import teacher_as
 from conftest import NO_EXT, compiled_backends, require_backend
+from worked_examples import teacher_as
 
 import kdfast
 from kdfast import _dispatch

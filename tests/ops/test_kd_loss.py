@@ -6,7 +6,7 @@ import pytest
 import scipy.special
 import torch
 import torch.nn.functional as F
-from cases import F64, ZS, ZT, rand, reference_backend, teacher_as  # noqa: F401
+from worked_examples import F64, ZS, ZT, rand, reference_backend, teacher_as  # noqa: F401
 
 from kdfast import functional as KF
 from kdfast.losses.kd import KDLoss

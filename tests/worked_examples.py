@@ -1,5 +1,5 @@
-"""Inputs and helpers shared by the per-loss test files (docs/semantics.md worked examples, seeded
-random inputs, the reference-backend fixture)."""
+"""The docs/semantics.md worked examples, seeded random inputs and the reference-backend
+fixture, shared by the per-op test files (tests/ops/) and the kernel-specific ones."""
 
 from __future__ import annotations
 

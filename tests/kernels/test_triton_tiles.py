@@ -24,8 +24,8 @@ import sys
 
 import pytest
 import torch
-from cases import teacher_as
 from conftest import require_backend
+from worked_examples import teacher_as
 
 import kdfast
 from kdfast import functional

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cases import F64, ZS, ZT, rand, reference_backend  # noqa: F401
+from worked_examples import F64, ZS, ZT, rand, reference_backend  # noqa: F401
 
 from kdfast import functional as KF
 from kdfast.losses.dist import DISTLoss

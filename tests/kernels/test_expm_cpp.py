@@ -1,7 +1,7 @@
 """The cpp backend of expm (semantics 6): the ATen port (``kdfast::expm_cpp``,
 ``kdfast::expm_frechet_cpp``) and the fused small-matrix kernel (``kdfast::expm_small_cpp``,
 ``kdfast::expm_frechet_small_cpp``) against each other, the reference and float64 truths;
-opcheck, gradcheck and the n = 768 float32 targets. The accuracy suite of tests/test_expm.py
+opcheck, gradcheck and the n = 768 float32 targets. The accuracy suite of tests/ops/test_expm.py
 also runs on this backend (its fixture is parametrised over backends).
 """
 

@@ -1,5 +1,5 @@
 """RKD distance and angle kernels: worked examples, clustered-input accuracy, duplicates, NaN
-and vertex ranges, beyond the contract tests of tests/test_backends.py, on every compiled
+and vertex ranges, beyond the contract tests of tests/contract, on every compiled
 backend that runs here (the Triton ones under TRITON_INTERPRET=1, with N <= 12)."""
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ def test_nan_propagates(backend):
 
 # rkd_angle_vertices: the share of the angle loss whose vertex lies in
 # [start, stop), which gather=True evaluates per rank. The contract cases (reference
-# parity on random/adversarial inputs, gradcheck, opcheck) are in tests/test_backends.py.
+# parity on random/adversarial inputs, gradcheck, opcheck) are in tests/contract.
 
 
 def _vertices(backend, s, t, start, stop):
