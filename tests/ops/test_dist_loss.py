@@ -1,9 +1,23 @@
-"""DIST (semantics 2): dist_loss and DISTLoss on the reference backend."""
+"""DIST (semantics 2): dist_loss and DISTLoss on the reference backend, then every compiled
+backend against it (the tests shared with KD come from tests/fused_logits.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from fused_logits import (  # noqa: F401  the tests run here for this file's ops
+    compiled_pairs,
+    test_double_backward_raises,
+    test_float64_parity,
+    test_gradient_only_when_requested,
+    test_identical_rows_against_float64_truth,
+    test_low_precision_against_float64_truth,
+    test_mixed_dtypes_and_all_masked,
+    test_nc_star_gradcheck_and_opcheck,
+    test_opcheck,
+    test_strided_expanded_and_nc_star_inputs,
+)
+from fused_logits import test_gradcheck as test_kernel_gradcheck  # noqa: F401
 from worked_examples import F64, ZS, ZT, rand, reference_backend  # noqa: F401
 
 from kdfast import functional as KF
@@ -265,3 +279,13 @@ def test_bad_masks_raise():
         KF.dist_loss(z, z, mask=torch.ones(3, dtype=torch.long))
     with pytest.raises(ValueError, match=r"mask must have 3 entries.*\(2,\)"):
         KF.dist_loss(z, z, mask=torch.ones(2, dtype=torch.bool))
+
+
+# --- the fused kernels against the reference (tests/fused_logits.py) ---------------------------
+
+
+@pytest.fixture(params=compiled_pairs(["dist_loss"]), ids="-".join)
+def logit_impl(request):
+    """(op, backend) of every compiled backend that runs dist_loss here (cpp;
+    triton under TRITON_INTERPRET=1), for the tests imported from tests/fused_logits.py."""
+    return request.param

@@ -1,4 +1,5 @@
-"""Hinton KD (semantics 3): kd_loss, per_sample_kl and KDLoss on the reference backend."""
+"""Hinton KD (semantics 3): kd_loss, per_sample_kl and KDLoss on the reference backend, then
+every compiled backend against it (the tests shared with DIST come from tests/fused_logits.py)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,31 @@ import pytest
 import scipy.special
 import torch
 import torch.nn.functional as F
+from conftest import require_backend
+from fused_logits import (  # noqa: F401  the tests run here for this file's ops
+    OPTIONS,
+    SMALL,
+    call,
+    compiled_pairs,
+    test_double_backward_raises,
+    test_float64_parity,
+    test_gradcheck,
+    test_gradient_only_when_requested,
+    test_identical_rows_against_float64_truth,
+    test_low_precision_against_float64_truth,
+    test_mixed_dtypes_and_all_masked,
+    test_nc_star_gradcheck_and_opcheck,
+    test_opcheck,
+    test_strided_expanded_and_nc_star_inputs,
+    tiny_tiles,
+)
 from worked_examples import F64, ZS, ZT, rand, reference_backend, teacher_as  # noqa: F401
 
+import kdfast
 from kdfast import functional as KF
+from kdfast.functional import dist_loss, kd_loss
 from kdfast.losses.kd import KDLoss
+from kdfast.testing import rel_error, tolerance
 from kdfast.testing import rel_error as rel
 
 pytestmark = pytest.mark.usefixtures("reference_backend")
@@ -277,3 +299,80 @@ def test_bad_masks_raise():
         KF.kd_loss(s, s, mask=torch.ones(4, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"mask must have 3 entries.*\(\)"):
         KF.kd_loss(s, s, mask=torch.tensor(True))
+
+
+# --- the fused kernels against the reference (tests/fused_logits.py) ---------------------------
+
+
+@pytest.fixture(params=compiled_pairs(["kd_loss", "per_sample_kl"]), ids="-".join)
+def logit_impl(request):
+    """(op, backend) of every compiled backend that runs kd_loss / per_sample_kl here (cpp;
+    triton under TRITON_INTERPRET=1), for the tests imported from tests/fused_logits.py."""
+    return request.param
+
+
+def _extreme_teacher_cases():
+    """(op, backend, tiny): kd_loss and per_sample_kl on every backend; Triton also with
+    tiny tiles (the teacher's top class found across column blocks)."""
+    return [
+        (op, b, tiny)
+        for op, b in compiled_pairs(["kd_loss", "per_sample_kl"])
+        for tiny in ((False, True) if b == "triton" else (False,))
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("op,backend,tiny", _extreme_teacher_cases())
+def test_teacher_gradient_of_extreme_logits(op, backend, tiny, dtype, monkeypatch):
+    """Semantics 7 for the teacher's gradient pt (log pt - log ps - KL) / T of a teacher far more
+    confident than the student (student 80 N(0, 1), teacher 160 N(0, 1)): in a row whose top
+    class holds all but less than eps of the mass, log pt - log ps at that class and KL agree
+    far beyond their size (hundreds), so their difference formed in float32 is rounding
+    noise there (float64 itself rounds it to 0 once the rest is below 1e-16). Within
+    max(1e-5, 2x PyTorch's own error) of the float64 truth on the same rounded inputs, for
+    every teacher kind, temperature and reduction (upstream weights 0.5 to 1.5 for per-row
+    losses); also over more than one column block (rows of 2100 classes; tiny Triton
+    tiles)."""
+    require_backend(backend)
+    if tiny:
+        tiny_tiles(monkeypatch, False)
+    g = torch.Generator().manual_seed(0)
+    shapes = [(12, 37), (3, 130 if SMALL else 2100)]
+    pairs = [
+        (80 * torch.randn(*shape, generator=g, dtype=torch.float64),
+         160 * torch.randn(*shape, generator=g, dtype=torch.float64))
+        for shape in shapes
+    ]  # fmt: skip
+    # interpreted Triton: a fifth of the options, still every kind, reduction and T of kd_loss
+    options_list = OPTIONS[op][:: 5 if SMALL else 1]
+    for s64, t64 in pairs:
+        s = s64.to(dtype)
+        for options in options_list:
+            kind = options.get("teacher", "logits")
+            t = t64.to(dtype)
+            if kind != "logits":
+                t = teacher_as(t, kind, options["temperature"])
+                # no exact zero probabilities (their gradient is log 0)
+                t = t.clamp_min(torch.finfo(dtype).tiny) if kind == "probs" else t
+            got = call(op, backend, s, t, None, options, as_given=True)[1]
+            own = call(op, "reference", s, t, None, options, as_given=True)[1]
+            truth = call(op, "reference", s.double(), t.double(), None, options, as_given=True)[1]
+            where = (tuple(s.shape), options)
+            for i in range(2):
+                assert got[i].dtype == dtype
+                tol = tolerance(dtype, "grad", rel_error(own[i], truth[i]))
+                tol = max(tol, torch.finfo(dtype).eps)  # the final rounding to dtype
+                err = rel_error(got[i], truth[i])
+                assert err <= tol, (where, "student teacher".split()[i], err, tol)
+
+
+@pytest.mark.parametrize("backend", [b for op, b in compiled_pairs(["kd_loss"])])
+def test_deit_soft_and_nan_propagation(backend):
+    require_backend(backend)
+    zs = torch.tensor([[1.0, 2, 3], [0, 0, 1]], dtype=torch.float64)
+    zt = torch.tensor([[3.0, 2, 1], [1, 0, 0]], dtype=torch.float64)
+    with kdfast.use_backend(backend):
+        assert abs(kd_loss(zs, zt, 1.0, "mean").item() - 0.2524326820596044) <= 1e-14
+        assert abs(kd_loss(zs, zt, 3.0, "mean").item() - 0.27645711921979926) <= 1e-14
+        zs[0, 1] = float("nan")
+        assert torch.isnan(kd_loss(zs, zt)) and torch.isnan(dist_loss(zs, zt))
