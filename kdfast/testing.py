@@ -13,12 +13,12 @@ import torch
 from torch import Tensor
 
 #: semantics 7 float64 parity of a kernel with the reference: loss, gradient (relative error)
-FLOAT64_PARITY_LOSS = 1e-9
-FLOAT64_PARITY_GRAD = 1e-7
+PARITY_LOSS = 1e-9
+PARITY_GRAD = 1e-7
 
 #: semantics 7 tolerances keyed by input dtype: (loss, gradient) relative error vs the truth.
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
-    torch.float64: (FLOAT64_PARITY_LOSS, FLOAT64_PARITY_GRAD),
+    torch.float64: (PARITY_LOSS, PARITY_GRAD),
     torch.float32: (1e-5, 1e-5),
     torch.bfloat16: (1e-5, 1e-5),
     torch.float16: (1e-5, 1e-5),
