@@ -23,14 +23,15 @@ import os
 import pytest
 import torch
 from conftest import compiled_backends, require_backend
+from public_api import public_function
 from worked_examples import teacher_as
 
 import kdfast
 from kdfast import _dispatch
-from kdfast.functional import dist_loss, kd_loss, per_sample_kl
 from kdfast.testing import PARITY_GRAD, PARITY_LOSS, rel_error, tolerance
 
-OPS = {"kd_loss": kd_loss, "per_sample_kl": per_sample_kl, "dist_loss": dist_loss}
+#: the ops of the fused logit kernels -> their public functions (their contracts')
+OPS = {op: public_function(op) for op in ("kd_loss", "per_sample_kl", "dist_loss")}
 
 
 #: float64 first, then the half and single precisions of semantics 7

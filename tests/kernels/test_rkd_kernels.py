@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import compiled_backends, require_backend
+from public_api import public_function
 
 import kdfast
 from kdfast import functional
@@ -17,7 +18,7 @@ T_EX = [[0.0, 0.0], [3.0, 4.0], [6.0, 0.0]]
 S_EX = [[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]]
 S_DUP = [[0.0, 0.0], [0.0, 0.0], [1.0, 1.0]]
 BACKENDS = compiled_backends("cpu")
-OPS = {"rkd_angle": functional.rkd_angle, "rkd_distance": functional.rkd_distance}
+OPS = {op: public_function(op) for op in ("rkd_angle", "rkd_distance")}
 SPEC_EXAMPLES = {
     ("rkd_angle", "ex"): 0.017579546567412015,
     ("rkd_angle", "dup"): 0.0592,
