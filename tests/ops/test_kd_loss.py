@@ -1,5 +1,7 @@
-"""Hinton KD (semantics 3): kd_loss, per_sample_kl and KDLoss on the reference backend, then
-every compiled backend against it (the tests shared with DIST come from tests/fused_logits.py)."""
+"""Hinton KD (semantics 3): kd_loss, per_sample_kl and KDLoss against the worked examples,
+scipy and their invariants on every backend that runs here (the ``backend`` fixture; input
+validation on the reference), then every compiled backend against the reference (the tests
+shared with DIST come from tests/fused_logits.py)."""
 
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ from kdfast.testing import rel_error, tolerance
 from kdfast.testing import rel_error as rel
 
 pytestmark = pytest.mark.usefixtures("reference_backend")
+#: the ``backend`` fixture runs a test on every backend of this op (tests/conftest.py)
+OP = "kd_loss"
 
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
 
@@ -45,7 +49,7 @@ REDUCTIONS = ("batchmean", "sum", "mean", "none")
 @pytest.mark.parametrize(
     ("temperature", "expected"), [(1.0, 0.2524326820596044), (3.0, 0.27645711921979926)]
 )
-def test_spec_example_mean(temperature, expected):
+def test_spec_example_mean(temperature, expected, backend):
     # semantics 3's DeiT soft numbers are T^2 * sum KL / (B * C), i.e. kd_loss "mean".
     zs, zt = torch.tensor(ZS, dtype=F64), torch.tensor(ZT, dtype=F64)
     loss = KF.kd_loss(zs, zt, temperature, reduction="mean")
@@ -60,14 +64,14 @@ def test_spec_example_mean(temperature, expected):
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 4.0])
-def test_identical_inputs_give_zero(reduction, temperature):
+def test_identical_inputs_give_zero(reduction, temperature, backend):
     z = rand(5, 7)
     loss = KF.kd_loss(z, z.clone(), temperature, reduction=reduction)
     assert torch.all(loss == 0)
 
 
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 3.0])
-def test_matches_scipy_rel_entr(temperature):
+def test_matches_scipy_rel_entr(temperature, backend):
     s, t = rand(6, 5, seed=1), rand(6, 5, seed=2)
     p_s = torch.softmax(s / temperature, dim=1).numpy()
     p_t = torch.softmax(t / temperature, dim=1).numpy()
@@ -84,7 +88,7 @@ def test_matches_scipy_rel_entr(temperature):
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
-def test_reductions_relate(temperature):
+def test_reductions_relate(temperature, backend):
     s, t = rand(8, 5, seed=3), rand(8, 5, seed=4)
     none = KF.kd_loss(s, t, temperature, reduction="none")
     assert none.shape == (8,)
@@ -98,7 +102,7 @@ def test_reductions_relate(temperature):
 @pytest.mark.parametrize("kind", ["probs", "log_probs"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("temperature", [1.0, 3.0])
-def test_teacher_kinds_equal_logits(kind, reduction, temperature):
+def test_teacher_kinds_equal_logits(kind, reduction, temperature, backend):
     s, t = rand(6, 5, seed=5), rand(6, 5, seed=6)
     want = KF.kd_loss(s, t, temperature, reduction=reduction)
     cached = teacher_as(t, kind, temperature)
@@ -106,7 +110,7 @@ def test_teacher_kinds_equal_logits(kind, reduction, temperature):
     assert rel(got, want) <= 1e-12
 
 
-def test_probs_with_zeros_use_zero_log_zero():
+def test_probs_with_zeros_use_zero_log_zero(backend):
     s = rand(3, 4, seed=7)
     p_t = torch.tensor(
         [[0.5, 0.5, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.1, 0.2, 0.3, 0.4]], dtype=F64
@@ -117,13 +121,13 @@ def test_probs_with_zeros_use_zero_log_zero():
     assert torch.isfinite(got).all() and rel(got, want) <= 1e-12
 
 
-def test_inf_in_teacher_logits_propagates():
+def test_inf_in_teacher_logits_propagates(backend):
     s, t = rand(2, 3), rand(2, 3, seed=1)
     t[0, 1] = -float("inf")
     assert torch.isnan(KF.kd_loss(s, t, reduction="none")[0])  # semantics 0: never silently masked
 
 
-def test_nchw_equals_permuted_rows():
+def test_nchw_equals_permuted_rows(backend):
     s, t = rand(2, 5, 3, 4, seed=8), rand(2, 5, 3, 4, seed=9)
     s2, t2 = (x.permute(0, 2, 3, 1).reshape(-1, 5) for x in (s, t))
     for reduction in REDUCTIONS:
@@ -131,7 +135,7 @@ def test_nchw_equals_permuted_rows():
     assert rel(KF.per_sample_kl(s, t), KF.per_sample_kl(s2, t2)) <= 1e-14
 
 
-def test_non_contiguous_inputs():
+def test_non_contiguous_inputs(backend):
     s, t = rand(5, 6, seed=10), rand(5, 6, seed=11)
     s_nc, t_nc = s.t().contiguous().t(), t.t().contiguous().t()
     assert not s_nc.is_contiguous()
@@ -145,7 +149,7 @@ def test_non_contiguous_inputs():
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("kind", ["logits", "probs"])
-def test_mask_equals_dropping_rows(reduction, kind):
+def test_mask_equals_dropping_rows(reduction, kind, backend):
     s, t = rand(7, 4, seed=12), teacher_as(rand(7, 4, seed=13), kind, 2.0)
     mask = torch.tensor([True, False, True, True, False, False, True])
     got = KF.kd_loss(s, t, 2.0, reduction, mask=mask, teacher=kind)
@@ -156,7 +160,7 @@ def test_mask_equals_dropping_rows(reduction, kind):
     assert rel(got, kept) <= 1e-14
 
 
-def test_mask_blocks_nan_padding_rows():
+def test_mask_blocks_nan_padding_rows(backend):
     s, t = rand(4, 3, seed=14), rand(4, 3, seed=15)
     s[1] = float("nan")
     t[3, 0] = float("inf")
@@ -166,7 +170,7 @@ def test_mask_blocks_nan_padding_rows():
         assert torch.isfinite(got).all(), reduction
 
 
-def test_all_false_mask():
+def test_all_false_mask(backend):
     s, t = rand(3, 4), rand(3, 4, seed=1)
     mask = torch.zeros(3, dtype=torch.bool)
     assert KF.kd_loss(s, t, reduction="sum", mask=mask).item() == 0
@@ -178,7 +182,7 @@ def test_all_false_mask():
 # --- dtypes ---------------------------------------------------------------------------
 
 
-def test_mixed_half_student_float_teacher_returns_float32():
+def test_mixed_half_student_float_teacher_returns_float32(backend):
     s, t = rand(6, 5, dtype=torch.float16, seed=16), rand(6, 5, dtype=torch.float32, seed=17)
     for reduction in REDUCTIONS:
         loss = KF.kd_loss(s, t, 2.0, reduction)
@@ -190,7 +194,7 @@ def test_mixed_half_student_float_teacher_returns_float32():
     assert bf.dtype == torch.float32
 
 
-def test_float64_stays_float64():
+def test_float64_stays_float64(backend):
     s, t = rand(3, 4), rand(3, 4, seed=1)
     assert KF.kd_loss(s, t).dtype == F64
     assert KF.kd_loss(s.float(), t).dtype == F64
@@ -203,7 +207,7 @@ def test_float64_stays_float64():
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("kind", ["logits", "probs", "log_probs"])
 @pytest.mark.parametrize("masked", [False, True])
-def test_gradcheck_kd_loss(reduction, kind, masked):
+def test_gradcheck_kd_loss(reduction, kind, masked, backend):
     s = rand(4, 3, seed=18).requires_grad_()
     t = teacher_as(rand(4, 3, seed=19), kind, 1.5).detach().requires_grad_()
     mask = torch.tensor([True, False, True, True]) if masked else None
@@ -214,12 +218,12 @@ def test_gradcheck_kd_loss(reduction, kind, masked):
     assert torch.autograd.gradcheck(f, (s, t))
 
 
-def test_gradcheck_per_sample_kl():
+def test_gradcheck_per_sample_kl(backend):
     s, t = rand(4, 5, seed=20).requires_grad_(), rand(4, 5, seed=21).requires_grad_()
     assert torch.autograd.gradcheck(lambda s, t: KF.per_sample_kl(s, t, 2.0), (s, t))
 
 
-def test_masked_rows_get_zero_gradient():
+def test_masked_rows_get_zero_gradient(backend):
     s, t = rand(4, 3, seed=22).requires_grad_(), rand(4, 3, seed=23).requires_grad_()
     mask = torch.tensor([True, False, True, False])
     KF.kd_loss(s, t, mask=mask).backward()
@@ -240,7 +244,7 @@ def test_traces_with_fullgraph():
 # --- module ---------------------------------------------------------------------------
 
 
-def test_kdloss_module_matches_functional():
+def test_kdloss_module_matches_functional(backend):
     s, t = rand(4, 6, 2, seed=26), rand(4, 6, 2, seed=27)
     mask = torch.tensor([True, True, False, True, True, False, True, True])
     module = KDLoss(temperature=3.0, reduction="sum")
