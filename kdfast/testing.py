@@ -25,6 +25,16 @@ TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
 }
 
 
+#: semantics 6 accuracy targets of expm keyed by dtype: float64, normal (skew-symmetric or
+#: symmetric) A against an eigendecomposition, times max(1, ||A||_2); float32, the gradient
+#: against float64 (n = 768, ||A||_2 <= 8)
+EXPM_TARGETS: dict[torch.dtype, float] = {torch.float64: 1e-13, torch.float32: 2e-6}
+#: semantics 6: expm_frechet against scipy.linalg.expm_frechet, float64, ||A||_1 <= 100
+EXPM_FRECHET_TARGET = 1e-12
+#: semantics 6: ||Q^T Q - I||_max of a float32 skew-symmetric exponential
+EXPM_ORTHOGONALITY_FLOAT32 = 1e-5
+
+
 def rel_error(x: Tensor, ref: Tensor) -> float:
     """Norm-wise relative error ||x - ref||_F / ||ref||_F, computed in float64.
 
