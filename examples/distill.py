@@ -57,7 +57,7 @@ def make_method(
         raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
     ce = F.cross_entropy
     if name in ("deit_soft", "deit_hard"):
-        deit = DeiTDistillationLoss(ce, None, name.split("_")[1], alpha=0.5, tau=3.0)
+        deit = DeiTDistillationLoss(ce, None, name.split("_")[1], alpha=0.5, temperature=3.0)
         return True, lambda b: deit(b.inputs, b.student_out[0], b.labels, b.teacher_out[0]), []
     extra: list[torch.nn.Module] = []
     if name == "no_kd":
@@ -70,7 +70,8 @@ def make_method(
         def term(b: DistillBatch) -> Tensor:
             return kd(b.student_out[0], b.teacher_out[0])
     elif name == "dist":
-        dist = DISTLoss(beta=2.0, gamma=2.0, tau=4.0)  # CIFAR recipe: CE + DIST(2, 2, tau 4)
+        # CIFAR recipe: CE + DIST(beta 2, gamma 2, T 4)
+        dist = DISTLoss(beta=2.0, gamma=2.0, temperature=4.0)
 
         def term(b: DistillBatch) -> Tensor:
             return dist(b.student_out[0], b.teacher_out[0])

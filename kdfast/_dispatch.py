@@ -4,8 +4,10 @@ Backends declare what they support as data (:data:`BACKENDS`); each op registers
 implementation per backend with :func:`implement`, optionally narrowing devices and dtypes
 or adding a size limit. :func:`call` walks :data:`PRIORITY` and runs the first
 implementation that can run for the inputs' device and dtypes. ``KDFAST_BACKEND=<name>``
-(read at import) or ``with kdfast.use_backend(name):`` forces one backend; a forced
-backend that cannot run raises ``RuntimeError`` listing the reasons.
+(read at import) or :func:`set_backend` forces one backend for the whole process;
+``with kdfast.use_backend(name):`` forces one in the current thread only (it overrides the
+process-wide choice there); a forced backend that cannot run raises ``RuntimeError``
+listing the reasons.
 
 The choice is made in Python from the device and dtype, before any tracing: under
 ``torch.compile`` the chosen backend is baked into the graph (Dynamo guards on the forced
@@ -15,6 +17,7 @@ backend), so switching backends after compiling triggers a recompile.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import json
 import os
@@ -25,8 +28,10 @@ from dataclasses import dataclass, field
 import torch
 
 from kdfast import _extension
+from kdfast._validation import FLOAT_DTYPES
 
-HALF_AND_FLOAT = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+#: every floating dtype the public functions accept
+HALF_AND_FLOAT = frozenset(FLOAT_DTYPES)
 
 
 def _triton_status() -> tuple[str | None, frozenset[str]]:
@@ -131,7 +136,13 @@ def gpu_passed() -> frozenset[tuple[str, str]]:
 
 
 _IMPLS: dict[str, dict[str, Impl]] = {}
-_forced: str | None = None
+_forced: str | None = None  # process-wide: KDFAST_BACKEND or set_backend()
+_UNSET = "<unset>"
+#: use_backend's choice, local to a thread (a context variable: asyncio tasks get their own
+#: copy too); _UNSET where no with-block is active, so the process-wide choice applies.
+_thread_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "kdfast_forced_backend", default=_UNSET
+)
 _warned_devices: set[str] = set()
 
 
@@ -221,17 +232,18 @@ def select(op: str, *args, **kwargs) -> tuple[str, Callable]:
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     device = tensors[0].device.type if tensors else "cpu"
     dtypes = tuple({t.dtype for t in tensors if t.is_floating_point()})
-    if _forced is not None:
-        reason = _rejection(op, _forced, device, dtypes, args, kwargs, automatic=False)
+    forced = forced_backend()
+    if forced is not None:
+        reason = _rejection(op, forced, device, dtypes, args, kwargs, automatic=False)
         if reason is not None:
             others = "; ".join(
                 f"{n}: {r or 'ok'}" for n, r in explain(op, device, dtypes[0], args, kwargs)
             )
             raise RuntimeError(
-                f"kdfast backend {_forced!r} was forced but cannot run {op} on {device} "
+                f"kdfast backend {forced!r} was forced but cannot run {op} on {device} "
                 f"with dtypes {list(dtypes)}: {reason}. All backends: {others}"
             )
-        return _forced, _IMPLS[op][_forced].fn
+        return forced, _IMPLS[op][forced].fn
     if device not in KERNEL_DEVICES and device not in _warned_devices:
         _warned_devices.add(device)
         warnings.warn(
@@ -250,14 +262,23 @@ def call(op: str, *args, **kwargs):
 
 
 def forced_backend() -> str | None:
-    return _forced
+    """The backend forced in this thread: the innermost active :func:`use_backend` block's,
+    else the process-wide one (``KDFAST_BACKEND`` or :func:`set_backend`); None: automatic."""
+    local = _thread_forced.get()
+    return _forced if local == _UNSET else local
+
+
+def _check_name(name: str | None) -> None:
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"unknown kdfast backend {name!r}; choose from {list(BACKENDS)}")
 
 
 def set_backend(name: str | None) -> None:
-    """Force ``name`` for every op (``None``: automatic choice). Process-wide."""
+    """Force ``name`` for every op (``None``: automatic choice). Process-wide, like
+    ``KDFAST_BACKEND``: every thread sees it, except inside its own :func:`use_backend`
+    blocks, which take precedence there."""
     global _forced
-    if name is not None and name not in BACKENDS:
-        raise ValueError(f"unknown kdfast backend {name!r}; choose from {list(BACKENDS)}")
+    _check_name(name)
     _forced = name
 
 
@@ -265,17 +286,27 @@ def set_backend(name: str | None) -> None:
 def use_backend(name: str | None) -> Iterator[None]:
     """Force backend ``name`` inside a ``with`` block (``None``: automatic choice).
 
+    The choice is local to the thread that enters the block (a context variable): other
+    threads keep theirs, so overlapping blocks in several threads never leak into each
+    other or outlive their blocks; a new thread starts from the process-wide choice
+    (``KDFAST_BACKEND`` or :func:`set_backend`), not from its parent's block. The backend is
+    picked when an op runs forward, in the calling thread: the backward of what ran there
+    (which autograd may run on its own worker threads, e.g. for CUDA tensors) uses the
+    implementation chosen in the forward. Under ``torch.compile`` the choice is read while
+    tracing, in the compiling thread, and guarded: another backend forces a recompile.
+
     Example::
 
         with kdfast.use_backend("reference"):
             loss = kdfast.functional.rkd_angle(s, t)
     """
-    previous = _forced
-    set_backend(name)
+    _check_name(name)
+    previous = _thread_forced.get()
+    _thread_forced.set(name)
     try:
         yield
     finally:
-        set_backend(previous)
+        _thread_forced.set(previous)  # not reset(token): the block may end in another context
 
 
 def _backend_from_environment() -> None:

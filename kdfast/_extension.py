@@ -8,7 +8,9 @@ reference; ``python -m kdfast.info`` prints the reasons.
 
 from __future__ import annotations
 
+import importlib.machinery
 import os
+import sys
 
 import torch
 
@@ -20,6 +22,10 @@ def _load() -> None:
     global _C, _reason
     if os.environ.get("KDFAST_NO_EXT") == "1":
         _reason = "KDFAST_NO_EXT=1 (pure-Python mode)"
+        return
+    missing = _missing_reason()
+    if missing is not None:
+        _reason = missing
         return
     try:
         from kdfast import _C as module  # registers the kdfast:: C++ ops
@@ -34,6 +40,30 @@ def _load() -> None:
         )
         return
     _C = module
+
+
+def _missing_reason() -> str | None:
+    """Why there is no ``_C`` file to import, or None if one exists. (Importing a missing
+    ``_C`` while ``kdfast`` is still initialising reports a "circular import", which misleads.)
+    """
+    package = os.path.dirname(os.path.abspath(__file__))
+    # Only this package's own directories: an import hook (e.g. the editable install of
+    # another checkout) may map kdfast._C to a different tree's build, which is not ours.
+    search = list(getattr(sys.modules.get("kdfast"), "__path__", None) or [package])
+    if importlib.machinery.PathFinder.find_spec("kdfast._C", search) is not None:
+        return None
+    root = os.path.dirname(package)
+    if os.path.exists(os.path.join(root, "setup.py")) and os.path.isdir(os.path.join(root, "csrc")):
+        return (
+            f"the C++ extension is not built in this tree (no kdfast/_C*.so in {package}): run "
+            f"`pip install --no-build-isolation -e .` in {root}, or set KDFAST_NO_EXT=1 for "
+            "pure-Python mode"
+        )
+    return (
+        f"kdfast was installed without its C++ extension (no _C*.so in {package}; no compiler "
+        "at install time?): reinstall it with `pip install --no-build-isolation kdfast` where a "
+        "C++ compiler is available, or set KDFAST_NO_EXT=1 for pure-Python mode"
+    )
 
 
 def unavailable_reason() -> str | None:

@@ -1,11 +1,17 @@
-"""Input validation shared by every public function.
+"""Input validation shared by every public function and module constructor.
 
-Errors name the argument and the shapes seen. Public functions validate once, then
-hand plain 2-D (rows, features) tensors to whichever backend the dispatcher picks;
-backends assume validated input.
+Errors name the argument and the shapes seen. Public functions (kdfast.functional,
+kdfast.linalg, ...) validate once, with these helpers and the option checks built on them
+(nn.Module constructors call the same checks to fail early), then hand (rows, features),
+(B, C) or (N, C, S) tensors to whichever backend the dispatcher picks; backends assume
+validated input. What stays in a backend guards memory for direct callers of
+``torch.ops.kdfast.*``: the C++ TORCH_CHECKs, the Triton launchers' shape and layout checks,
+and the vertex range of ``rkd_angle_vertices`` (checked by every backend).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -25,11 +31,13 @@ def check_tensor(name: str, x: object) -> Tensor:
     return x
 
 
-def compute_dtype(*tensors: Tensor) -> torch.dtype:
-    """promote_types(*dtypes, float32): the dtype a loss computes and returns in (semantics 0)."""
+def compute_dtype(*tensors: Tensor | torch.dtype) -> torch.dtype:
+    """promote_types(*dtypes, float32): the dtype a loss computes and returns in (semantics 0).
+
+    The one place this rule is written; takes tensors or dtypes."""
     dtype = torch.float32
     for t in tensors:
-        dtype = torch.promote_types(dtype, t.dtype)
+        dtype = torch.promote_types(dtype, t if isinstance(t, torch.dtype) else t.dtype)
     return dtype
 
 
@@ -147,16 +155,40 @@ def check_choice(name: str, value: object, choices) -> None:
         )
 
 
+def is_real(value: object) -> bool:
+    """Whether ``value`` is a real Python number: an int or a float, bool excluded (the one
+    spelling of "real number" in kdfast)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def check_real(name: str, value: object) -> float:
     """A finite-or-not real Python number (bool excluded), as float; TypeError otherwise."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not is_real(value):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     return float(value)
 
 
-def check_positive(name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+def check_positive(name: str, value: object, finite: bool = False) -> float:
+    """A real number > 0 (and finite when ``finite``), as float; ValueError otherwise."""
+    if not is_real(value) or not value > 0:
         raise ValueError(f"{name} must be a positive number, got {value!r}")
+    if finite and not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return float(value)
+
+
+def check_unit_interval(name: str, value: object) -> float:
+    """A real number in [0, 1], as float (TypeError when not a real number)."""
+    if not 0.0 <= check_real(name, value) <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+    return float(value)
+
+
+def check_bool(name: str, value: object) -> bool:
+    """TypeError unless ``value`` is a bool."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
 
 
 def check_vertex_range(start: object, stop: object, n: int) -> None:

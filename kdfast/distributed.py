@@ -113,8 +113,8 @@ def dist_loss_global(
     t: Tensor,
     beta: float,
     gamma: float,
-    tau: float,
-    tau_squared: bool,
+    temperature: float,
+    temperature_squared: bool,
     activation: str,
     mask: Tensor | None,
     group=None,
@@ -138,9 +138,12 @@ def dist_loss_global(
         raise ValueError("dist_loss(gather=True): the global batch is empty (0 rows on every rank)")
     dtype = compute_dtype(s, t)
     if activation == "sigmoid":
-        ys, yt = torch.sigmoid(s.to(dtype) / tau), torch.sigmoid(t.to(dtype) / tau)
+        ys, yt = torch.sigmoid(s.to(dtype) / temperature), torch.sigmoid(t.to(dtype) / temperature)
     else:
-        ys, yt = torch.softmax(s.to(dtype) / tau, 1), torch.softmax(t.to(dtype) / tau, 1)
+        ys, yt = (
+            torch.softmax(s.to(dtype) / temperature, 1),
+            torch.softmax(t.to(dtype) / temperature, 1),
+        )
     keep = torch.ones(s.shape[0], dtype=torch.bool, device=s.device) if mask is None else mask
     # torch.where, not multiplication: NaN in padding rows must not leak in (as the reference)
     rho = torch.where(keep, _pearson(ys, yt, dim=1), 0.0)
@@ -158,5 +161,5 @@ def dist_loss_global(
     co, var_s, var_t = second[:classes], second[classes : 2 * classes], second[2 * classes :]
     intra = 1 - (co / (var_s.sqrt() * var_t.sqrt() + COSINE_EPS)).mean()
     inter = 1 - inter_sum / kept
-    scale = tau**2 if tau_squared else 1.0
+    scale = temperature**2 if temperature_squared else 1.0
     return beta * scale * inter + gamma * scale * intra

@@ -11,14 +11,21 @@ See docs/semantics.md for the exact definitions.
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 from torch import Tensor
 
 from kdfast import _dispatch
 from kdfast import distributed as _distributed
+from kdfast._constants import (
+    DIST_ACTIVATIONS,
+    KD_REDUCTIONS,
+    KD_TEACHER_KINDS,
+    VKD_NORMALIZATIONS,
+)
+from kdfast._deprecation import renamed_keywords
 from kdfast._validation import (
+    check_bool,
     check_choice,
     check_feature_pair,
     check_logit_pair,
@@ -27,6 +34,7 @@ from kdfast._validation import (
     check_real,
     check_same_device,
     check_tensor,
+    check_unit_interval,
     logit_rows,
     rows_2d,
 )
@@ -53,19 +61,44 @@ def _call(op: str, *args):
         return _dispatch.call(op, *args)
 
 
-KD_REDUCTIONS = ("batchmean", "sum", "mean", "none")
-KD_TEACHER_KINDS = ("logits", "probs", "log_probs")
-DIST_ACTIVATIONS = ("softmax", "sigmoid")
-VKD_NORMALIZATIONS = ("standardize", "batch_standardize", "whiten", None)
+def check_kd_options(temperature, reduction: str, teacher_kind: str = "logits") -> float:
+    """Validate kd_loss's options (also KDLoss's constructor); return T as float."""
+    temperature = check_positive("temperature", temperature)
+    check_choice("reduction", reduction, KD_REDUCTIONS)
+    check_choice("teacher_kind", teacher_kind, KD_TEACHER_KINDS)
+    return temperature
 
 
+def check_jsd_options(beta, temperature, reduction: str) -> tuple[float, float]:
+    """Validate jsd_loss's options (also JSDLoss's constructor); return (beta, T) as floats."""
+    temperature = check_positive("temperature", temperature, finite=True)
+    beta = check_unit_interval("beta", beta)
+    check_choice("reduction", reduction, KD_REDUCTIONS)
+    return beta, temperature
+
+
+def check_dist_options(beta, gamma, temperature, temperature_squared, activation: str):
+    """Validate dist_loss's options (also DISTLoss's constructor); return (beta, gamma, T)
+    as floats."""
+    temperature = check_positive("temperature", temperature)
+    beta, gamma = check_real("beta", beta), check_real("gamma", gamma)
+    check_choice("activation", activation, DIST_ACTIVATIONS)
+    check_bool("temperature_squared", temperature_squared)
+    return beta, gamma, temperature
+
+
+def _is_str(value: object) -> bool:
+    return isinstance(value, str)
+
+
+@renamed_keywords(teacher=("teacher_kind", _is_str))
 def kd_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
     temperature: float = 1.0,
     reduction: str = "batchmean",
     mask: Tensor | None = None,
-    teacher: str = "logits",
+    teacher_kind: str = "logits",
 ) -> Tensor:
     """Hinton KD: ``T^2 * KL(p_t || p_s)`` with ``p = softmax(z / T)`` over the class dim.
 
@@ -74,22 +107,21 @@ def kd_loss(
     Args:
         student_logits: (B, C) or (N, C, *) logits (class dim 1).
         teacher_logits: same shape; logits, or cached probabilities / log-probabilities at
-            temperature T when ``teacher`` is "probs" / "log_probs".
+            temperature T when ``teacher_kind`` is "probs" / "log_probs".
         temperature: T > 0.
         reduction: "batchmean" (sum / rows, default), "sum", "mean" (sum / (rows * C), as
             ``F.kl_div``) or "none" (a (rows,) vector of T^2 * per-row KL).
         mask: optional bool (rows,) keeping rows (False = padding); means are over kept rows.
-        teacher: what ``teacher_logits`` holds: "logits", "probs" or "log_probs".
+        teacher_kind: what ``teacher_logits`` holds: "logits", "probs" or "log_probs"
+            (``teacher=``: deprecated alias).
 
     Returns:
         A scalar (or (rows,) for "none") in promote_types(student, teacher, float32).
     """
     s, t = check_logit_pair(student_logits, teacher_logits)
-    check_positive("temperature", temperature)
-    check_choice("reduction", reduction, KD_REDUCTIONS)
-    check_choice("teacher", teacher, KD_TEACHER_KINDS)
+    temperature = check_kd_options(temperature, reduction, teacher_kind)
     mask = check_mask(mask, logit_rows(s), s.device)
-    return _call("kd_loss", s, t, float(temperature), reduction, mask, teacher)
+    return _call("kd_loss", s, t, temperature, reduction, mask, teacher_kind)
 
 
 def per_sample_kl(
@@ -100,8 +132,8 @@ def per_sample_kl(
     Feeds SSD-KD priorities. Inputs (B, C) or (N, C, *); returns (rows,).
     """
     s, t = check_logit_pair(student_logits, teacher_logits)
-    check_positive("temperature", temperature)
-    return _call("per_sample_kl", s, t, float(temperature))
+    temperature = check_positive("temperature", temperature)
+    return _call("per_sample_kl", s, t, temperature)
 
 
 def jsd_loss(
@@ -135,38 +167,34 @@ def jsd_loss(
         A scalar (or (rows,) for "none") in promote_types(student, teacher, float32).
     """
     s, t = check_logit_pair(student_logits, teacher_logits)
-    check_positive("temperature", temperature)
-    if not math.isfinite(temperature):
-        raise ValueError(f"temperature must be finite, got {temperature!r}")
-    beta = check_real("beta", beta)
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must be in [0, 1], got {beta!r}")
-    check_choice("reduction", reduction, KD_REDUCTIONS)
+    beta, temperature = check_jsd_options(beta, temperature, reduction)
     mask = check_mask(mask, logit_rows(s), s.device)
-    return _call("jsd_loss", s, t, beta, float(temperature), reduction, mask)
+    return _call("jsd_loss", s, t, beta, temperature, reduction, mask)
 
 
+@renamed_keywords(tau="temperature", tau_squared="temperature_squared")
 def dist_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
     beta: float = 1.0,
     gamma: float = 1.0,
-    tau: float = 1.0,
-    tau_squared: bool = True,
+    temperature: float = 1.0,
+    temperature_squared: bool = True,
     activation: str = "softmax",
     mask: Tensor | None = None,
     *,
     gather: bool = False,
     process_group=None,
 ) -> Tensor:
-    """DIST: ``beta * tau^2 * inter + gamma * tau^2 * intra`` (semantics 2).
+    """DIST: ``beta * T^2 * inter + gamma * T^2 * intra`` (semantics 2).
 
     Huang et al., "Knowledge Distillation from A Stronger Teacher", NeurIPS 2022
     (hunto/DIST_KD). inter = 1 - mean Pearson correlation per sample (across classes),
-    intra = 1 - mean Pearson correlation per class (across the batch), on softmax(z / tau)
+    intra = 1 - mean Pearson correlation per class (across the batch), on softmax(z / T)
     (or element-wise sigmoid with ``activation="sigmoid"``, the detection variant).
-    ``tau_squared=False`` drops the tau^2 factor. Inputs (B, C) or (N, C, *); ``mask`` is a
-    bool (rows,) keeping rows. Returns a scalar.
+    ``temperature_squared=False`` drops the T^2 factor. Inputs (B, C) or (N, C, *); ``mask``
+    is a bool (rows,) keeping rows. Returns a scalar. ``tau=`` and ``tau_squared=`` are
+    deprecated aliases of ``temperature=`` and ``temperature_squared=``.
 
     ``gather=True`` (torch.distributed initialised): the loss over the concatenated batch of
     every rank (both terms; the intra-class term from all-reduced per-column moments, no
@@ -178,28 +206,15 @@ def dist_loss(
     s, t = check_logit_pair(
         student_logits, teacher_logits, ("student_logits", "teacher_logits"), gathered
     )
-    check_positive("tau", tau)
-    beta, gamma = check_real("beta", beta), check_real("gamma", gamma)
-    check_choice("activation", activation, DIST_ACTIVATIONS)
-    if not isinstance(tau_squared, bool):
-        raise TypeError(f"tau_squared must be a bool, got {type(tau_squared).__name__}")
+    beta, gamma, temperature = check_dist_options(
+        beta, gamma, temperature, temperature_squared, activation
+    )
     mask = check_mask(mask, logit_rows(s), s.device)
+    options = (beta, gamma, temperature, temperature_squared, activation, mask)
     if gathered:
         with _autocast_off(s.device):
-            return _distributed.dist_loss_global(
-                rows_2d(s),
-                rows_2d(t),
-                float(beta),
-                float(gamma),
-                float(tau),
-                tau_squared,
-                activation,
-                mask,
-                process_group,
-            )
-    return _call(
-        "dist_loss", s, t, float(beta), float(gamma), float(tau), tau_squared, activation, mask
-    )
+            return _distributed.dist_loss_global(rows_2d(s), rows_2d(t), *options, process_group)
+    return _call("dist_loss", s, t, *options)
 
 
 def rkd_distance(

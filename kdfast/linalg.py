@@ -10,7 +10,13 @@ from torch import Tensor
 
 import kdfast.ops.expm  # noqa: F401  (registers the reference implementations)
 from kdfast import _dispatch
-from kdfast._validation import check_rank, check_same_device, check_tensor, compute_dtype
+from kdfast._validation import (
+    check_bool,
+    check_rank,
+    check_same_device,
+    check_tensor,
+    compute_dtype,
+)
 
 __all__ = ["expm", "expm_frechet"]
 
@@ -51,8 +57,7 @@ def expm(A: Tensor, skew: bool = False) -> Tensor:
         For skew A the result is orthogonal to rounding.
     """
     _check_square("A", A)
-    if not isinstance(skew, bool):
-        raise TypeError(f"skew must be a bool, got {type(skew).__name__}")
+    check_bool("skew", skew)
     return _dispatch.call("expm", A.to(compute_dtype(A)), skew)
 
 

@@ -22,13 +22,14 @@ the exact form of the modulating function phi (:func:`diversity_difficulty_weigh
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from kdfast._validation import check_positive, check_tensor, compute_dtype
+from kdfast._validation import check_positive, check_tensor, compute_dtype, is_real
 
 __all__ = ["PrioritizedReplayBuffer", "ssd_kd_priorities", "diversity_difficulty_weights"]
 
@@ -50,8 +51,54 @@ def _check_count(name: str, value: object) -> int:
     return value
 
 
+def _check_index(name: str, value: object) -> int:
+    """An int (or an integer-like number such as numpy's), not a bool."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {value!r}") from None
+
+
+def _real_priorities(name: str, values: Any) -> Tensor:
+    """``values`` as a float64 tensor: real numbers only (no complex, bool or strings)."""
+    if isinstance(values, Tensor):
+        p = values.detach()
+    else:
+        if isinstance(values, (str, bytes)):
+            raise TypeError(f"{name} must be real numbers, got {values!r}")
+        try:
+            p = torch.as_tensor(values)  # to learn the dtype: complex and bool are refused
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(f"{name} must be real numbers, got {values!r} ({exc})") from None
+        if p.is_floating_point():  # Python floats: convert from the values, not via float32
+            p = torch.as_tensor(values, dtype=torch.float64)
+    if p.dtype.is_complex or p.dtype == torch.bool:
+        raise TypeError(
+            f"{name} must be real numbers, got a {p.dtype} tensor of shape {tuple(p.shape)}"
+        )
+    if not (p.is_floating_point() or _is_integer(p.dtype)):
+        raise TypeError(f"{name} must be real numbers, got a {p.dtype} tensor")
+    return p.to(torch.float64)
+
+
+def _is_integer(dtype: torch.dtype) -> bool:
+    return not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
+
+
+def _check_priority_values(name: str, p: Tensor) -> None:
+    bad = ~torch.isfinite(p) | (p < 0)
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"{name} must be finite and >= 0, got {p[first].item()} at position {first} "
+            f"(shape {tuple(p.shape)})"
+        )
+
+
 def _check_nonnegative(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+    if not is_real(value) or not value >= 0:
         raise ValueError(f"{name} must be a non-negative number, got {value!r}")
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value!r}")
@@ -132,16 +179,10 @@ class PrioritizedReplayBuffer:
     # ------------------------------------------------------------------ writing
     @staticmethod
     def _as_priorities(name: str, values: Any, n: int, device: torch.device) -> Tensor:
-        p = torch.as_tensor(values, dtype=torch.float64).detach()
+        p = _real_priorities(name, values)
         if p.dim() != 1 or p.shape[0] != n:
             raise ValueError(f"{name} must have shape ({n},), got {tuple(p.shape)}")
-        bad = ~torch.isfinite(p) | (p < 0)
-        if bool(bad.any()):
-            first = int(bad.nonzero()[0, 0])
-            raise ValueError(
-                f"{name} must be finite and >= 0, got {p[first].item()} at position {first} "
-                f"(shape {tuple(p.shape)})"
-            )
+        _check_priority_values(name, p)
         return p.to(device)
 
     def add(self, samples: Tensor, priorities: Tensor | Sequence[float] | None = None) -> Tensor:
@@ -195,16 +236,28 @@ class PrioritizedReplayBuffer:
     def update_priorities(self, indices: Tensor | Sequence[int], priorities: Any) -> None:
         """Set the priorities (|delta| >= 0, finite) of the slots ``indices`` (k,).
 
+        ``indices`` are slot numbers: an integer tensor (int8 to int64) or a sequence of ints;
+        bool and uint8 tensors, which torch would read as masks, are refused. ``priorities``
+        (k,) are real numbers (a tensor or a sequence; complex, bool and strings are refused).
         With repeated indices one of the given values is kept (in SSD-KD a repeated sample
         gets the same priority each time it appears).
         """
         if not isinstance(indices, Tensor):
-            if not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
-                raise TypeError(f"indices must be integers, got {list(indices)!r}")
-            indices = torch.tensor(list(indices), dtype=torch.int64)
+            values = list(indices)
+            try:
+                values = [_check_index("indices", i) for i in values]
+            except TypeError:
+                raise TypeError(f"indices must be integers, got {values!r}") from None
+            indices = torch.tensor(values, dtype=torch.int64)
         idx = indices
-        if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+        if idx.dtype in (torch.bool, torch.uint8):
+            raise TypeError(
+                f"indices must be integer slot numbers, got a {idx.dtype} tensor, which torch "
+                f"would read as a mask: pass the slots, e.g. mask.nonzero().squeeze(1)"
+            )
+        if not _is_integer(idx.dtype):
             raise TypeError(f"indices must be an integer tensor, got {idx.dtype}")
+        idx = idx.to(torch.int64)  # int8 / int16 / int32 / unsigned: indexing takes int64
         if idx.dim() != 1:
             raise ValueError(f"indices must be 1-D, got shape {tuple(idx.shape)}")
         if self._size == 0:
@@ -224,6 +277,8 @@ class PrioritizedReplayBuffer:
             raise ValueError("the buffer is empty: add samples first")
         q = (self._priorities[: self._size] + self.eps).pow(self.alpha)
         total = q.sum()
+        if not math.isfinite(total):  # unreachable through the public API; no misleading "0"
+            raise ValueError(f"the priorities sum to {total.item()}: no sample can be drawn")
         if not total > 0:
             raise ValueError("every priority is 0 and eps = 0: no sample can be drawn")
         return q / total
@@ -247,8 +302,7 @@ class PrioritizedReplayBuffer:
             weights = (p_min / p).pow(self.beta)
         else:
             weights = (self._size * p).pow(-self.beta)
-        out_dtype = torch.float64 if self._samples.dtype == torch.float64 else torch.float32
-        return indices, self._samples[indices], weights.to(out_dtype)
+        return indices, self._samples[indices], weights.to(compute_dtype(self._samples))
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
@@ -266,7 +320,14 @@ class PrioritizedReplayBuffer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict` (same capacity); sampling then resumes identically."""
+        """Restore a :meth:`state_dict` (same capacity); sampling then resumes identically.
+
+        The state is checked before anything changes: ``samples`` (len, *sample_shape) and
+        ``priorities`` (len,) tensors (real floating priorities, finite and >= 0; both None
+        for an empty buffer), len <= capacity, and ``next_index`` an int that the FIFO order
+        can produce: ``len`` while the buffer is not full (slots fill in order), any slot in
+        [0, capacity) once it is.
+        """
         missing = [k for k in _STATE_KEYS if k not in state]
         if missing:
             raise ValueError(f"state_dict is missing keys {missing}")
@@ -275,18 +336,28 @@ class PrioritizedReplayBuffer:
                 f"state_dict has capacity {state['capacity']}, this buffer {self.capacity}"
             )
         samples, priorities = state["samples"], state["priorities"]
-        if (samples is None) != (priorities is None) or (
-            samples is not None
-            and (
-                priorities.dim() != 1
-                or priorities.shape[0] != samples.shape[0]
-                or samples.shape[0] > self.capacity
-            )
-        ):
-            raise ValueError("state_dict samples and priorities are inconsistent")
-        self.alpha = _check_nonnegative("alpha", state["alpha"])
-        self.beta = state["beta"]
-        self.eps = _check_nonnegative("eps", state["eps"])
+        next_index = _check_index("state_dict next_index", state["next_index"])
+        alpha = _check_nonnegative("alpha", state["alpha"])
+        beta = _check_nonnegative("beta", state["beta"])
+        eps = _check_nonnegative("eps", state["eps"])
+        if samples is None and priorities is None:
+            if next_index != 0:
+                raise ValueError(
+                    f"state_dict next_index must be 0 for an empty buffer, got {next_index}"
+                )
+        else:
+            size = self._check_state_tensors(samples, priorities)
+            if size < self.capacity and next_index != size:
+                raise ValueError(
+                    f"state_dict next_index must be {size} (the buffer has {size} of "
+                    f"{self.capacity} slots filled, which fill in order), got {next_index}"
+                )
+            if not 0 <= next_index < self.capacity:
+                raise ValueError(
+                    f"state_dict next_index must lie in [0, {self.capacity}) (a slot of the full "
+                    f"buffer), got {next_index}"
+                )
+        self.alpha, self.beta, self.eps = alpha, beta, eps
         self.normalize_weights = bool(state["normalize_weights"])
         if samples is None:
             self._samples = self._priorities = None
@@ -297,7 +368,39 @@ class PrioritizedReplayBuffer:
         self._size = samples.shape[0]
         self._samples[: self._size] = samples
         self._priorities[: self._size] = priorities.to(self._priorities)
-        self._next = int(state["next_index"]) % self.capacity
+        self._next = next_index
+
+    def _check_state_tensors(self, samples: Any, priorities: Any) -> int:
+        """Validate a state's samples and priorities; return the number of samples."""
+        for name, value in (("samples", samples), ("priorities", priorities)):
+            if not isinstance(value, Tensor):
+                raise TypeError(
+                    f"state_dict {name} must be a torch.Tensor (both None for an empty buffer), "
+                    f"got {type(value).__name__}"
+                )
+        if samples.dim() < 1:
+            raise ValueError(
+                f"state_dict samples must have a batch dim (len, *), got shape "
+                f"{tuple(samples.shape)}"
+            )
+        size = samples.shape[0]
+        if size > self.capacity:
+            raise ValueError(
+                f"state_dict holds {size} samples (shape {tuple(samples.shape)}), more than "
+                f"capacity {self.capacity}"
+            )
+        if not priorities.is_floating_point():
+            raise TypeError(
+                f"state_dict priorities must be a real floating tensor, got {priorities.dtype}"
+            )
+        if priorities.shape != (size,):
+            raise ValueError(
+                f"state_dict samples and priorities are inconsistent: priorities must have "
+                f"shape ({size},) like the samples {tuple(samples.shape)}, got "
+                f"{tuple(priorities.shape)}"
+            )
+        _check_priority_values("state_dict priorities", priorities.detach().to(torch.float64))
+        return size
 
     def __repr__(self) -> str:
         return (

@@ -75,7 +75,7 @@ def inputs(dtype: torch.dtype, rows: int = 12, cols: int = 37) -> dict:
 #: op -> list of option dicts (everything but the inputs and the mask)
 OPTIONS = {
     "kd_loss": [
-        dict(temperature=temperature, reduction=reduction, teacher=teacher)
+        dict(temperature=temperature, reduction=reduction, teacher_kind=teacher)
         for temperature in (1.0, 4.0)
         for reduction in ("batchmean", "sum", "mean", "none")
         for teacher in ("logits", "probs", "log_probs")
@@ -83,9 +83,9 @@ OPTIONS = {
     "per_sample_kl": [dict(temperature=1.0), dict(temperature=3.0)],
     "dist_loss": [
         dict(),
-        dict(tau=4.0),
-        dict(tau=4.0, tau_squared=False),
-        dict(activation="sigmoid", tau=2.0),
+        dict(temperature=4.0),
+        dict(temperature=4.0, temperature_squared=False),
+        dict(activation="sigmoid", temperature=2.0),
         dict(beta=0.5, gamma=2.0),
         dict(beta=1.0, gamma=0.0),
     ],
@@ -95,10 +95,10 @@ OPTIONS = {
 def call(op, backend, s, t, mask, options, grad_teacher=True, unit=False, as_given=False):
     """(loss, gradients) of sum(loss * w): w from 0.5 to 1.5 (0.5 for a scalar loss) so the
     backward's scaling is exercised, or 1 (``unit``: the plain gradient of the loss). KD's
-    teacher logits t are turned into options["teacher"] unless ``as_given``."""
+    teacher logits t are turned into options["teacher_kind"] unless ``as_given``."""
     options = dict(options)
     if op == "kd_loss" and not as_given:
-        t = teacher_as(t, options["teacher"], options["temperature"])
+        t = teacher_as(t, options["teacher_kind"], options["temperature"])
     if mask is not None:
         if op == "per_sample_kl":
             return None
@@ -223,7 +223,7 @@ def test_low_precision_against_float64_truth(logit_impl, dtype):
     require_backend(backend)
     for name, (s, t, mask) in inputs(dtype).items():
         for options in OPTIONS[op][:: 3 if op == "kd_loss" else 1]:
-            if op == "kd_loss" and options["teacher"] == "probs" and dtype != torch.float32:
+            if op == "kd_loss" and options["teacher_kind"] == "probs" and dtype != torch.float32:
                 continue  # half probabilities underflow to 0: log 0 in the teacher gradient
             got = call(op, backend, s, t, mask, options, grad_teacher=False, unit=True)
             if got is None:
@@ -255,7 +255,7 @@ def test_gradcheck(logit_impl):
     for options in OPTIONS[op][:: (5 if fast else 2) if op == "kd_loss" else 1]:
         options = dict(options)
         if op == "kd_loss":
-            t_in = teacher_as(t, options["teacher"], options["temperature"])
+            t_in = teacher_as(t, options["teacher_kind"], options["temperature"])
             options["mask"] = mask
         elif op == "dist_loss":
             t_in, options["mask"] = t, mask
@@ -376,7 +376,7 @@ def test_identical_rows_against_float64_truth(logit_impl, dtype, request):
         if name == "expanded_student" and dtype == torch.float16:
             continue  # its gradient, the teacher column / eps, exceeds half's range
         for options in OPTIONS[op]:
-            if options.get("teacher", "logits") != "logits":
+            if options.get("teacher_kind", "logits") != "logits":
                 continue  # probabilities computed from the teacher are new, contiguous tensors
             if options.get("temperature") == 1.0:
                 continue  # KD: the other temperature stands for both (time)

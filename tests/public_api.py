@@ -58,7 +58,7 @@ PUBLIC_OPS: dict[str, PublicOp] = {
         PublicOp("kd_loss", 1, True, True, {"temperature": 2.0}),
         PublicOp("per_sample_kl", 1, True, True, {"temperature": 2.0}),
         PublicOp("jsd_loss", 1, True, True, {"beta": 0.3, "temperature": 2.0}),
-        PublicOp("dist_loss", 1, True, True, {"tau": 2.0}),
+        PublicOp("dist_loss", 1, True, True, {"temperature": 2.0}),
         PublicOp("rkd_distance", 2, False, False),
         PublicOp("rkd_angle", 3, False, False),
         PublicOp("vkd_loss", 1, False, True, {"normalize": "standardize"}),

@@ -88,7 +88,7 @@ def test_training_step_under_autocast(amp_dtype):
     labels_t = torch.randn(10, 12, generator=g)
     modules = {
         "rkd": (losses.RKDLoss(25.0, 50.0), teacher),
-        "dist": (losses.DISTLoss(tau=4.0), labels_t),
+        "dist": (losses.DISTLoss(temperature=4.0), labels_t),
         "kd": (losses.KDLoss(4.0), labels_t),
         "vkd": (losses.VkDLoss(12, 12), teacher),
     }

@@ -98,7 +98,7 @@ def _modules():
     """(name, module, student, teacher, extra forward args) for every loss module."""
     s, t = _pair(n=8, c=6)
     yield "KDLoss", losses.KDLoss(4.0), s, t
-    yield "DISTLoss", losses.DISTLoss(tau=4.0), s, t
+    yield "DISTLoss", losses.DISTLoss(temperature=4.0), s, t
     yield "RKDLoss", losses.RKDLoss(25.0, 50.0), s, t
     yield "RKDDistanceLoss", losses.RKDDistanceLoss(), s, t
     yield "RKDAngleLoss", losses.RKDAngleLoss(), s, t

@@ -210,8 +210,8 @@ def test_bad_options_raise():
         with pytest.raises(ValueError, match="alpha"):
             DeiTDistillationLoss(F.cross_entropy, None, "soft", alpha=bad)
     for bad in (0, -1.0, None):
-        with pytest.raises(ValueError, match="tau"):
-            DeiTDistillationLoss(F.cross_entropy, None, "soft", tau=bad)
+        with pytest.raises(ValueError, match="temperature"):
+            DeiTDistillationLoss(F.cross_entropy, None, "soft", temperature=bad)
     with pytest.raises(TypeError, match="base_criterion"):
         DeiTDistillationLoss("cross_entropy", None)
     with pytest.raises(TypeError, match="teacher"):

@@ -107,7 +107,7 @@ def _parity_worker(rank: int, world: int, init: str) -> None:
         (lambda g: losses.RKDAngleLoss(gather=g), 6, 4, True),
         (lambda g: losses.RKDLoss(25.0, 50.0, gather=g), 6, 4, True),
         (lambda g: losses.RKDLoss(1.0, 0.0, gather=g), 6, 4, False),
-        (lambda g: losses.DISTLoss(tau=4.0, gather=g), 7, 7, True),
+        (lambda g: losses.DISTLoss(temperature=4.0, gather=g), 7, 7, True),
         (lambda g: losses.DISTLoss(0.5, 2.0, 2.0, False, "sigmoid", gather=g), 7, 7, False),
     ]
     for make, ds, dt, teacher_grad in cases:
@@ -119,7 +119,11 @@ def _parity_worker(rank: int, world: int, init: str) -> None:
     _check_parity(
         lambda g: (
             lambda s, t: kdfast.functional.dist_loss(
-                s, t, tau=3.0, mask=mask_full[rows] if g else mask_full[: s.shape[0]], gather=g
+                s,
+                t,
+                temperature=3.0,
+                mask=mask_full[rows] if g else mask_full[: s.shape[0]],
+                gather=g,
             )
         ),
         SIZES[world],
@@ -132,7 +136,7 @@ def _parity_worker(rank: int, world: int, init: str) -> None:
     for make, width in (
         (lambda g: losses.RKDLoss(gather=g), 3),
         (lambda g: losses.RKDAngleLoss(gather=g), 3),
-        (lambda g: losses.DISTLoss(tau=2.0, gather=g), 5),
+        (lambda g: losses.DISTLoss(temperature=2.0, gather=g), 5),
     ):
         _check_parity(make, SIZES_WITH_EMPTY[world], rank, world, 5, width, True, seed=3)
     # gather=False stays local under torch.distributed
@@ -185,7 +189,7 @@ class _Student(torch.nn.Module):
 
 def _train(model, x, feats_t, logits_t, gather: bool, steps: int = 3):
     rkd = losses.RKDLoss(1.0, 2.0, gather=gather)
-    dist_kd = losses.DISTLoss(tau=2.0, gather=gather)
+    dist_kd = losses.DISTLoss(temperature=2.0, gather=gather)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     for _ in range(steps):
         opt.zero_grad()

@@ -46,13 +46,13 @@ def test_dist_bf16_beyond_int32_elements(backend):
     base_s = (2 * torch.randn(BASE_ROWS, C, generator=g)).bfloat16()
     base_t = (2 * torch.randn(BASE_ROWS, C, generator=g)).bfloat16()
     s_small = base_s.double().requires_grad_(True)
-    truth = kdfast.functional.dist_loss(s_small, base_t.double(), tau=2.0)
+    truth = kdfast.functional.dist_loss(s_small, base_t.double(), temperature=2.0)
     (truth_grad,) = torch.autograd.grad(truth, s_small)
 
     zs = base_s.repeat(TILES, 1).requires_grad_(True)
     zt = base_t.repeat(TILES, 1)
     with kdfast.use_backend(backend):
-        loss = kdfast.functional.dist_loss(zs, zt, tau=2.0)
+        loss = kdfast.functional.dist_loss(zs, zt, temperature=2.0)
     assert loss.dtype == torch.float32
     assert rel_error(loss, truth) <= 1e-4, rel_error(loss, truth)
     (grad,) = torch.autograd.grad(loss, zs)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 import kdfast
+from kdfast._validation import compute_dtype
 
 GiB = 1 << 30
 
@@ -63,10 +64,10 @@ def _logit_pair(size, device, dtype):
 
 def setup_dist_segmentation(size, device, dtype):
     """Per-pixel DIST on (N, C, H, W) logits, read in place as N * H * W rows (the
-    segmentation recipe: no tau^2 scaling)."""
+    segmentation recipe: no T^2 scaling)."""
     s = _randn(*size, device=device, dtype=dtype, seed=0, grad=True)
     t = _randn(*size, device=device, dtype=dtype, seed=1)
-    loss = kdfast.losses.DISTLoss(tau_squared=False)
+    loss = kdfast.losses.DISTLoss(temperature_squared=False)
     return (lambda: loss(s, t)), [s]
 
 
@@ -121,8 +122,7 @@ def setup_rkd_angle_vertices(size, device, dtype):
 def setup_vkd(size, device, dtype):
     b, ds, dt = size
     s, t = _feature_pair(size, device, dtype)
-    param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    loss = kdfast.losses.VkDLoss(ds, dt).to(device=device, dtype=param_dtype)
+    loss = kdfast.losses.VkDLoss(ds, dt).to(device=device, dtype=compute_dtype(dtype))
     return (lambda: loss(s, t)), [s, *loss.parameters()]
 
 
@@ -196,7 +196,7 @@ CASES: list[Case] = [
     ),
     Case(
         "dist_seg",
-        "DISTLoss per pixel, tau_squared=False (N, C, H, W)",
+        "DISTLoss per pixel, temperature_squared=False (N, C, H, W)",
         "dist_loss",
         {"smoke": [(2, 5, 8, 8)], "quick": [(8, 19, 256, 256)], "full": [(8, 19, 512, 1024)]},
         setup_dist_segmentation,

@@ -12,14 +12,16 @@ L_BN = sum_l weight_l * r_l.
 
 from __future__ import annotations
 
+import copy
 import math
+import weakref
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from kdfast._validation import compute_dtype
+from kdfast._validation import compute_dtype, is_real
 
 __all__ = ["BNStatisticsLoss", "bn_statistics_distance"]
 
@@ -66,9 +68,80 @@ def _resolve_weights(
             f"got {type(layer_weights).__name__}"
         )
     for name, w in zip(names, weights, strict=True):
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+        if not is_real(w) or not math.isfinite(w):
             raise ValueError(f"layer_weights[{name!r}] must be a finite number, got {w!r}")
     return [float(w) for w in weights]
+
+
+class _Capture:
+    """What the hooks of one :class:`BNStatisticsLoss` captured: r_l of the latest pass.
+
+    Copies (deepcopy, pickle) start empty: the captured values belong to one forward pass
+    (and hold its autograd graph, which can be neither copied nor saved).
+    """
+
+    def __init__(self) -> None:
+        self.latest: dict[int, Tensor] = {}  # layer position -> r of the latest pass
+
+    def __getstate__(self) -> dict:
+        return {"latest": {}}
+
+    def __deepcopy__(self, memo: dict) -> _Capture:
+        return _Capture()
+
+
+class _HookToCapture:
+    """Base of the hooks: a picklable callable holding a weak reference to its capture.
+
+    The loss holds the capture; the model holds only the hooks. A hook copied or pickled
+    with its model but without its loss finds no capture and does nothing (its weak
+    reference is dead); copied or pickled together with the loss (one deepcopy or one
+    pickle of an object holding both), it feeds the copied loss.
+    """
+
+    def __init__(self, capture: _Capture | None) -> None:
+        self._capture = weakref.ref(capture) if capture is not None else None
+
+    def capture(self) -> _Capture | None:
+        return self._capture() if self._capture is not None else None
+
+    def _args(self) -> tuple:
+        return ()
+
+    def __reduce__(self):
+        return type(self), (self.capture(), *self._args())
+
+    def __deepcopy__(self, memo: dict):
+        capture = self.capture()
+        twin = None if capture is None else copy.deepcopy(capture, memo)
+        return type(self)(twin, *self._args())
+
+
+class _StartPass(_HookToCapture):
+    """Forward pre-hook of the model: a new pass clears what earlier passes captured."""
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        capture = self.capture()
+        if capture is not None:
+            capture.latest = {}
+
+
+class _LayerStatistics(_HookToCapture):
+    """Forward hook of the BatchNorm layer at ``position``: captures its r."""
+
+    def __init__(self, capture: _Capture | None, position: int) -> None:
+        super().__init__(capture)
+        self.position = position
+
+    def _args(self) -> tuple:
+        return (self.position,)
+
+    def __call__(self, layer: _BatchNorm, args: tuple, output: Tensor) -> None:
+        capture = self.capture()
+        if capture is not None:
+            capture.latest[self.position] = bn_statistics_distance(
+                args[0], layer.running_mean.detach(), layer.running_var.detach()
+            )
 
 
 class BNStatisticsLoss(nn.Module):
@@ -83,8 +156,9 @@ class BNStatisticsLoss(nn.Module):
     captured. A layer that the pass skipped contributes nothing; a layer called several
     times in one pass contributes its last call. Use the model in eval mode, as DeepInversion
     does (in train mode BatchNorm updates its running statistics with the batch before the
-    hook reads them). The loss keeps references to the layers, not their parameters: it has
-    no parameters or buffers of its own.
+    hook reads them). The loss keeps no reference to the model, its layers or their
+    parameters (only removable handles of its hooks): it has no parameters or buffers of
+    its own.
 
     Args:
         model: the network whose BatchNorm running statistics are the prior (the teacher).
@@ -92,8 +166,17 @@ class BNStatisticsLoss(nn.Module):
             in module order (``named_modules``), or a dict layer name -> weight (unnamed
             layers keep 1). DeepInversion's ImageNet code weights the first layer by 10.
 
-    ``remove()`` removes the hooks; the loss is also a context manager that removes them on
-    exit.
+    ``detach()`` (alias ``remove()``) removes the hooks; the loss is also a context manager
+    that removes them on exit.
+
+    Copies and checkpoints: the hooks are module-level callables, so an attached teacher can
+    be pickled, ``torch.save``-d and deep-copied. A copy of the teacher made without the loss
+    keeps inert copies of the hooks: they compute nothing and never write into the original
+    loss (create ``BNStatisticsLoss(copy)`` for it). A copy of the loss made without its
+    teacher is not attached to any model and raises when called. Copied together (one
+    ``copy.deepcopy`` or one pickle of an object holding both, e.g. a dict or a module with
+    both as attributes), the copied loss follows the copied teacher. A copy never carries
+    the captured pass: run the copied teacher before calling the copied loss.
     """
 
     def __init__(
@@ -117,46 +200,63 @@ class BNStatisticsLoss(nn.Module):
         self.layer_weights: tuple[float, ...] = tuple(
             _resolve_weights(list(self.layer_names), layer_weights)
         )
-        self._latest: dict[int, Tensor] = {}  # layer position -> r of the latest pass
+        self._capture = _Capture()
         self._removed = False
-        self._handles = [model.register_forward_pre_hook(self._start_pass)]
+        # RemovableHandles hold the hook dicts weakly and are copied and pickled with them:
+        # a copy of the loss made without its model gets dead handles (see attached).
+        self._handles = [model.register_forward_pre_hook(_StartPass(self._capture))]
         for position, (_, layer) in enumerate(layers):
-            self._handles.append(layer.register_forward_hook(self._make_hook(position)))
+            hook = _LayerStatistics(self._capture, position)
+            self._handles.append(layer.register_forward_hook(hook))
 
-    def _start_pass(self, module: nn.Module, args: tuple) -> None:
-        self._latest = {}
-
-    def _make_hook(self, position: int):
-        def hook(layer: _BatchNorm, args: tuple, output: Tensor) -> None:
-            self._latest[position] = bn_statistics_distance(
-                args[0], layer.running_mean.detach(), layer.running_var.detach()
-            )
-
-        return hook
+    @property
+    def attached(self) -> bool:
+        """Whether this loss's hooks are registered on a live model."""
+        return (
+            not self._removed
+            and bool(self._handles)
+            and all(handle.hooks_dict_ref() is not None for handle in self._handles)
+        )
 
     def layer_losses(self) -> dict[str, Tensor]:
         """r_l (unweighted) of each BatchNorm layer that ran in the latest pass, by name."""
-        return {self.layer_names[i]: r for i, r in sorted(self._latest.items())}
+        return {self.layer_names[i]: r for i, r in sorted(self._capture.latest.items())}
 
     def forward(self) -> Tensor:
         """sum_l weight_l * r_l of the latest forward pass of the model."""
         if self._removed:
-            raise RuntimeError("BNStatisticsLoss: the hooks were removed (remove() or with-exit)")
-        if not self._latest:
+            raise RuntimeError(
+                "BNStatisticsLoss is not attached to a model: its hooks were removed "
+                "(detach(), remove() or the end of its with-block)"
+            )
+        # (the handles are opaque to torch.compile: checked in eager mode only)
+        if not torch.compiler.is_compiling() and not self.attached:
+            raise RuntimeError(
+                "BNStatisticsLoss is not attached to a model: it is a copy (deepcopy or "
+                "pickle) made without its teacher, whose hooks feed only the original loss; "
+                "create BNStatisticsLoss(teacher) for the copy, or copy the teacher and the "
+                "loss together"
+            )
+        latest = self._capture.latest
+        if not latest:
             raise RuntimeError(
                 "BNStatisticsLoss called before a forward pass of the model through its "
                 f"BatchNorm layers {list(self.layer_names)}: run model(x) first"
             )
-        terms = [self.layer_weights[i] * r for i, r in sorted(self._latest.items())]
+        terms = [self.layer_weights[i] * r for i, r in sorted(latest.items())]
         return sum(terms[1:], terms[0])
 
-    def remove(self) -> None:
-        """Remove every hook this loss registered; later calls raise."""
+    def detach(self) -> None:
+        """Remove every hook this loss registered (idempotent); later calls raise."""
         for handle in self._handles:
-            handle.remove()
+            handle.remove()  # a no-op for the dead handles of a copy
         self._handles = []
-        self._latest = {}
+        self._capture.latest = {}
         self._removed = True
+
+    def remove(self) -> None:
+        """Alias of :meth:`detach`."""
+        self.detach()
 
     def __enter__(self) -> BNStatisticsLoss:
         return self

@@ -5,24 +5,26 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from kdfast import functional as KF
-from kdfast._validation import check_choice, check_positive
+from kdfast._deprecation import renamed_keywords
+from kdfast._validation import check_bool
 
 
 class DISTLoss(nn.Module):
-    """DIST: ``beta * tau^2 * inter + gamma * tau^2 * intra`` (semantics 2).
+    """DIST: ``beta * T^2 * inter + gamma * T^2 * intra`` (semantics 2).
 
     Huang, You, Wang, Qian, Xu, "Knowledge Distillation from A Stronger Teacher",
     NeurIPS 2022 (hunto/DIST_KD). inter = 1 - mean over samples of the Pearson correlation
     of student and teacher predictions across classes; intra = 1 - mean over classes of the
-    Pearson correlation across the batch. Official recipes: ImageNet tau = 1, CIFAR-100
-    tau = 4, total = CE + 2 * DIST.
+    Pearson correlation across the batch (the paper calls the temperature tau). Official
+    recipes: ImageNet T = 1, CIFAR-100 T = 4, total = CE + 2 * DIST.
 
     Args:
         beta: weight of the inter (per-sample) term. Default 1.
         gamma: weight of the intra (per-class) term. Default 1.
-        tau: temperature > 0. Default 1.
-        tau_squared: scale both terms by tau^2 (classification recipe). Default True;
-            False matches the segmentation / detection code (no tau factor).
+        temperature: T > 0. Default 1 (``tau=``: deprecated alias).
+        temperature_squared: scale both terms by T^2 (classification recipe). Default True;
+            False matches the segmentation / detection code (no T^2 factor;
+            ``tau_squared=``: deprecated alias).
         activation: "softmax" over the class dim (default) or element-wise "sigmoid"
             (detection heads).
         gather: False (default) computes over the local batch. True, when torch.distributed
@@ -40,37 +42,39 @@ class DISTLoss(nn.Module):
 
     Example::
 
-        >>> loss = DISTLoss(tau=4.0)(student_logits, teacher_logits.detach())
+        >>> loss = DISTLoss(temperature=4.0)(student_logits, teacher_logits.detach())
     """
 
+    @renamed_keywords(tau="temperature", tau_squared="temperature_squared")
     def __init__(
         self,
         beta: float = 1.0,
         gamma: float = 1.0,
-        tau: float = 1.0,
-        tau_squared: bool = True,
+        temperature: float = 1.0,
+        temperature_squared: bool = True,
         activation: str = "softmax",
         *,
         gather: bool = False,
         process_group=None,
     ) -> None:
         super().__init__()
-        if not isinstance(gather, bool):
-            raise TypeError(f"gather must be a bool, got {type(gather).__name__}")
-        self.gather = gather
+        self.gather = check_bool("gather", gather)
         self.process_group = process_group
-        for name, weight in (("beta", beta), ("gamma", gamma)):
-            if not isinstance(weight, (int, float)) or isinstance(weight, bool):
-                raise TypeError(f"{name} must be a real number, got {weight!r}")
-        check_positive("tau", tau)
-        check_choice("activation", activation, KF.DIST_ACTIVATIONS)
-        if not isinstance(tau_squared, bool):
-            raise TypeError(f"tau_squared must be a bool, got {type(tau_squared).__name__}")
-        self.beta = float(beta)
-        self.gamma = float(gamma)
-        self.tau = float(tau)
-        self.tau_squared = tau_squared
+        self.beta, self.gamma, self.temperature = KF.check_dist_options(
+            beta, gamma, temperature, temperature_squared, activation
+        )
+        self.temperature_squared = temperature_squared
         self.activation = activation
+
+    @property
+    def tau(self) -> float:
+        """Deprecated name of :attr:`temperature` (read-only)."""
+        return self.temperature
+
+    @property
+    def tau_squared(self) -> bool:
+        """Deprecated name of :attr:`temperature_squared` (read-only)."""
+        return self.temperature_squared
 
     def forward(self, student: Tensor, teacher: Tensor, mask: Tensor | None = None) -> Tensor:
         return KF.dist_loss(
@@ -78,8 +82,8 @@ class DISTLoss(nn.Module):
             teacher,
             self.beta,
             self.gamma,
-            self.tau,
-            self.tau_squared,
+            self.temperature,
+            self.temperature_squared,
             self.activation,
             mask,
             gather=self.gather,
@@ -88,7 +92,7 @@ class DISTLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"beta={self.beta}, gamma={self.gamma}, tau={self.tau}, "
-            f"tau_squared={self.tau_squared}, activation={self.activation!r}, "
+            f"beta={self.beta}, gamma={self.gamma}, temperature={self.temperature}, "
+            f"temperature_squared={self.temperature_squared}, activation={self.activation!r}, "
             f"gather={self.gather}"
         )

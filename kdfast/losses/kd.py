@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -10,9 +9,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdfast import functional as KF
-from kdfast._validation import check_choice, check_logit_pair, check_positive, check_real
-
-DEIT_DISTILLATION_TYPES = ("none", "soft", "hard")
+from kdfast._constants import DEIT_DISTILLATION_TYPES
+from kdfast._deprecation import renamed_keywords
+from kdfast._validation import check_choice, check_logit_pair, check_positive, is_real
 
 
 class KDLoss(nn.Module):
@@ -25,8 +24,8 @@ class KDLoss(nn.Module):
         reduction: "batchmean" (default: sum / rows, the mathematically correct KL mean),
             "sum", "mean" (sum / (rows * C), as ``F.kl_div``) or "none" (a (rows,) vector of
             T^2 * per-row KL; ``F.kl_div``'s "none" is element-wise instead).
-        teacher: what the teacher tensor holds: "logits" (default), or cached "probs" /
-            "log_probs" already at temperature T.
+        teacher_kind: what the teacher tensor holds: "logits" (default), or cached "probs" /
+            "log_probs" already at temperature T (``teacher=``: deprecated alias).
 
     Shapes:
         student, teacher: (B, C) or (N, C, *) (class dim 1; N * prod(*) rows).
@@ -39,24 +38,29 @@ class KDLoss(nn.Module):
         >>> loss = KDLoss(temperature=4.0)(student_logits, teacher_logits.detach())
     """
 
+    @renamed_keywords(teacher=("teacher_kind", lambda value: isinstance(value, str)))
     def __init__(
-        self, temperature: float = 1.0, reduction: str = "batchmean", teacher: str = "logits"
+        self, temperature: float = 1.0, reduction: str = "batchmean", teacher_kind: str = "logits"
     ) -> None:
         super().__init__()
-        check_positive("temperature", temperature)
-        check_choice("reduction", reduction, KF.KD_REDUCTIONS)
-        check_choice("teacher", teacher, KF.KD_TEACHER_KINDS)
-        self.temperature = float(temperature)
+        self.temperature = KF.check_kd_options(temperature, reduction, teacher_kind)
         self.reduction = reduction
-        self.teacher = teacher
+        self.teacher_kind = teacher_kind
+
+    @property
+    def teacher(self) -> str:
+        """Deprecated name of :attr:`teacher_kind` (read-only)."""
+        return self.teacher_kind
 
     def forward(self, student: Tensor, teacher: Tensor, mask: Tensor | None = None) -> Tensor:
-        return KF.kd_loss(student, teacher, self.temperature, self.reduction, mask, self.teacher)
+        return KF.kd_loss(
+            student, teacher, self.temperature, self.reduction, mask, self.teacher_kind
+        )
 
     def extra_repr(self) -> str:
         return (
             f"temperature={self.temperature}, reduction={self.reduction!r}, "
-            f"teacher={self.teacher!r}"
+            f"teacher_kind={self.teacher_kind!r}"
         )
 
 
@@ -91,14 +95,7 @@ class JSDLoss(nn.Module):
         self, beta: float = 0.5, temperature: float = 1.0, reduction: str = "batchmean"
     ) -> None:
         super().__init__()
-        check_positive("temperature", temperature)
-        if not math.isfinite(temperature):
-            raise ValueError(f"temperature must be finite, got {temperature!r}")
-        if not 0.0 <= check_real("beta", beta) <= 1.0:
-            raise ValueError(f"beta must be in [0, 1], got {beta!r}")
-        check_choice("reduction", reduction, KF.KD_REDUCTIONS)
-        self.beta = float(beta)
-        self.temperature = float(temperature)
+        self.beta, self.temperature = KF.check_jsd_options(beta, temperature, reduction)
         self.reduction = reduction
 
     def forward(self, student: Tensor, teacher: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -114,7 +111,7 @@ class DeiTDistillationLoss(nn.Module):
 
     ``total = (1 - alpha) * base_criterion(cls_logits, labels) + alpha * L_kd`` with
     * "soft": ``L_kd = T^2 * sum KL(p_t || p_s) / (B * C)`` (DeiT divides by numel, 1/C of
-      batchmean), p = softmax(z / tau) of the distillation head and of the teacher;
+      batchmean), p = softmax(z / T) of the distillation head and of the teacher;
     * "hard": ``L_kd = cross_entropy(dist_logits, teacher_logits.argmax(1))`` (no label
       smoothing; ties go to the lowest class index);
     * "none": the base loss alone.
@@ -126,7 +123,7 @@ class DeiTDistillationLoss(nn.Module):
             as in DeiT (its parameters appear in this module's ``parameters()``).
         distillation_type: "none" (default), "soft" or "hard".
         alpha: weight of the distillation term, in [0, 1]. Default 0.5.
-        tau: temperature > 0 of the soft loss. Default 1.
+        temperature: T > 0 of the soft loss. Default 1 (``tau=``: deprecated alias).
 
     Forward ``(inputs, outputs, labels, teacher_logits=None)``:
         outputs: (B, C) cls logits, or a tuple (cls_logits, dist_logits) of (B, C) tensors
@@ -136,13 +133,14 @@ class DeiTDistillationLoss(nn.Module):
         Returns a scalar.
     """
 
+    @renamed_keywords(tau="temperature")
     def __init__(
         self,
         base_criterion: Callable[[Tensor, Tensor], Tensor],
         teacher: Callable[[Tensor], Tensor] | None,
         distillation_type: str = "none",
         alpha: float = 0.5,
-        tau: float = 1.0,
+        temperature: float = 1.0,
     ) -> None:
         super().__init__()
         if not callable(base_criterion):
@@ -150,14 +148,18 @@ class DeiTDistillationLoss(nn.Module):
         if teacher is not None and not callable(teacher):
             raise TypeError(f"teacher must be callable or None, got {type(teacher).__name__}")
         check_choice("distillation_type", distillation_type, DEIT_DISTILLATION_TYPES)
-        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0 <= alpha <= 1:
+        if not is_real(alpha) or not 0 <= alpha <= 1:
             raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
-        check_positive("tau", tau)
+        self.temperature = check_positive("temperature", temperature)
         self.base_criterion = base_criterion
         self.teacher = teacher
         self.distillation_type = distillation_type
         self.alpha = float(alpha)
-        self.tau = float(tau)
+
+    @property
+    def tau(self) -> float:
+        """Deprecated name of :attr:`temperature` (read-only)."""
+        return self.temperature
 
     def forward(
         self,
@@ -184,13 +186,16 @@ class DeiTDistillationLoss(nn.Module):
         check_logit_pair(dist_logits, teacher_logits, names=("dist_logits", "teacher_logits"))
         if self.distillation_type == "soft":
             # kd_loss "mean" = T^2 * sum KL / numel: DeiT's F.kl_div(..., "sum") * T^2 / numel.
-            distillation_loss = KF.kd_loss(dist_logits, teacher_logits, self.tau, "mean")
+            distillation_loss = KF.kd_loss(dist_logits, teacher_logits, self.temperature, "mean")
         else:
             distillation_loss = F.cross_entropy(dist_logits, teacher_logits.argmax(dim=1))
         return (1 - self.alpha) * base_loss + self.alpha * distillation_loss
 
     def extra_repr(self) -> str:
-        return f"distillation_type={self.distillation_type!r}, alpha={self.alpha}, tau={self.tau}"
+        return (
+            f"distillation_type={self.distillation_type!r}, alpha={self.alpha}, "
+            f"temperature={self.temperature}"
+        )
 
 
 def _split_heads(outputs: Tensor | Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:

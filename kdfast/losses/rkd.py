@@ -13,6 +13,7 @@ import math
 from torch import Tensor, nn
 
 from kdfast import distributed, functional
+from kdfast._validation import check_bool, check_real
 
 _GATHER_DOC = """
     gather: False (default) computes over the local batch. True, when torch.distributed is
@@ -27,9 +28,7 @@ _GATHER_DOC = """
 class _Gathering(nn.Module):
     def __init__(self, gather: bool = False, process_group=None) -> None:
         super().__init__()
-        if not isinstance(gather, bool):
-            raise TypeError(f"gather must be a bool, got {type(gather).__name__}")
-        self.gather = gather
+        self.gather = check_bool("gather", gather)
         self.process_group = process_group
 
     def _kwargs(self) -> dict:
@@ -67,8 +66,7 @@ class RKDAngleLoss(_Gathering):
 
 
 def _check_weight(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = check_real(name, value)
     if not (math.isfinite(value) and value >= 0):
         raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
     return float(value)

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from kdfast import functional
+from kdfast._constants import VKD_NORMALIZATIONS
 from kdfast._validation import check_choice, check_tensor
 from kdfast.nn.projector import OrthogonalProjector
 
@@ -51,7 +52,7 @@ class VkDLoss(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        check_choice("normalize", normalize, functional.VKD_NORMALIZATIONS)
+        check_choice("normalize", normalize, VKD_NORMALIZATIONS)
         self.student_dim = student_dim
         self.teacher_dim = teacher_dim
         self.normalize = normalize

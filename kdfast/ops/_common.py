@@ -114,16 +114,27 @@ def saved_grad_backward(ctx, grad: torch.Tensor, saved_names=("student", "teache
     return tuple(out)
 
 
+def _graph_is_kept() -> bool:
+    """Whether the running backward keeps the graph (retain_graph=True): then the saved
+    tensors outlive this call. Assumed when torch cannot tell (an API torch's own AOT
+    autograd uses; outside a backward it answers True)."""
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if keep_graph is None else bool(keep_graph())
+
+
 def _is_plain_unit_grad(grad: torch.Tensor, saved: torch.Tensor, x: torch.Tensor) -> bool:
     """Whether the saved gradient can be returned as it is: an upstream gradient of exactly 1
     on the CPU, in eager mode without create_graph (grad mode is off in such a backward, so
     no double backward can go through the returned tensor; otherwise scale_saved_grad keeps
-    raising on it), on real tensors (not traced)."""
+    raising on it), on real tensors (not traced), and only when this is the saved tensor's
+    last use: with retain_graph=True a later backward would return the same storage again
+    (and see in-place changes made to this result), so each call gets its own product."""
     return (
         not torch.is_grad_enabled()
         and not torch.compiler.is_compiling()
         and type(grad) is torch.Tensor  # not a fake / functional tensor of a tracer
         and type(saved) is torch.Tensor
+        and not _graph_is_kept()
         and grad.device.type == "cpu"
         and grad.numel() == 1
         and saved.dtype == x.dtype

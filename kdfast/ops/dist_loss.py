@@ -31,7 +31,7 @@ from kdfast.ops.kd_loss import logit_bad_inputs, logit_samples
 from kdfast.reference.dist_loss import dist_loss as reference
 
 
-def _fake(s, t, beta, gamma, tau, tau_squared, activation, mask, grad_s, grad_t):
+def _fake(s, t, beta, gamma, temperature, temperature_squared, activation, mask, grad_s, grad_t):
     return scalar_like(s, t), grad_or_empty(s, grad_s), grad_or_empty(t, grad_t)
 
 
@@ -49,10 +49,14 @@ def make_impl(op, layout: str = "strided"):
     """The dist_loss implementation calling ``op`` with the grad flags; ``layout``: how
     ``op`` takes (N, C, S) logits (:data:`kdfast.ops._common.LOGIT_LAYOUTS`)."""
 
-    def dist_loss(s: Tensor, t: Tensor, beta, gamma, tau, tau_squared, activation, mask):
+    def dist_loss(
+        s: Tensor, t: Tensor, beta, gamma, temperature, temperature_squared, activation, mask
+    ):
         s, t = logits_for(layout, s, t)
         need_s, need_t = grad_flags(s, t)
-        return op(s, t, beta, gamma, tau, tau_squared, activation, mask, need_s, need_t)[0]
+        return op(
+            s, t, beta, gamma, temperature, temperature_squared, activation, mask, need_s, need_t
+        )[0]
 
     dist_loss.op = op
     dist_loss.layout = layout
@@ -81,9 +85,9 @@ declare(
         "kdfast.functional:dist_loss",
         logit_samples(
             {
-                "tau_4": {"tau": 4.0},
-                "tau_4_unsquared": {"tau": 4.0, "tau_squared": False},
-                "sigmoid": {"activation": "sigmoid", "tau": 2.0},
+                "temperature_4": {"temperature": 4.0},
+                "temperature_4_unsquared": {"temperature": 4.0, "temperature_squared": False},
+                "sigmoid": {"activation": "sigmoid", "temperature": 2.0},
                 "weights": {"beta": 0.5, "gamma": 2.0},
                 "inter_only": {"beta": 1.0, "gamma": 0.0},
             },
@@ -100,10 +104,10 @@ declare(
                 "activation must be one of",
             ),
             BadInput(
-                "tau_negative",
-                lambda: ((torch.randn(4, 5), torch.randn(4, 5)), {"tau": -1.0}),
+                "temperature_negative",
+                lambda: ((torch.randn(4, 5), torch.randn(4, 5)), {"temperature": -1.0}),
                 ValueError,
-                "tau",
+                "temperature",
             ),
         ),
     )

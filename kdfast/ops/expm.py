@@ -138,13 +138,22 @@ def _use_small(A: Tensor) -> bool:
     return A.shape[-1] <= SMALL_N.get(A.device.type, 0)
 
 
+# 0 x 0 matrices: the compiled kernels cannot infer a batch from 0 elements; the reference
+# ops return the empty results (differentiable, on any device), so the compiled wrappers
+# hand them over.
+
+
 def _cpp_frechet(A: Tensor, E: Tensor, skew: bool) -> tuple[Tensor, Tensor]:
+    if A.shape[-1] == 0:
+        return expm_frechet_reference(A, E, skew)
     ops = torch.ops.kdfast
     op = ops.expm_frechet_small_cpp if _use_small(A) else ops.expm_frechet_cpp
     return op(A, E, skew)
 
 
 def _cpp_expm(A: Tensor, skew: bool) -> Tensor:
+    if A.shape[-1] == 0:
+        return expm_reference(A, skew)
     ops = torch.ops.kdfast
     if _use_small(A):
         return ops.expm_small_cpp(A, skew)
@@ -154,10 +163,14 @@ def _cpp_expm(A: Tensor, skew: bool) -> Tensor:
 
 
 def _fused_frechet(A: Tensor, E: Tensor, skew: bool) -> tuple[Tensor, Tensor]:
+    if A.shape[-1] == 0:
+        return expm_frechet_reference(A, E, skew)
     return torch.ops.kdfast.expm_frechet_small_cpp(A, E, skew)
 
 
 def _fused_expm(A: Tensor, skew: bool) -> Tensor:
+    if A.shape[-1] == 0:
+        return expm_reference(A, skew)
     return torch.ops.kdfast.expm_small_cpp(A, skew)
 
 

@@ -52,10 +52,12 @@ def make_impls(op, layout: str = "strided"):
     """(kd_loss, per_sample_kl) implementations calling ``op`` with the grad flags;
     ``layout``: how ``op`` takes (N, C, S) logits (:data:`LOGIT_LAYOUTS`)."""
 
-    def kd_loss(s: Tensor, t: Tensor, temperature, reduction, mask, teacher) -> Tensor:
+    def kd_loss(s: Tensor, t: Tensor, temperature, reduction, mask, teacher_kind) -> Tensor:
         s, t = logits_for(layout, s, t)
         need_s, need_t = grad_flags(s, t)
-        return op(s, t, temperature, temperature**2, reduction, mask, teacher, need_s, need_t)[0]
+        return op(s, t, temperature, temperature**2, reduction, mask, teacher_kind, need_s, need_t)[
+            0
+        ]
 
     def per_sample_kl(s: Tensor, t: Tensor, temperature) -> Tensor:
         s, t = logits_for(layout, s, t)
@@ -173,7 +175,7 @@ def _teacher_as(kind: str, temperature: float):
         s, t = args
         return s, fn(t / temperature, dim=1)
 
-    return {"teacher": kind, "temperature": temperature, "transform": transform}
+    return {"teacher_kind": kind, "temperature": temperature, "transform": transform}
 
 
 def logit_bad_inputs(public_names: tuple[str, str]) -> tuple[BadInput, ...]:

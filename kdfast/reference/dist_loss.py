@@ -1,9 +1,9 @@
-"""Reference DIST: ``beta * tau^2 * inter + gamma * tau^2 * intra`` (semantics 2).
+"""Reference DIST: ``beta * T^2 * inter + gamma * T^2 * intra`` (semantics 2).
 
 Huang, You, Wang, Qian, Xu, "Knowledge Distillation from A Stronger Teacher", NeurIPS 2022
 (hunto/DIST_KD). inter = 1 - mean over rows of the Pearson correlation across classes;
 intra = 1 - mean over classes of the Pearson correlation across the batch; both on
-softmax(z / tau) (or the element-wise sigmoid of the detection heads).
+softmax(z / T) (or the element-wise sigmoid of the detection heads).
 
 Inputs arrive validated from :mod:`kdfast.functional`: (rows, C) or (N, C, S) (taken as
 N * S rows, r = n * S + s), original dtypes. Everything is computed in
@@ -38,8 +38,8 @@ def dist_loss(
     t: Tensor,
     beta: float,
     gamma: float,
-    tau: float,
-    tau_squared: bool,
+    temperature: float,
+    temperature_squared: bool,
     activation: str,
     mask: Tensor | None,
 ) -> Tensor:
@@ -50,8 +50,8 @@ def dist_loss(
         t: teacher logits of the same shape.
         beta: weight of the inter (per-sample) term.
         gamma: weight of the intra (per-class) term.
-        tau: temperature > 0, applied before the activation.
-        tau_squared: multiply both terms by tau^2 (the classification recipe); False for
+        temperature: T > 0, applied before the activation.
+        temperature_squared: multiply both terms by T^2 (the classification recipe); False for
             the segmentation / detection variants.
         activation: "softmax" over the class dim, or element-wise "sigmoid".
         mask: optional bool (rows,); False rows drop out of the inter mean and of the
@@ -65,8 +65,8 @@ def dist_loss(
     dtype = compute_dtype(s, t)
     s, t = rows_2d(s), rows_2d(t)
     act = torch.sigmoid if activation == "sigmoid" else (lambda z: torch.softmax(z, dim=1))
-    ys, yt = act(s.to(dtype) / tau), act(t.to(dtype) / tau)
-    scale = tau**2 if tau_squared else 1.0
+    ys, yt = act(s.to(dtype) / temperature), act(t.to(dtype) / temperature)
+    scale = temperature**2 if temperature_squared else 1.0
     if mask is None:
         inter = 1 - _pearson(ys, yt, dim=1).mean()
         intra = 1 - _pearson(ys, yt, dim=0).mean()

@@ -17,22 +17,22 @@ from torch import Tensor
 from kdfast._validation import compute_dtype, rows_2d
 
 
-def _row_kl(s: Tensor, t: Tensor, temperature: float, teacher: str) -> Tensor:
+def _row_kl(s: Tensor, t: Tensor, temperature: float, teacher_kind: str) -> Tensor:
     """Per-row KL(p_t || p_s) at temperature T, shape (rows,), in compute_dtype(s, t).
 
-    ``teacher`` says what ``t`` holds: "logits" (tempered here), or "probs" / "log_probs"
+    ``teacher_kind`` says what ``t`` holds: "logits" (tempered here), or "probs" / "log_probs"
     already at temperature T (cached teacher outputs, used as given).
     """
     dtype = compute_dtype(s, t)
     s, t = rows_2d(s), rows_2d(t)
     log_ps = F.log_softmax(s.to(dtype) / temperature, dim=1)
     t = t.to(dtype)
-    if teacher == "probs":
+    if teacher_kind == "probs":
         # xlogy gives 0 * log 0 = 0: exact zeros in cached probabilities are legitimate.
         return (torch.special.xlogy(t, t) - t * log_ps).sum(dim=1)
     # -inf teacher logits / log-probs give NaN, as Inf inputs must propagate (semantics 0);
     # pass probabilities to express exact zeros.
-    log_pt = F.log_softmax(t / temperature, dim=1) if teacher == "logits" else t
+    log_pt = F.log_softmax(t / temperature, dim=1) if teacher_kind == "logits" else t
     return (log_pt.exp() * (log_pt - log_ps)).sum(dim=1)
 
 
@@ -56,14 +56,14 @@ def kd_loss(
     temperature: float,
     reduction: str,
     mask: Tensor | None,
-    teacher: str,
+    teacher_kind: str,
 ) -> Tensor:
     """``T^2 * KL(p_t || p_s)`` reduced over rows.
 
     Args:
         s: (rows, C) or (N, C, S) student logits (rows = N * S).
         t: teacher logits of the same shape, or probabilities / log-probabilities at
-            temperature T when ``teacher`` is "probs" / "log_probs".
+            temperature T when ``teacher_kind`` is "probs" / "log_probs".
         temperature: T > 0.
         reduction: "batchmean" (sum / kept rows), "sum", "mean" (sum / (kept rows * C), as
             ``F.kl_div``) or "none" ((rows,) vector of T^2 * per-row KL).
@@ -71,12 +71,12 @@ def kd_loss(
             values never reach the loss). An all-False mask gives 0 for "sum", zeros for
             "none" and NaN for "batchmean" and "mean" (the mean of no rows, like
             ``torch.mean`` of an empty tensor).
-        teacher: "logits", "probs" or "log_probs".
+        teacher_kind: "logits", "probs" or "log_probs".
 
     Returns:
         A scalar, or (rows,) for "none", in compute_dtype(s, t).
     """
-    row_loss = temperature**2 * _row_kl(s, t, temperature, teacher)
+    row_loss = temperature**2 * _row_kl(s, t, temperature, teacher_kind)
     if mask is None:
         kept = row_loss.shape[0]
     else:

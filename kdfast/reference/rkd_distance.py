@@ -38,18 +38,18 @@ def pdist(e: Tensor) -> Tensor:
     gram = x @ x.T
     sq_norms = torch.diagonal(gram)
     d2 = sq_norms.unsqueeze(1) + sq_norms.unsqueeze(0) - 2.0 * gram
-    dist = d2.clamp_min(D2_MIN).sqrt()
+    d = d2.clamp_min(D2_MIN).sqrt()
     # A constant mask (not an in-place write) keeps autograd and torch.compile happy; the
     # product, unlike torch.where, still propagates a NaN input on the diagonal.
     off_diagonal = 1.0 - torch.eye(e.shape[0], dtype=torch.float64, device=e.device)
-    return dist * off_diagonal
+    return d * off_diagonal
 
 
 def _normalised_distances(e: Tensor) -> Tensor:
     """psi = D / mu with mu the mean of the N (N - 1) off-diagonal distances."""
-    dist = pdist(e)
-    n = dist.shape[0]
-    return dist / (dist.sum() / (n * (n - 1)))
+    d = pdist(e)
+    n = d.shape[0]
+    return d / (d.sum() / (n * (n - 1)))
 
 
 def rkd_distance(s: Tensor, t: Tensor) -> Tensor:

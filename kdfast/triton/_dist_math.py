@@ -13,10 +13,10 @@ COSINE_EPS = tl.constexpr(1e-8)
 
 
 @triton.jit
-def activate(z, inv_tau, mx, inv_sum, SIGMOID: tl.constexpr):
-    """y = sigmoid(z / tau), or softmax from the row's max and 1 / sum (bit-identical in
+def activate(z, inv_temperature, mx, inv_sum, SIGMOID: tl.constexpr):
+    """y = sigmoid(z / T), or softmax from the row's max and 1 / sum (bit-identical in
     every kernel: the column centring of B = 1 must give exactly 0)."""
-    u = z * inv_tau
+    u = z * inv_temperature
     if SIGMOID:
         y = 1.0 / (1.0 + tl.exp(-u))
     else:

@@ -1,54 +1,20 @@
 """Triton fused DIST (semantics 2) and the custom op ``kdfast::dist_loss_triton``.
 
-Same contract as ``kdfast::dist_loss_cpp`` (:mod:`kdfast.ops.dist_loss`): the op returns
-``(loss, grad_student, grad_teacher)``, the gradients written in the forward pass only when
-the flags ask for them, empty (0,) tensors otherwise; once-differentiable. Options:
-tau_squared, activation="sigmoid", mask. Inputs: (rows, C) with any strides, or contiguous
-(N, C, S) read in place as N * S rows (r = n * S + s; gradients of the input's shape).
+Same contract as ``kdfast::dist_loss_cpp`` (:mod:`kdfast.ops.dist_loss`): ``(loss,
+grad_student, grad_teacher)``, the gradients written in the forward pass only when the flags
+ask for them, empty (0,) tensors otherwise; once-differentiable. Inputs: (rows, C) with any
+strides, or contiguous (N, C, S) read in place as N * S rows (r = n * S + s).
 
-Three kernels (the per-element math of csrc/dist_loss.h is in kdfast/triton/_dist_math.py):
-
-* ``dist_stats_kernel``, G programs, each owning every G-th tile of BLOCK_R rows: per tile,
-  for softmax a sweep over column blocks for the row log-sum-exps (online max / sum), then
-  a sweep computing y = act(z / tau), the row correlation terms (softmax: sums of y - 1 / C,
-  so a uniform row is centred exactly; sigmoid: the row moments of y, column blocks merged
-  as below) and the tile's column moments (count, means, centred second moments,
-  co-moment), merged into the program's own column moments with the pairwise update of
-  Chan, Golub and LeVeque. Per-row values (max, 1 / sum, means, Pearson coefficients, rho)
-  go to a (rows, 10) buffer.
-* ``dist_merge_kernel``, programs over column blocks: merges the G programs' column moments in
-  order (deterministic, no atomics) and turns them into the per-column Pearson
-  coefficients and rho.
-* ``dist_grad_kernel``, programs over row tiles: per row <g, y> (softmax), then the gradient
-  write y (g - <g, y>) / tau (softmax) or g y (1 - y) / tau (sigmoid).
-
-Reads of the (rows, C) logits per call (tests/test_logit_kernels.py counts them under the
-interpreter), each of zs and zt alike:
-
-* RESIDENT (a row padded to a power of two fits RESIDENT_TILE elements: C <= 2048 in
-  float32 / half, 1024 in float64): the tile of BLOCK_R whole rows is loaded once per
-  kernel and every sweep runs on the registers; the stats programs also keep their column
-  moments in registers (stored once). 1 read for the loss, 2 with gradients: within
-  semantics 2's budget (3 of zs, 2 of zt).
-* chunked (wider rows, up to 262144 and beyond), softmax: 2 loads for the loss
-  (log-sum-exp, then y), 4 with gradients (<g, y>, then the write). semantics 2's budget
-  assumes the row on chip: y needs the row's final log-sum-exp before the column moments,
-  and every gradient element needs yt (through g) after the column merge, for <g, y> and
-  again for the write. A pair of float32 rows of 32000 classes is 256 KB, more than an
-  SM's shared memory (227 KB on H100) and all of its registers; Triton has no explicit
-  shared memory anyway, and a scratch copy of y costs the traffic of the read it replaces.
-  What is left is the L2: each kernel's second sweep re-reads the tile its first sweep just
-  read, from the last column block back to the first, so the blocks read most recently
-  come first and whatever part of the tile is still cached is not read from memory again
-  (tests/test_logit_kernels.py models a program's L2 share as an LRU cache: reads from
-  memory per element 3.83 instead of 4.0 with one row of one input cached, 2.35 instead of
-  2.70 with half a 16-row stats tile, under 2 with a whole one).
-* chunked, sigmoid (y needs no row statistic): 1 read for the loss, 2 with gradients.
-
-1 write per gradient. Temporaries: per-row values and G x 5 x C column moments (G capped so
-they stay within COLUMN_BUDGET bytes); no (rows, C) buffer, also for half inputs (computed
-in float32 registers; float64 in float64). Row offsets are 64-bit. Launchers accept CPU
-tensors (TRITON_INTERPRET=1). Import only when triton is importable.
+Why three kernels: every intra-class gradient needs column statistics that exist only after
+all rows are read. ``dist_stats_kernel`` (G programs, each owning every G-th row tile)
+writes per-row values to a (rows, 10) buffer and merges its tiles' column moments
+(Chan-Golub-LeVeque); ``dist_merge_kernel`` merges the G programs' moments in order
+(deterministic, no atomics); ``dist_grad_kernel`` writes the gradients. Rows that fit
+RESIDENT_TILE stay in registers (one read per kernel); wider rows are read in column
+blocks, each second sweep from the last block back so the most recently read part is
+re-read from L2. Read counts and their budget: docs/semantics.md section 2. Per-element
+math: kdfast/triton/_dist_math.py (as csrc/dist_loss.h). Launchers accept CPU tensors
+(TRITON_INTERPRET=1). Import only when triton is importable.
 """
 
 from __future__ import annotations
@@ -59,10 +25,9 @@ import triton.language as tl
 from torch import Tensor
 
 from kdfast._validation import compute_dtype
-from kdfast.triton._common import grad_offsets, last_block, logit_layout, logit_ptrs, mask_flags
 from kdfast.triton._dist_math import activate, dloss_dy, merge_moments, pearson
+from kdfast.triton._layout import grad_offsets, last_block, logit_layout, logit_ptrs, mask_flags
 
-ACTIVATIONS = ("softmax", "sigmoid")
 #: row-stat fields of the (rows, ROW_FIELDS) buffer
 MAX_S, INV_SUM_S, MAX_T, INV_SUM_T, MEAN_S, MEAN_T, INV_D, K_A, K_B, RHO = range(10)
 ROW_FIELDS = 10
@@ -135,35 +100,18 @@ def _resident_tiles(
 
 @triton.jit
 def dist_stats_kernel(
-    s_ptr,
-    t_ptr,
-    mask_ptr,
-    params_ptr,
-    row_ptr,
-    col_ptr,
-    count_ptr,
-    n_rows,
-    n_cols,
-    s_rs,
-    s_cs,
-    t_rs,
-    t_cs,
-    S,
-    SIGMOID: tl.constexpr,
-    HAS_MASK: tl.constexpr,
-    RESIDENT: tl.constexpr,
-    SPATIAL: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
+    s_ptr, t_ptr, mask_ptr, params_ptr, row_ptr, col_ptr, count_ptr, n_rows, n_cols,
+    s_rs, s_cs, t_rs, t_cs, S, SIGMOID: tl.constexpr, HAS_MASK: tl.constexpr,
+    RESIDENT: tl.constexpr, SPATIAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
     """Pass 1: per-row values into row (rows, 10) and this program's column moments into
     col[program] (5, C) (zero-initialised), its kept-row count into count[program].
-    params = [1 / tau, C] in the compute dtype (that of row, col, count). RESIDENT: C <=
-    BLOCK_C, each tile read once, column moments in registers."""
+    params = [1 / T, C] in the compute dtype (that of row, col, count). RESIDENT: C <= BLOCK_C,
+    each tile read once, column moments in registers."""
     ACC = row_ptr.dtype.element_ty
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
-    inv_tau = tl.load(params_ptr)
+    inv_temperature = tl.load(params_ptr)
     n_f = tl.load(params_ptr + 1)
     n64 = pid.to(tl.int64) * 0 + n_cols  # 64-bit field offsets
     col_base = col_ptr + pid.to(tl.int64) * 5 * n64
@@ -182,20 +130,9 @@ def dist_stats_kernel(
         if HAS_MASK:
             keep = keep & (tl.load(mask_ptr + offs_r, mask=row_ok, other=0) != 0)
         zs_tile, zt_tile = _resident_tiles(
-            s_ptr,
-            t_ptr,
-            offs_r,
-            row_ok,
-            n_cols,
-            s_rs,
-            s_cs,
-            t_rs,
-            t_cs,
-            S,
-            SPATIAL,
-            RESIDENT,
-            BLOCK_C,
-        )
+            s_ptr, t_ptr, offs_r, row_ok, n_cols, s_rs, s_cs, t_rs, t_cs, S,
+            SPATIAL, RESIDENT, BLOCK_C,
+        )  # fmt: skip
         # sweep 1 (softmax only; sigmoid needs no row statistic for y): online max / sum
         max_s = tl.zeros((BLOCK_R,), ACC)  # sigmoid: unused max 0, 1 / sum 1
         max_t = tl.zeros((BLOCK_R,), ACC)
@@ -211,8 +148,8 @@ def dist_stats_kernel(
                     s_ptr, t_ptr, zs_tile, zt_tile, offs_r, row_ok, c0, n_cols,
                     s_rs, s_cs, t_rs, t_cs, S, SPATIAL, RESIDENT, BLOCK_C,
                 )  # fmt: skip
-                u = tl.where(col_ok[None, :], zs.to(ACC) * inv_tau, float("-inf"))
-                v = tl.where(col_ok[None, :], zt.to(ACC) * inv_tau, float("-inf"))
+                u = tl.where(col_ok[None, :], zs.to(ACC) * inv_temperature, float("-inf"))
+                v = tl.where(col_ok[None, :], zt.to(ACC) * inv_temperature, float("-inf"))
                 new_s = tl.maximum(max_s, tl.max(u, axis=1))
                 new_t = tl.maximum(max_t, tl.max(v, axis=1))
                 sum_s = sum_s * tl.exp(max_s - new_s) + tl.sum(tl.exp(u - new_s[:, None]), 1)
@@ -239,8 +176,8 @@ def dist_stats_kernel(
                 s_ptr, t_ptr, zs_tile, zt_tile, offs_r, row_ok, c0, n_cols,
                 s_rs, s_cs, t_rs, t_cs, S, SPATIAL, RESIDENT, BLOCK_C,
             )  # fmt: skip
-            ys = activate(zs.to(ACC), inv_tau, max_s, inv_sum_s, SIGMOID)
-            yt = activate(zt.to(ACC), inv_tau, max_t, inv_sum_t, SIGMOID)
+            ys = activate(zs.to(ACC), inv_temperature, max_s, inv_sum_s, SIGMOID)
+            yt = activate(zt.to(ACC), inv_temperature, max_t, inv_sum_t, SIGMOID)
             if SIGMOID:  # sd_*: row means, sdd_*: centred second moments and co-moment
                 width = tl.sum(col_ok.to(ACC), axis=0)
                 r_mean_s = tl.sum(tl.where(ok, ys, 0.0), axis=1) / width
@@ -287,15 +224,9 @@ def dist_stats_kernel(
             else:
                 fields = col_base + cols
                 mean_s, mean_t, m2s, m2t, cst = merge_moments(
-                    na,
-                    nb,
-                    *_load_moments(fields, n64, col_ok),
-                    b_mean_s,
-                    b_mean_t,
-                    b_m2s,
-                    b_m2t,
-                    b_cst,
-                )
+                    na, nb, *_load_moments(fields, n64, col_ok),
+                    b_mean_s, b_mean_t, b_m2s, b_m2t, b_cst,
+                )  # fmt: skip
                 tl.store(fields, mean_s, mask=col_ok)
                 tl.store(fields + n64, mean_t, mask=col_ok)
                 tl.store(fields + 2 * n64, m2s, mask=col_ok)
@@ -359,14 +290,7 @@ def dist_merge_kernel(col_ptr, count_ptr, coef_ptr, rho_ptr, n_cols, n_groups, B
         fields += 5 * n64
         nb = tl.load(count_ptr + g)
         mean_s, mean_t, m2s, m2t, cst = merge_moments(
-            na,
-            nb,
-            mean_s,
-            mean_t,
-            m2s,
-            m2t,
-            cst,
-            *_load_moments(fields, n64, ok),
+            na, nb, mean_s, mean_t, m2s, m2t, cst, *_load_moments(fields, n64, ok)
         )
         na += nb
     rho, inv_d, k_a, k_b = pearson(m2s, m2t, cst)
@@ -380,32 +304,13 @@ def dist_merge_kernel(col_ptr, count_ptr, coef_ptr, rho_ptr, n_cols, n_groups, B
 
 @triton.jit
 def dist_grad_kernel(
-    s_ptr,
-    t_ptr,
-    mask_ptr,
-    params_ptr,
-    row_ptr,
-    coef_ptr,
-    gs_ptr,
-    gt_ptr,
-    n_rows,
-    n_cols,
-    s_rs,
-    s_cs,
-    t_rs,
-    t_cs,
-    S,
-    SIGMOID: tl.constexpr,
-    HAS_MASK: tl.constexpr,
-    GRAD_S: tl.constexpr,
-    GRAD_T: tl.constexpr,
-    RESIDENT: tl.constexpr,
-    SPATIAL: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
+    s_ptr, t_ptr, mask_ptr, params_ptr, row_ptr, coef_ptr, gs_ptr, gt_ptr, n_rows, n_cols,
+    s_rs, s_cs, t_rs, t_cs, S, SIGMOID: tl.constexpr, HAS_MASK: tl.constexpr,
+    GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, RESIDENT: tl.constexpr, SPATIAL: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
     """Passes 2 and 3: dL/dzs, dL/dzt into gs, gt (contiguous, the inputs' layout: (rows, C)
-    or (N, C, S); zero for masked rows). params = [1 / tau, dL/drho_row = -beta s / kept,
+    or (N, C, S); zero for masked rows). params = [1 / T, dL/drho_row = -beta s / kept,
     dL/drho_col = -gamma s / C]. RESIDENT: C <= BLOCK_C, each tile read once."""
     ACC = row_ptr.dtype.element_ty
     offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -414,7 +319,7 @@ def dist_grad_kernel(
     if HAS_MASK:
         keep = keep & (tl.load(mask_ptr + offs_r, mask=row_ok, other=0) != 0)
     n64 = tl.program_id(0).to(tl.int64) * 0 + n_cols  # 64-bit coefficient offsets
-    inv_tau = tl.load(params_ptr)
+    inv_temperature = tl.load(params_ptr)
     w_row = tl.load(params_ptr + 1)
     w_col = tl.load(params_ptr + 2)
     row = row_ptr + tl.where(row_ok, offs_r, 0) * 10
@@ -433,8 +338,8 @@ def dist_grad_kernel(
                 s_ptr, t_ptr, zs_tile, zt_tile, offs_r, row_ok, c0, n_cols,
                 s_rs, s_cs, t_rs, t_cs, S, SPATIAL, RESIDENT, BLOCK_C,
             )  # fmt: skip
-            ys = activate(zs.to(ACC), inv_tau, max_s, inv_sum_s, SIGMOID)
-            yt = activate(zt.to(ACC), inv_tau, max_t, inv_sum_t, SIGMOID)
+            ys = activate(zs.to(ACC), inv_temperature, max_s, inv_sum_s, SIGMOID)
+            yt = activate(zt.to(ACC), inv_temperature, max_t, inv_sum_t, SIGMOID)
             if GRAD_S:
                 g = dloss_dy(ys, yt, cols, ok, row, coef_ptr, n64, w_row, w_col, True)
                 dot_s += tl.sum(g * ys, axis=1)
@@ -448,23 +353,23 @@ def dist_grad_kernel(
             s_ptr, t_ptr, zs_tile, zt_tile, offs_r, row_ok, c0, n_cols,
             s_rs, s_cs, t_rs, t_cs, S, SPATIAL, RESIDENT, BLOCK_C,
         )  # fmt: skip
-        ys = activate(zs.to(ACC), inv_tau, max_s, inv_sum_s, SIGMOID)
-        yt = activate(zt.to(ACC), inv_tau, max_t, inv_sum_t, SIGMOID)
+        ys = activate(zs.to(ACC), inv_temperature, max_s, inv_sum_s, SIGMOID)
+        yt = activate(zt.to(ACC), inv_temperature, max_t, inv_sum_t, SIGMOID)
         out = grad_offsets(offs_r, cols, n_cols, S, SPATIAL)
         if GRAD_S:
             g = dloss_dy(ys, yt, cols, ok, row, coef_ptr, n64, w_row, w_col, True)
             if SIGMOID:
-                g = g * ys * (1.0 - ys) * inv_tau
+                g = g * ys * (1.0 - ys) * inv_temperature
             else:
-                g = ys * (g - dot_s[:, None]) * inv_tau
+                g = ys * (g - dot_s[:, None]) * inv_temperature
             g = tl.where(keep[:, None], g, 0.0)
             tl.store(gs_ptr + out, g.to(gs_ptr.dtype.element_ty), mask=ok)
         if GRAD_T:
             g = dloss_dy(ys, yt, cols, ok, row, coef_ptr, n64, w_row, w_col, False)
             if SIGMOID:
-                g = g * yt * (1.0 - yt) * inv_tau
+                g = g * yt * (1.0 - yt) * inv_temperature
             else:
-                g = yt * (g - dot_t[:, None]) * inv_tau
+                g = yt * (g - dot_t[:, None]) * inv_temperature
             g = tl.where(keep[:, None], g, 0.0)
             tl.store(gt_ptr + out, g.to(gt_ptr.dtype.element_ty), mask=ok)
 
@@ -519,8 +424,8 @@ def dist_loss_triton(
     teacher: Tensor,
     beta: float,
     gamma: float,
-    tau: float,
-    tau_squared: bool,
+    temperature: float,
+    temperature_squared: bool,
     activation: str,
     mask: Tensor | None,
     compute_grad_student: bool,
@@ -531,8 +436,8 @@ def dist_loss_triton(
     Args:
         student, teacher: (rows, C) logits with any strides, or contiguous (N, C, S) read
             as rows = N * S (row r = n * S + s); any floating dtypes.
-        beta, gamma: weights of the inter and intra terms; tau > 0: temperature;
-        tau_squared: scale both terms by tau^2. activation: "softmax" or "sigmoid".
+        beta, gamma: weights of the inter and intra terms; temperature: T > 0;
+        temperature_squared: scale both terms by T^2. activation: "softmax" or "sigmoid".
         mask: optional bool (rows,) of kept rows (row order r = n * S + s).
         compute_grad_student, compute_grad_teacher: write that gradient.
 
@@ -541,10 +446,7 @@ def dist_loss_triton(
         shape and dtype or (0,), grad_teacher likewise).
     """
     rows, n_cols, n_spatial, strides = logit_layout("dist_loss_triton", student, teacher)
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"dist_loss_triton: unknown activation {activation!r}")
-    dtype = compute_dtype(student, teacher)
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = dtype = compute_dtype(student, teacher)  # float32 or float64: also the accumulator
     device = student.device
     sigmoid = activation == "sigmoid"
     flags = mask_flags(mask, rows, device)
@@ -552,7 +454,7 @@ def dist_loss_triton(
         kept = torch.tensor(float(rows), dtype=torch.float64, device=device)
     else:
         kept = mask.sum().to(torch.float64)
-    scale = tau * tau if tau_squared else 1.0
+    scale = temperature * temperature if temperature_squared else 1.0
     options = dict(SPATIAL=n_spatial > 1, SIGMOID=sigmoid, HAS_MASK=mask is not None)
 
     elem = 8 if acc == torch.float64 else 4
@@ -561,7 +463,7 @@ def dist_loss_triton(
     row_stats = torch.empty(rows, ROW_FIELDS, dtype=acc, device=device)
     col = torch.zeros(groups, COL_FIELDS, n_cols, dtype=acc, device=device)
     count = torch.empty(groups, dtype=acc, device=device)
-    params = torch.tensor([1.0 / tau, float(n_cols)], dtype=acc, device=device)
+    params = torch.tensor([1.0 / temperature, float(n_cols)], dtype=acc, device=device)
     dist_stats_kernel[(groups,)](
         student, teacher, flags, params, row_stats, col, count, rows, n_cols, *strides, n_spatial,
         RESIDENT=resident, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_warps(resident),
@@ -579,13 +481,9 @@ def dist_loss_triton(
     grad_s = student.new_empty(student.shape if compute_grad_student else (0,))
     grad_t = teacher.new_empty(teacher.shape if compute_grad_teacher else (0,))
     if compute_grad_student or compute_grad_teacher:
-        weights = torch.stack(
-            [
-                kept.new_tensor(1.0 / tau),
-                -beta * scale / kept,
-                kept.new_tensor(-gamma * scale / n_cols),
-            ]
-        ).to(acc)
+        w_row = -beta * scale / kept
+        w_col = w_row.new_tensor(-gamma * scale / n_cols)
+        weights = torch.stack([w_row.new_tensor(1.0 / temperature), w_row, w_col]).to(acc)
         block_r, block_c, resident = grad_blocks(rows, n_cols, elem)
         dist_grad_kernel[(triton.cdiv(rows, block_r),)](
             student, teacher, flags, weights, row_stats, coef, grad_s, grad_t, rows, n_cols,

@@ -36,12 +36,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from kdfast._constants import KD_TEACHER_KINDS
 from kdfast._validation import compute_dtype
-from kdfast.triton._common import grad_offsets, last_block, logit_layout, logit_ptrs, mask_flags
+from kdfast.triton._layout import grad_offsets, last_block, logit_layout, logit_ptrs, mask_flags
 
-#: teacher kinds and reductions, as the kernel's constexpr codes (csrc/kd_loss.h)
-TEACHER_KINDS = {"logits": 0, "probs": 1, "log_probs": 2}
-REDUCTIONS = ("batchmean", "sum", "mean", "none")
 #: elements per tile (BLOCK_R * BLOCK_C) for float32 / float64 compute: a tile and its
 #: temporaries stay in registers (no spills, tests/test_triton_aot.py).
 TILE = {4: 2048, 8: 1024}
@@ -277,23 +275,6 @@ def blocks(n_cols: int, elem: int) -> tuple[int, int]:
     return max(1, min(16, TILE[elem] // block_c)), block_c
 
 
-_DTYPES = {
-    "fp16": torch.float16,
-    "bf16": torch.bfloat16,
-    "fp32": torch.float32,
-    "fp64": torch.float64,
-}
-
-
-def _check(reduction: str, teacher_kind: str) -> None:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"kd_loss_triton: unknown reduction {reduction!r}")
-    if teacher_kind not in TEACHER_KINDS:
-        raise ValueError(
-            f"kd_loss_triton: teacher must be logits, probs or log_probs, got {teacher_kind!r}"
-        )
-
-
 def kd_loss_triton(
     student: Tensor,
     teacher: Tensor,
@@ -322,9 +303,7 @@ def kd_loss_triton(
         student's shape and dtype or (0,), grad_teacher likewise).
     """
     rows, n_cols, n_spatial, strides = logit_layout("kd_loss_triton", student, teacher)
-    _check(reduction, teacher_kind)
-    dtype = compute_dtype(student, teacher)
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = dtype = compute_dtype(student, teacher)  # float32 or float64: also the accumulator
     device = student.device
     if mask is None:
         kept = torch.tensor(float(rows), dtype=torch.float64, device=device)
@@ -352,7 +331,7 @@ def kd_loss_triton(
         n_cols,
         *strides,
         n_spatial,
-        KIND=TEACHER_KINDS[teacher_kind],
+        KIND=KD_TEACHER_KINDS.index(teacher_kind),
         HAS_MASK=mask is not None,
         GRAD_S=compute_grad_student,
         GRAD_T=compute_grad_teacher,

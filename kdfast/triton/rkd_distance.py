@@ -38,30 +38,32 @@ def _pair_distance(g_ptr, n, offs_i, offs_j):
     degenerate = d2 <= diag_sum * DEGENERATE
     min_d2 = tl.full(d2.shape, MIN_D2, tl.float64)
     active = (d2 != d2) | ((~degenerate) & (d2 > min_d2))
-    dist = tl.sqrt(tl.where(active, d2, min_d2))
+    pair_dist = tl.sqrt(tl.where(active, d2, min_d2))
     off_diagonal = offs_i[:, None] != offs_j[None, :]
-    return tl.where(off_diagonal, dist, 0.0), active & off_diagonal, mask
+    return tl.where(off_diagonal, pair_dist, 0.0), active & off_diagonal, mask
 
 
 @triton.jit
-def pair_forward_kernel(g_ptr, dist_ptr, n, BLOCK: tl.constexpr):
-    """dist[i, j] = clamped distance from G (float64, N x N contiguous); 0 on the diagonal."""
+def pair_forward_kernel(g_ptr, pair_dist_ptr, n, BLOCK: tl.constexpr):
+    """pair_dist[i, j] = clamped distance from G (float64, N x N contiguous); 0 on the diagonal."""
     offs_i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     offs_j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    dist, active, mask = _pair_distance(g_ptr, n, offs_i, offs_j)
-    tl.store(dist_ptr + offs_i.to(tl.int64)[:, None] * n + offs_j[None, :], dist, mask=mask)
+    pair_dist, active, mask = _pair_distance(g_ptr, n, offs_i, offs_j)
+    tl.store(
+        pair_dist_ptr + offs_i.to(tl.int64)[:, None] * n + offs_j[None, :], pair_dist, mask=mask
+    )
 
 
 @triton.jit
-def pair_backward_kernel(g_ptr, grad_dist_ptr, grad_d2_ptr, n, BLOCK: tl.constexpr):
+def pair_backward_kernel(g_ptr, grad_pair_dist_ptr, grad_d2_ptr, n, BLOCK: tl.constexpr):
     """grad_d2[i, j] = dL/dD2_ij = dL/dD_ij / (2 D_ij) where the gradient flows, else 0."""
     offs_i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     offs_j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    dist, active, mask = _pair_distance(g_ptr, n, offs_i, offs_j)
+    pair_dist, active, mask = _pair_distance(g_ptr, n, offs_i, offs_j)
     offsets = offs_i.to(tl.int64)[:, None] * n + offs_j[None, :]
-    grad_dist = tl.load(grad_dist_ptr + offsets, mask=mask, other=0.0)
-    safe = tl.where(active, dist, 1.0)
-    tl.store(grad_d2_ptr + offsets, tl.where(active, grad_dist / (2.0 * safe), 0.0), mask=mask)
+    grad_pair_dist = tl.load(grad_pair_dist_ptr + offsets, mask=mask, other=0.0)
+    safe = tl.where(active, pair_dist, 1.0)
+    tl.store(grad_d2_ptr + offsets, tl.where(active, grad_pair_dist / (2.0 * safe), 0.0), mask=mask)
 
 
 def _grid(n: int) -> tuple[int, int]:
@@ -78,22 +80,22 @@ def centred_gram(x: Tensor) -> tuple[Tensor, Tensor]:
 def pair_distances(gram: Tensor) -> Tensor:
     """(N, N) float64 clamped distances from the Gram matrix (Triton kernel)."""
     n = gram.shape[0]
-    dist = torch.empty_like(gram)
-    pair_forward_kernel[_grid(n)](gram, dist, n, BLOCK=BLOCK)
-    return dist
+    pair_dist = torch.empty_like(gram)
+    pair_forward_kernel[_grid(n)](gram, pair_dist, n, BLOCK=BLOCK)
+    return pair_dist
 
 
 def _side(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     centred, gram = centred_gram(x)
-    dist = pair_distances(gram)
+    pair_dist = pair_distances(gram)
     n = x.shape[0]
-    return centred, gram, dist, dist.sum() / (n * (n - 1))
+    return centred, gram, pair_dist, pair_dist.sum() / (n * (n - 1))
 
 
 def _smooth_l1_parts(s: Tensor, t: Tensor):
-    _, _, dist_s, mean_s = _side(s)
-    _, _, dist_t, mean_t = _side(t)
-    return dist_s / mean_s - dist_t / mean_t
+    _, _, pair_dist_s, mean_s = _side(s)
+    _, _, pair_dist_t, mean_t = _side(t)
+    return pair_dist_s / mean_s - pair_dist_t / mean_t
 
 
 def rkd_distance_triton(student: Tensor, teacher: Tensor) -> Tensor:
@@ -105,13 +107,13 @@ def rkd_distance_triton(student: Tensor, teacher: Tensor) -> Tensor:
 
 
 def _side_backward(x: Tensor, grad_psi: Tensor) -> Tensor:
-    centred, gram, dist, mean = _side(x)
+    centred, gram, pair_dist, mean = _side(x)
     n = x.shape[0]
-    through_mean = (grad_psi * dist).sum() / (mean * mean * (n * (n - 1)))
-    grad_dist = grad_psi / mean - through_mean
-    grad_dist.fill_diagonal_(0.0)
-    grad_d2 = torch.empty_like(grad_dist)
-    pair_backward_kernel[_grid(n)](gram, grad_dist.contiguous(), grad_d2, n, BLOCK=BLOCK)
+    through_mean = (grad_psi * pair_dist).sum() / (mean * mean * (n * (n - 1)))
+    grad_pair_dist = grad_psi / mean - through_mean
+    grad_pair_dist.fill_diagonal_(0.0)
+    grad_d2 = torch.empty_like(grad_pair_dist)
+    pair_backward_kernel[_grid(n)](gram, grad_pair_dist.contiguous(), grad_d2, n, BLOCK=BLOCK)
     grad_centred = 4.0 * (grad_d2.sum(1, keepdim=True) * centred - grad_d2 @ centred)
     return (grad_centred - grad_centred.mean(dim=0, keepdim=True)).to(x.dtype)
 

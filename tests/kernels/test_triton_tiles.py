@@ -46,7 +46,7 @@ KERNELS = {
     "dist_loss": ("dist_stats_kernel", "dist_merge_kernel", "dist_grad_kernel"),
 }
 #: modules holding @triton.jit code with loops (kernels and their device helpers)
-JIT_MODULES = (*KERNELS, "_common", "_dist_math")
+JIT_MODULES = (*KERNELS, "_layout", "_dist_math")
 
 
 @dataclasses.dataclass

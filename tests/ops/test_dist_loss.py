@@ -69,7 +69,7 @@ def test_spec_example(backend):
     assert close(KF.dist_loss(zs, zt), 3.016884608267537, backend)
     assert close(KF.dist_loss(zs, zt, gamma=0.0), 1.683546300550451, backend)  # inter alone
     assert close(KF.dist_loss(zs, zt, beta=0.0), 1.333338307717086, backend)  # intra alone
-    assert close(KF.dist_loss(zs, zt, tau=4.0), 49.25133969135766, backend)
+    assert close(KF.dist_loss(zs, zt, temperature=4.0), 49.25133969135766, backend)
 
 
 def test_spec_example_identical(backend):
@@ -98,10 +98,13 @@ def test_matches_official(tau, sigmoid, beta, gamma, backend):
 
 def test_tau_squared_false_drops_the_factor(backend):
     zs, zt = rand(5, 6, seed=3), rand(5, 6, seed=4)
-    with_factor = KF.dist_loss(zs, zt, tau=4.0)
-    without = KF.dist_loss(zs, zt, tau=4.0, tau_squared=False)
+    with_factor = KF.dist_loss(zs, zt, temperature=4.0)
+    without = KF.dist_loss(zs, zt, temperature=4.0, temperature_squared=False)
     assert rel(16.0 * without, with_factor) <= 1e-14
-    assert rel(KF.dist_loss(zs, zt, tau=1.0, tau_squared=False), KF.dist_loss(zs, zt)) == 0
+    assert (
+        rel(KF.dist_loss(zs, zt, temperature=1.0, temperature_squared=False), KF.dist_loss(zs, zt))
+        == 0
+    )
 
 
 # --- invariants and edge cases ------------------------------------------------------------
@@ -110,8 +113,8 @@ def test_tau_squared_false_drops_the_factor(backend):
 def test_softmax_invariant_to_row_shift_sigmoid_not(backend):
     zs, zt = rand(6, 5, seed=5), rand(6, 5, seed=6)
     shift = rand(6, 1, seed=7, scale=10.0)
-    base = KF.dist_loss(zs, zt, tau=2.0)
-    assert rel(KF.dist_loss(zs + shift, zt - shift, tau=2.0), base) <= 1e-12
+    base = KF.dist_loss(zs, zt, temperature=2.0)
+    assert rel(KF.dist_loss(zs + shift, zt - shift, temperature=2.0), base) <= 1e-12
     sig = KF.dist_loss(zs, zt, activation="sigmoid")
     assert rel(KF.dist_loss(zs + shift, zt, activation="sigmoid"), sig) > 1e-3
 
@@ -236,7 +239,9 @@ def test_traces_with_fullgraph():
 def test_module_matches_functional(backend):
     zs, zt = rand(6, 5, seed=28), rand(6, 5, seed=29)
     mask = torch.tensor([True, True, False, True, True, True])
-    module = DISTLoss(beta=2.0, gamma=0.5, tau=4.0, tau_squared=False, activation="sigmoid")
+    module = DISTLoss(
+        beta=2.0, gamma=0.5, temperature=4.0, temperature_squared=False, activation="sigmoid"
+    )
     want = KF.dist_loss(zs, zt, 2.0, 0.5, 4.0, False, "sigmoid", mask)
     assert rel(module(zs, zt, mask), want) <= 1e-15
     assert rel(DISTLoss()(zs, zt), official_dist(zs, zt)) <= 1e-12
@@ -261,18 +266,18 @@ def test_bad_tensors_raise():
 def test_bad_options_raise():
     z = rand(3, 4)
     for bad in (0.0, -2, "1"):
-        with pytest.raises(ValueError, match="tau"):
-            KF.dist_loss(z, z, tau=bad)
-        with pytest.raises(ValueError, match="tau"):
-            DISTLoss(tau=bad)
+        with pytest.raises(ValueError, match="temperature"):
+            KF.dist_loss(z, z, temperature=bad)
+        with pytest.raises(ValueError, match="temperature"):
+            DISTLoss(temperature=bad)
     with pytest.raises(ValueError, match="activation.*'relu'"):
         KF.dist_loss(z, z, activation="relu")
     with pytest.raises(ValueError, match="activation"):
         DISTLoss(activation="tanh")
-    with pytest.raises(TypeError, match="tau_squared"):
-        KF.dist_loss(z, z, tau_squared=1)
-    with pytest.raises(TypeError, match="tau_squared"):
-        DISTLoss(tau_squared="yes")
+    with pytest.raises(TypeError, match="temperature_squared"):
+        KF.dist_loss(z, z, temperature_squared=1)
+    with pytest.raises(TypeError, match="temperature_squared"):
+        DISTLoss(temperature_squared="yes")
     with pytest.raises(TypeError, match="beta"):
         DISTLoss(beta="1")
     with pytest.raises(TypeError, match="gamma"):

@@ -106,7 +106,7 @@ def test_teacher_kinds_equal_logits(kind, reduction, temperature, backend):
     s, t = rand(6, 5, seed=5), rand(6, 5, seed=6)
     want = KF.kd_loss(s, t, temperature, reduction=reduction)
     cached = teacher_as(t, kind, temperature)
-    got = KF.kd_loss(s, cached, temperature, reduction=reduction, teacher=kind)
+    got = KF.kd_loss(s, cached, temperature, reduction=reduction, teacher_kind=kind)
     assert rel(got, want) <= 1e-12
 
 
@@ -117,7 +117,7 @@ def test_probs_with_zeros_use_zero_log_zero(backend):
     )
     p_s = torch.softmax(s, dim=1)
     want = torch.from_numpy(scipy.special.rel_entr(p_t.numpy(), p_s.numpy()).sum(axis=1))
-    got = KF.kd_loss(s, p_t, reduction="none", teacher="probs")
+    got = KF.kd_loss(s, p_t, reduction="none", teacher_kind="probs")
     assert torch.isfinite(got).all() and rel(got, want) <= 1e-12
 
 
@@ -152,8 +152,8 @@ def test_non_contiguous_inputs(backend):
 def test_mask_equals_dropping_rows(reduction, kind, backend):
     s, t = rand(7, 4, seed=12), teacher_as(rand(7, 4, seed=13), kind, 2.0)
     mask = torch.tensor([True, False, True, True, False, False, True])
-    got = KF.kd_loss(s, t, 2.0, reduction, mask=mask, teacher=kind)
-    kept = KF.kd_loss(s[mask], t[mask], 2.0, reduction, teacher=kind)
+    got = KF.kd_loss(s, t, 2.0, reduction, mask=mask, teacher_kind=kind)
+    kept = KF.kd_loss(s[mask], t[mask], 2.0, reduction, teacher_kind=kind)
     if reduction == "none":
         assert torch.all(got[~mask] == 0)
         got = got[mask]
@@ -213,7 +213,7 @@ def test_gradcheck_kd_loss(reduction, kind, masked, backend):
     mask = torch.tensor([True, False, True, True]) if masked else None
 
     def f(s, t):
-        return KF.kd_loss(s, t, 1.5, reduction, mask=mask, teacher=kind)
+        return KF.kd_loss(s, t, 1.5, reduction, mask=mask, teacher_kind=kind)
 
     assert torch.autograd.gradcheck(f, (s, t))
 
@@ -250,7 +250,7 @@ def test_kdloss_module_matches_functional(backend):
     module = KDLoss(temperature=3.0, reduction="sum")
     assert rel(module(s, t, mask), KF.kd_loss(s, t, 3.0, "sum", mask)) <= 1e-15
     assert rel(KDLoss()(s, t), KF.kd_loss(s, t)) <= 1e-15
-    probs = KDLoss(2.0, teacher="probs")(s, torch.softmax(t / 2.0, dim=1))
+    probs = KDLoss(2.0, teacher_kind="probs")(s, torch.softmax(t / 2.0, dim=1))
     assert rel(probs, KF.kd_loss(s, t, 2.0)) <= 1e-12
     assert "temperature=3.0" in repr(module)
 
@@ -288,9 +288,9 @@ def test_bad_options_raise():
     with pytest.raises(ValueError, match="reduction"):
         KDLoss(reduction="avg")
     with pytest.raises(ValueError, match="teacher.*'softmax'"):
-        KF.kd_loss(s, s, teacher="softmax")
+        KF.kd_loss(s, s, teacher_kind="softmax")
     with pytest.raises(ValueError, match="teacher"):
-        KDLoss(teacher="probabilities")
+        KDLoss(teacher_kind="probabilities")
 
 
 def test_bad_masks_raise():
@@ -352,7 +352,7 @@ def test_teacher_gradient_of_extreme_logits(op, backend, tiny, dtype, monkeypatc
     for s64, t64 in pairs:
         s = s64.to(dtype)
         for options in options_list:
-            kind = options.get("teacher", "logits")
+            kind = options.get("teacher_kind", "logits")
             t = t64.to(dtype)
             if kind != "logits":
                 t = teacher_as(t, kind, options["temperature"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from kdfast.triton.rkd_distance import BLOCK, pair_backward_kernel, pair_forward_kernel
 from tools.gpu.aot import KernelSpec
 
-_PAIR_SIGNATURE = {"g_ptr": "*fp64", "dist_ptr": "*fp64", "n": "i32", "BLOCK": "constexpr"}
+_PAIR_SIGNATURE = {"g_ptr": "*fp64", "pair_dist_ptr": "*fp64", "n": "i32", "BLOCK": "constexpr"}
 AOT_SPECS = [
     KernelSpec(
         pair_forward_kernel,
@@ -17,7 +17,7 @@ AOT_SPECS = [
         pair_backward_kernel,
         {
             "g_ptr": "*fp64",
-            "grad_dist_ptr": "*fp64",
+            "grad_pair_dist_ptr": "*fp64",
             "grad_d2_ptr": "*fp64",
             "n": "i32",
             "BLOCK": "constexpr",
