@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from conftest import compiled_backends, require_backend
+from conftest import backends_for, require_backend
 
 import kdfast
 from kdfast import linalg
@@ -44,7 +44,7 @@ ELL64 = {3: 1.08e-2, 5: 2.00e-1, 7: 7.83e-1, 9: 1.78, 13: 4.74}
 ELL32 = {3: 0.308033, 5: 1.48253, 7: 3.24867}
 
 
-BACKENDS = ["reference", *compiled_backends(op="expm")]
+BACKENDS = backends_for("expm")
 
 
 @pytest.fixture(autouse=True, params=[*BACKENDS, *(["cpp-fused"] if "cpp" in BACKENDS else [])])
