@@ -1,5 +1,10 @@
 """Shared fixtures: which backends must run here, and the report header.
 
+Fixtures ``device`` (cpu; cuda when visible), ``dtype`` (the four floating dtypes) and
+``backend`` (the reference and every compiled backend that runs the module's ``OP`` on CPU
+here; the test runs with that backend forced). A test that parametrizes one of these names
+itself overrides the fixture.
+
 Compiled backends are never skipped silently: when the extension should have been built
 (KDFAST_NO_EXT unset) but cannot be loaded, the tests that need it fail with the reason.
 Triton tests run only under TRITON_INTERPRET=1 (a dedicated CI stage) or on a GPU.
@@ -49,6 +54,11 @@ def compiled_backends(device: str = "cpu", op: str | None = None) -> list[str]:
     return names
 
 
+def backends_for(op: str, device: str = "cpu") -> list[str]:
+    """The reference and every compiled backend that runs ``op`` on ``device`` in this run."""
+    return ["reference", *compiled_backends(device, op)]
+
+
 def contract_devices() -> list[str]:
     """cpu always; cuda whenever a CUDA device is visible (no flag needed)."""
     return ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
@@ -75,6 +85,52 @@ def require_backend(name: str) -> None:
     reason = _dispatch.BACKENDS[name].unavailable
     if reason is not None:
         pytest.fail(f"backend {name!r} must be tested in this run but is unavailable: {reason}")
+
+
+#: the floating dtypes of the tolerance table (kdfast.testing.TOLERANCES), float64 first
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+
+
+def dtype_id(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _parametrized_here(metafunc, name: str) -> bool:
+    for mark in metafunc.definition.iter_markers("parametrize"):
+        names = mark.args[0]
+        names = [n.strip() for n in names.split(",")] if isinstance(names, str) else names
+        if name in names:
+            return True
+    return False
+
+
+def pytest_generate_tests(metafunc):
+    """``backend``: over backends_for(OP) of the test's module (``OP = "<op>"``)."""
+    if "backend" in metafunc.fixturenames and not _parametrized_here(metafunc, "backend"):
+        op = getattr(metafunc.module, "OP", None)
+        if op is not None:
+            metafunc.parametrize("backend", backends_for(op), indirect=True)
+
+
+@pytest.fixture
+def backend(request):
+    """The test runs with ``request.param`` forced (a compiled backend that cannot run here
+    fails the test, never skips it); parametrized per module over backends_for(OP)."""
+    name = request.param
+    if name != "reference":
+        require_backend(name)
+    with kdfast.use_backend(name):
+        yield name
+
+
+@pytest.fixture(params=contract_devices())
+def device(request):
+    return request.param
+
+
+@pytest.fixture(params=DTYPES, ids=dtype_id)
+def dtype(request):
+    return request.param
 
 
 @pytest.fixture(autouse=True)

@@ -1,51 +1,68 @@
 """The public (student, teacher) losses as data, for tests that iterate over every op and backend.
 
-Each entry maps a dispatcher op name to how its public function is called, so the hostile
-input, layout, compile and autocast tests cover every backend registered for the op
-(``kdfast._dispatch._IMPLS``), including kernels merged later.
+The ops come from one place, the contracts each ``kdfast/ops/<op>.py`` declares
+(:data:`kdfast.ops._samples.CONTRACTS`): an op whose public function lives in
+``kdfast.functional`` takes a (student, teacher) pair, and its function is the contract's.
+:data:`PUBLIC_OPS` adds what the contracts do not say (the one table of how the hostile
+input, layout, compile and autocast tests call each op); ``tests/test_hostile.py`` fails for
+a pair op missing from it. Backends: every one registered for the op
+(``kdfast._dispatch``), including kernels merged later.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-from conftest import compiled_backends
+from conftest import backends_for
 
-import kdfast.functional as KF
-from kdfast import _dispatch
+import kdfast.ops  # noqa: F401  registers every op and declares its contract
+from kdfast.ops._samples import CONTRACTS
+
+#: the contracts whose public function takes a (student, teacher) pair
+PAIR_OPS = sorted(op for op, c in CONTRACTS.items() if c.public.startswith("kdfast.functional:"))
+#: ops without a (student, teacher) public loss: tested in ops/test_expm.py,
+#: test_hostile.py, and the sharded angle term in test_distributed.py
+NON_PAIR_OPS = sorted(set(CONTRACTS) - set(PAIR_OPS))
+
+
+def public_function(op: str) -> Callable:
+    """The public function of ``op`` (its contract's)."""
+    return CONTRACTS[op].function()
 
 
 @dataclass(frozen=True)
 class PublicOp:
     """How to call an op's public function on a (student, teacher) pair of 2-D tensors."""
 
-    call: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # returns a scalar
+    op: str
     min_rows: int
     logits: bool  # (N, C, *) treated as rows (True) or features flattened to (N, -1)
     same_width: bool  # student and teacher must have the same width
+    options: dict = field(default_factory=dict)  # keyword arguments of every call
+
+    def __post_init__(self):
+        # resolved once: torch.compile traces call() without the import behind it
+        object.__setattr__(self, "function", public_function(self.op))
+
+    def call(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The loss as a scalar (a per-row loss summed)."""
+        loss = self.function(s, t, **self.options)
+        return loss if loss.dim() == 0 else loss.sum()
 
 
 PUBLIC_OPS: dict[str, PublicOp] = {
-    "kd_loss": PublicOp(lambda s, t: KF.kd_loss(s, t, 2.0), 1, True, True),
-    "per_sample_kl": PublicOp(lambda s, t: KF.per_sample_kl(s, t, 2.0).sum(), 1, True, True),
-    "jsd_loss": PublicOp(lambda s, t: KF.jsd_loss(s, t, 0.3, 2.0), 1, True, True),
-    "dist_loss": PublicOp(lambda s, t: KF.dist_loss(s, t, temperature=2.0), 1, True, True),
-    "rkd_distance": PublicOp(KF.rkd_distance, 2, False, False),
-    "rkd_angle": PublicOp(KF.rkd_angle, 3, False, False),
-    "vkd_loss": PublicOp(lambda s, t: KF.vkd_loss(s, t, "standardize"), 1, False, True),
+    p.op: p
+    for p in (
+        PublicOp("kd_loss", 1, True, True, {"temperature": 2.0}),
+        PublicOp("per_sample_kl", 1, True, True, {"temperature": 2.0}),
+        PublicOp("jsd_loss", 1, True, True, {"beta": 0.3, "temperature": 2.0}),
+        PublicOp("dist_loss", 1, True, True, {"temperature": 2.0}),
+        PublicOp("rkd_distance", 2, False, False),
+        PublicOp("rkd_angle", 3, False, False),
+        PublicOp("vkd_loss", 1, False, True, {"normalize": "standardize"}),
+    )
 }
 
-#: ops without a (student, teacher) public loss: tested in test_expm.py / test_hostile.py, and
-#: the sharded angle term in test_distributed.py
-NON_PAIR_OPS = {"expm", "expm_frechet", "rkd_angle_vertices"}
-
-
-def backends_of(op: str) -> list[str]:
-    """Every backend that runs ``op`` on CPU in this run: the reference and the compiled ones."""
-    impls = _dispatch._IMPLS.get(op, {})
-    return ["reference"] + [b for b in compiled_backends("cpu") if b in impls]
-
-
-OP_BACKENDS = [(op, backend) for op in PUBLIC_OPS for backend in backends_of(op)]
+OP_BACKENDS = [(op, backend) for op in PUBLIC_OPS for backend in backends_for(op)]

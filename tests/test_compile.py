@@ -6,7 +6,7 @@ compiled results equal eager ones. backend="aot_eager" for everything (it runs t
 autograd decomposition, fake tensors included, without codegen); inductor for RKDLoss,
 DISTLoss and KDLoss on the reference and the automatic (compiled where available) backends.
 Compiled ops (triton, cuda) are covered here through whichever backend the dispatcher picks
-on CPU, and by opcheck's fake-tensor and AOT-dispatch checks in test_backends.py.
+on CPU, and by opcheck's fake-tensor and AOT-dispatch checks in tests/contract.
 """
 
 from __future__ import annotations

@@ -245,7 +245,7 @@ def test_gather_without_torch_distributed_is_local():
 @pytest.mark.parametrize("backend", ["reference", *compiled_backends("cpu")])
 def test_angle_vertex_shards_sum_to_the_angle_loss(backend):
     """Single process: the sharded op over any partition of the vertices is rkd_angle
-    (tests/test_rkd_kernels.py has the kernels' partition, parity and range tests)."""
+    (tests/kernels/test_rkd_kernels.py has the kernels' partition, parity and range tests)."""
     require_backend(backend)
     g = torch.Generator().manual_seed(1)
     s = torch.randn(7, 4, generator=g, dtype=torch.float64, requires_grad=True)

@@ -31,7 +31,8 @@ def test_plugin_records_interpreted_launches(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tools.gpu.grids",
-         "--grids-json", str(out), "tests/test_triton_tiles.py", "-k", "rkd_distance_pair_tiles"],
+         "--grids-json", str(out), "tests/kernels/test_triton_tiles.py",
+         "-k", "rkd_distance_pair_tiles"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -15,7 +15,7 @@ import os
 
 import pytest
 import torch
-from public_api import backends_of
+from conftest import backends_for
 
 import kdfast
 from kdfast.testing import rel_error
@@ -33,7 +33,7 @@ def _available_bytes() -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", backends_of("dist_loss"))
+@pytest.mark.parametrize("backend", backends_for("dist_loss"))
 def test_dist_bf16_beyond_int32_elements(backend):
     rows = BASE_ROWS * TILES
     assert rows * C > 2**31

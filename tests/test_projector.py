@@ -6,7 +6,7 @@ import pytest
 import scipy.linalg
 import torch
 import torch.nn.functional as F
-from conftest import compiled_backends, require_backend
+from conftest import backends_for, require_backend
 
 import kdfast
 from kdfast import linalg
@@ -17,7 +17,7 @@ F64, F32 = torch.float64, torch.float32
 SHAPES = [(3, 10), (10, 3), (4, 8), (6, 8), (8, 6), (5, 5)]
 
 
-@pytest.fixture(autouse=True, params=["reference", *compiled_backends(op="expm")])
+@pytest.fixture(autouse=True, params=backends_for("expm"))
 def backend(request):
     if request.param != "reference":
         require_backend(request.param)

@@ -10,7 +10,7 @@
 namespace kdfast::cuda {
 
 // blockIdx.x, threadIdx.x, blockDim.x and gridDim.x, widened to int64 so that every index
-// formed from them is 64-bit (tests/test_ptx.py checks the PTX for 32-bit offsets).
+// formed from them is 64-bit (tests/kernels/test_ptx.py checks the PTX for 32-bit offsets).
 struct GridPos {
   int64_t block, thread, block_dim, grid_dim;
 

@@ -2,7 +2,7 @@
 
 For every Triton kernel module ``kdfast/triton/<op>.py``, ``tools/gpu/specs/<op>.py`` lists
 in ``AOT_SPECS`` each ``@triton.jit`` kernel with every configuration it can be launched
-with (dtypes, block sizes, warps, stages, autotune candidates). ``tests/test_triton_aot.py``
+with (dtypes, block sizes, warps, stages, autotune candidates). ``tests/kernels/test_triton_aot.py``
 compiles each spec for sm_80 and sm_90 with ``triton.compile`` on a machine without a GPU
 and checks registers and spills against ``spill_budget``; ``python -m tools.gpu.report``
 reports them. A kernel missing from its ``AOT_SPECS`` fails that test.

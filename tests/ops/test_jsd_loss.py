@@ -11,8 +11,8 @@ import mpmath
 import pytest
 import torch
 import torch.nn.functional as F
-from cases import F64, ZS, ZT, rand, reference_backend  # noqa: F401
 from conftest import compiled_backends
+from worked_examples import F64, ZS, ZT, rand, reference_backend  # noqa: F401
 
 import kdfast
 from kdfast import functional as KF

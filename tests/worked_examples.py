@@ -1,5 +1,5 @@
-"""Inputs and helpers shared by the per-loss test files (docs/semantics.md worked examples, seeded
-random inputs, the reference-backend fixture)."""
+"""The docs/semantics.md worked examples, seeded random inputs and the reference-backend
+fixture, shared by the per-op test files (tests/ops/) and the kernel-specific ones."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import kdfast
+from kdfast.testing import tolerance
 
 F64 = torch.float64
 
@@ -26,6 +27,15 @@ def reference_backend():
     """Run the test on the reference backend (test modules use it with autouse)."""
     with kdfast.use_backend("reference"):
         yield
+
+
+def float64_bound(backend: str, reference_bound: float, kind: str = "loss") -> float:
+    """Relative bound of a float64 result against a worked example or an independent
+    oracle: ``reference_bound`` for the reference (it reproduces them to that many digits);
+    for a compiled backend, its float64 parity with the reference (semantics 7) on top."""
+    if backend == "reference":
+        return reference_bound
+    return reference_bound + tolerance(F64, kind)
 
 
 def tensor(rows, dtype=F64) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """The cpp backend of expm (semantics 6): the ATen port (``kdfast::expm_cpp``,
 ``kdfast::expm_frechet_cpp``) and the fused small-matrix kernel (``kdfast::expm_small_cpp``,
 ``kdfast::expm_frechet_small_cpp``) against each other, the reference and float64 truths;
-opcheck, gradcheck and the n = 768 float32 targets. The accuracy suite of tests/test_expm.py
+opcheck, gradcheck and the n = 768 float32 targets. The accuracy suite of tests/ops/test_expm.py
 also runs on this backend (its fixture is parametrised over backends).
 """
 
@@ -16,7 +16,12 @@ import kdfast
 from kdfast import linalg
 from kdfast.ops import expm as expm_ops
 from kdfast.reference import expm as ref
-from kdfast.testing import rel_error
+from kdfast.testing import (
+    EXPM_ORTHOGONALITY_FLOAT32,
+    EXPM_TARGETS,
+    rel_error,
+    tolerance,
+)
 
 F64, F32 = torch.float64, torch.float32
 
@@ -52,7 +57,7 @@ def mixed_batch(n, dtype, seed=0, skew=False):
 def test_small_kernel_matches_aten_and_reference(n, skew, dtype):
     A = mixed_batch(n, dtype, seed=n, skew=skew and n > 1)
     E = torch.randn(A.shape, generator=torch.Generator().manual_seed(1), dtype=F64).to(dtype)
-    tol = 1e-13 if dtype == F64 else 2e-6
+    tol = EXPM_TARGETS[dtype]
     for i in range(A.shape[0]):  # per matrix: the batch spans 1e-8 .. 300
         X_ref = ref.expm(A[i], skew)
         assert rel_error(ops().expm_small_cpp(A, skew)[i], X_ref) <= tol * 300
@@ -180,9 +185,9 @@ def test_float32_gradient_and_orthogonality_n768(kind):
     (X32, g32), (X64, g64) = results
     err = rel_error(g32, g64)
     print(f"{kind} n=768 float32 gradient error {err:.1e}")
-    assert err <= 2e-6 and rel_error(X32, X64) <= 1e-5
+    assert err <= EXPM_TARGETS[F32] and rel_error(X32, X64) <= tolerance(F32)
     if kind == "skew":
-        assert float((X32.mT @ X32 - torch.eye(n)).abs().max()) <= 1e-5
+        assert float((X32.mT @ X32 - torch.eye(n)).abs().max()) <= EXPM_ORTHOGONALITY_FLOAT32
 
 
 def _grad_via_save(A, G, skew):
@@ -209,7 +214,7 @@ def test_saved_state_backward_matches_joint_op(scales, skew, dtype):
     G = torch.randn(A.shape, generator=torch.Generator().manual_seed(2), dtype=F64).to(dtype)
     X, g = _grad_via_save(A, G, skew)
     X_ref, g_ref = ref.expm_frechet(A.mT, G, skew)
-    tol = 1e-13 if dtype == F64 else 2e-6
+    tol = EXPM_TARGETS[dtype]
     for i in range(A.shape[0]):
         assert rel_error(X[i], ref.expm(A[i], skew)) <= tol * 300, i
         assert rel_error(g[i], g_ref[i]) <= tol * 300, i

@@ -11,7 +11,7 @@ loaded straight from ``%tid.*``: a thread index within its block is below 1024, 
 alone (``X + threadIdx.x`` in a block-per-matrix kernel) cannot overflow.
 
 Slow (several minutes of nvcc per file on a loaded machine) and needs nvcc: run in the CI
-stage that builds CUDA, ``pytest -m slow tests/test_ptx.py``.
+stage that builds CUDA, ``pytest -m slow tests/kernels/test_ptx.py``.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import subprocess
 import sysconfig
 
 import pytest
+from conftest import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_SOURCES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
 #: a 32-bit index scaled to a byte offset: mul.wide.{s,u}32 %rdN, %rM, <element size>
 NARROW_OFFSET = re.compile(r"mul\.wide\.[su]32\s+%rd\d+,\s*(%r\d+),\s*(?:2|4|8|16);")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from cases import F64, L_A_EX, S_DUP, S_EX, T_EX, clustered, loss_and_grad, randn, tensor
+from worked_examples import F64, L_A_EX, S_DUP, S_EX, T_EX, clustered, loss_and_grad, randn, tensor
 
 from kdfast import functional
 from kdfast.losses.rkd import RKDAngleLoss
