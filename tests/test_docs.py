@@ -70,3 +70,19 @@ def test_code_cites_no_external_documents(pattern, what):
                 if regex.search(line)
             ]
     assert not hits, f"code citing {what}: {hits}"
+
+
+def test_named_test_files_exist():
+    """Paths like tests/kernels/test_ptx.py named in code, docs and CI exist."""
+    pattern = re.compile(r"\btests/[A-Za-z0-9_/]+\.py\b")
+    paths = scanned_files() + [os.path.join(ROOT, ".ci", "run")]
+    missing = []
+    for path in paths:
+        with open(path, errors="replace") as f:
+            for lineno, line in enumerate(f, 1):
+                missing += [
+                    f"{os.path.relpath(path, ROOT)}:{lineno}: {m.group(0)}"
+                    for m in pattern.finditer(line)
+                    if not os.path.isfile(os.path.join(ROOT, m.group(0)))
+                ]
+    assert not missing, "references to test files that do not exist:\n" + "\n".join(missing)

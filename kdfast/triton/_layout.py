@@ -48,7 +48,7 @@ def logit_ptrs(ptr, offs_r, cols, rs, cs, S, SPATIAL: tl.constexpr):
     first (loop-invariant across column blocks)."""
     if SPATIAL:
         # r - n * S in int64, not r % S: LLVM's 32-bit fast path of the division computes
-        # that remainder with a 32-bit product, which tests/test_triton_aot.py flags.
+        # that remainder with a 32-bit product, which tests/kernels/test_triton_aot.py flags.
         n = offs_r // S
         row = n * rs + (offs_r - n * S)
     else:

@@ -16,7 +16,7 @@ pt ((d - d_top) + a) / T with d = zt - zs, d_top its value at the teacher's top 
 a = sum_j pt_j (d_top - d_j), summed in pass 2 (not pt (log pt - log ps - KL), see
 csrc/kd_loss.h); pass 1 then reads the teacher first, finding its top class, and takes the
 student's logit there as it reads the student. Reads of each input per call (counted under
-the interpreter by tests/test_logit_kernels.py): 2, also with a student gradient; 3 with a
+the interpreter by tests/kernels/test_logit_kernels.py): 2, also with a student gradient; 3 with a
 teacher gradient; a teacher given as probs or log-probs is not read in pass 1 unless the
 student's gradient alone is asked for. Pass 2 runs from the last column block back to the
 first, so that what pass 1 read last (the likeliest still in L2) is re-read first. Inputs are
@@ -41,7 +41,7 @@ from kdfast._validation import compute_dtype
 from kdfast.triton._layout import grad_offsets, last_block, logit_layout, logit_ptrs, mask_flags
 
 #: elements per tile (BLOCK_R * BLOCK_C) for float32 / float64 compute: a tile and its
-#: temporaries stay in registers (no spills, tests/test_triton_aot.py).
+#: temporaries stay in registers (no spills, tests/kernels/test_triton_aot.py).
 TILE = {4: 2048, 8: 1024}
 
 
