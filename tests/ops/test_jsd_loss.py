@@ -115,6 +115,27 @@ def test_worked_example_matches_mpmath(beta, temperature):
     assert rel(got, torch.tensor(want, dtype=F64)) <= 1e-14
 
 
+#: docs/semantics.md 3.1, "batchmean" of the section-3 logits: (beta, T, value)
+DOCUMENTED = [
+    (0.5, 1.0, 0.16750924192582287),
+    (0.1, 1.0, 0.06469227044489502),
+    (0.0, 1.0, 0.7572980461788132),
+    (1.0, 1.0, 0.7572980461788132),
+    (0.5, 2.0, 0.049429064979633515),
+]
+
+
+@pytest.mark.parametrize("beta, temperature, documented", DOCUMENTED)
+def test_documented_worked_examples(beta, temperature, documented):
+    """The figures printed in docs/semantics.md 3.1 are mpmath's, rounded once to float64,
+    and kdfast's within float64 rounding."""
+    rows = [mp_jsd_row(a, b, beta, temperature) for a, b in zip(ZS, ZT, strict=True)]
+    exact = float(mpmath.fsum(rows) / len(rows))
+    assert documented == exact
+    got = KF.jsd_loss(torch.tensor(ZS, dtype=F64), torch.tensor(ZT, dtype=F64), beta, temperature)
+    assert abs(got.item() - exact) <= 1e-14 * exact
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("beta", BETAS)
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
