@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kdfast._validation import compute_dtype
+from kdfast._constants import DIST_ACTIVATIONS
+from kdfast._validation import check_choice, compute_dtype
 from kdfast.triton._dist_math import activate, dloss_dy, merge_moments, pearson
 from kdfast.triton._layout import grad_offsets, last_block, logit_layout, logit_ptrs, mask_flags
 
@@ -446,6 +447,7 @@ def dist_loss_triton(
         shape and dtype or (0,), grad_teacher likewise).
     """
     rows, n_cols, n_spatial, strides = logit_layout("dist_loss_triton", student, teacher)
+    check_choice("activation", activation, DIST_ACTIVATIONS)  # a direct torch.ops call's
     acc = dtype = compute_dtype(student, teacher)  # float32 or float64: also the accumulator
     device = student.device
     sigmoid = activation == "sigmoid"

@@ -36,8 +36,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kdfast._constants import KD_TEACHER_KINDS
-from kdfast._validation import compute_dtype
+from kdfast._constants import KD_REDUCTIONS, KD_TEACHER_KINDS
+from kdfast._validation import check_choice, compute_dtype
 from kdfast.triton._layout import grad_offsets, last_block, logit_layout, logit_ptrs, mask_flags
 
 #: elements per tile (BLOCK_R * BLOCK_C) for float32 / float64 compute: a tile and its
@@ -303,6 +303,9 @@ def kd_loss_triton(
         student's shape and dtype or (0,), grad_teacher likewise).
     """
     rows, n_cols, n_spatial, strides = logit_layout("kd_loss_triton", student, teacher)
+    # options of a direct torch.ops call: an unknown one would run as another (C++ checks too)
+    check_choice("reduction", reduction, KD_REDUCTIONS)
+    check_choice("teacher_kind", teacher_kind, KD_TEACHER_KINDS)
     acc = dtype = compute_dtype(student, teacher)  # float32 or float64: also the accumulator
     device = student.device
     if mask is None:

@@ -377,8 +377,8 @@ def test_triton_opcheck_nc_star(op):
 
 
 def test_triton_ops_reject_bad_input():
-    """The Triton ops check what guards memory for direct callers (shapes, layouts); their
-    options are validated once, by the public functions."""
+    """The Triton ops check what a direct caller can get wrong: what guards memory (shapes,
+    layouts), and the option strings, which would otherwise run as another option."""
     if not triton_only(["kd_loss", "dist_loss"]):
         pytest.skip("triton does not run on CPU tensors here (TRITON_INTERPRET unset)")
     require_backend("triton")
@@ -398,6 +398,12 @@ def test_triton_ops_reject_bad_input():
         dist(s3, s3, 1.0, 1.0, 1.0, True, "softmax", None, False, False)
     with pytest.raises(ValueError, match="shapes"):
         dist(s3[..., None], s3[..., None], 1.0, 1.0, 1.0, True, "softmax", None, False, False)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        kd(s, t, 1.0, 1.0, "batch_mean", None, "logits", False, False)
+    with pytest.raises(ValueError, match="teacher_kind must be one of"):
+        kd(s, t, 1.0, 1.0, "sum", None, "prob", False, False)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        dist(s, t, 1.0, 1.0, 1.0, True, "relu", None, False, False)
 
 
 @pytest.mark.parametrize("op", ["kd_loss", "dist_loss"])
