@@ -66,6 +66,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdfast._validation import compute_dtype, rows_2d
+from kdfast.reference.kd_loss import reduce_rows
 
 
 def per_row_jsd(s: Tensor, t: Tensor, beta: float, temperature: float) -> Tensor:
@@ -108,18 +109,4 @@ def jsd_loss(
     Returns:
         A scalar, or (rows,) for "none", in compute_dtype(s, t).
     """
-    row_loss = per_row_jsd(s, t, beta, temperature)
-    if mask is None:
-        kept = row_loss.shape[0]
-    else:
-        # torch.where (not multiplication) so a NaN/Inf in a padding row cannot leak in.
-        row_loss = torch.where(mask, row_loss, 0.0)
-        kept = mask.sum().to(row_loss.dtype)
-    if reduction == "none":
-        return row_loss
-    total = row_loss.sum()
-    if reduction == "sum":
-        return total
-    if reduction == "batchmean":
-        return total / kept
-    return total / (kept * s.shape[1])  # "mean"
+    return reduce_rows(per_row_jsd(s, t, beta, temperature), reduction, mask, s.shape[1])

@@ -77,6 +77,12 @@ def kd_loss(
         A scalar, or (rows,) for "none", in compute_dtype(s, t).
     """
     row_loss = temperature**2 * _row_kl(s, t, temperature, teacher_kind)
+    return reduce_rows(row_loss, reduction, mask, s.shape[1])
+
+
+def reduce_rows(row_loss: Tensor, reduction: str, mask: Tensor | None, n_cols: int) -> Tensor:
+    """The KD-style reductions of per-row losses (rows,): "batchmean" (sum / kept rows),
+    "sum", "mean" (sum / (kept rows * n_cols)) or "none" (the rows, 0 where masked)."""
     if mask is None:
         kept = row_loss.shape[0]
     else:
@@ -90,4 +96,4 @@ def kd_loss(
         return total
     if reduction == "batchmean":
         return total / kept
-    return total / (kept * s.shape[1])  # "mean"
+    return total / (kept * n_cols)  # "mean"
