@@ -17,10 +17,10 @@ backend), so switching backends after compiling triggers a recompile.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import json
 import os
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -138,11 +138,11 @@ def gpu_passed() -> frozenset[tuple[str, str]]:
 _IMPLS: dict[str, dict[str, Impl]] = {}
 _forced: str | None = None  # process-wide: KDFAST_BACKEND or set_backend()
 _UNSET = "<unset>"
-#: use_backend's choice, local to a thread (a context variable: asyncio tasks get their own
-#: copy too); _UNSET where no with-block is active, so the process-wide choice applies.
-_thread_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "kdfast_forced_backend", default=_UNSET
-)
+#: use_backend's choice, local to a thread; .name is _UNSET where no with-block is active,
+#: so the process-wide choice applies. A threading.local, not a ContextVar: torch.compile
+#: reads and guards a thread-local's attribute, while torch 2.13's Dynamo cannot trace
+#: ContextVar.get (fullgraph fails).
+_thread_forced = threading.local()
 _warned_devices: set[str] = set()
 
 
@@ -264,7 +264,7 @@ def call(op: str, *args, **kwargs):
 def forced_backend() -> str | None:
     """The backend forced in this thread: the innermost active :func:`use_backend` block's,
     else the process-wide one (``KDFAST_BACKEND`` or :func:`set_backend`); None: automatic."""
-    local = _thread_forced.get()
+    local = getattr(_thread_forced, "name", _UNSET)
     return _forced if local == _UNSET else local
 
 
@@ -286,7 +286,7 @@ def set_backend(name: str | None) -> None:
 def use_backend(name: str | None) -> Iterator[None]:
     """Force backend ``name`` inside a ``with`` block (``None``: automatic choice).
 
-    The choice is local to the thread that enters the block (a context variable): other
+    The choice is local to the thread that enters the block (a thread-local): other
     threads keep theirs, so overlapping blocks in several threads never leak into each
     other or outlive their blocks; a new thread starts from the process-wide choice
     (``KDFAST_BACKEND`` or :func:`set_backend`), not from its parent's block. The backend is
@@ -301,12 +301,12 @@ def use_backend(name: str | None) -> Iterator[None]:
             loss = kdfast.functional.rkd_angle(s, t)
     """
     _check_name(name)
-    previous = _thread_forced.get()
-    _thread_forced.set(name)
+    previous = getattr(_thread_forced, "name", _UNSET)
+    _thread_forced.name = name
     try:
         yield
     finally:
-        _thread_forced.set(previous)  # not reset(token): the block may end in another context
+        _thread_forced.name = previous
 
 
 def _backend_from_environment() -> None:
