@@ -8,9 +8,9 @@
 //   pieces already have zero mean, provided the means are exact where it matters: a
 //   constant column has |b| = 0 and D = eps, so its b must be exactly 0 (the CPU kernel's
 //   column moments are exact for constant columns, csrc/cpu/dist_loss.cpp).
-// Loss = beta s (1 - mean_rows rho) + gamma s (1 - mean_cols rho), s = tau^2 or 1; the
-// gradient with respect to y = act(z / tau) goes through the softmax Jacobian
-// dz = y (g - <g, y>) / tau, or through the sigmoid's y (1 - y) / tau.
+// Loss = beta s (1 - mean_rows rho) + gamma s (1 - mean_cols rho), s = temperature^2 or 1; the
+// gradient with respect to y = act(z / temperature) goes through the softmax Jacobian
+// dz = y (g - <g, y>) / temperature, or through the sigmoid's y (1 - y) / temperature.
 #pragma once
 
 #include <cmath>

@@ -40,8 +40,8 @@ TORCH_LIBRARY_FRAGMENT(kdfast, m) {
       "str reduction, Tensor? mask, str teacher_kind, bool compute_grad_student, "
       "bool compute_grad_teacher) -> (Tensor, Tensor, Tensor)");
   m.def(
-      "dist_loss_cpp(Tensor student, Tensor teacher, float beta, float gamma, float tau, "
-      "bool tau_squared, str activation, Tensor? mask, bool compute_grad_student, "
+      "dist_loss_cpp(Tensor student, Tensor teacher, float beta, float gamma, float temperature, "
+      "bool temperature_squared, str activation, Tensor? mask, bool compute_grad_student, "
       "bool compute_grad_teacher) -> (Tensor, Tensor, Tensor)");
   // matrix exponential (semantics 6): ATen path (any n) and the fused small-matrix kernel (n <= 32)
   m.def("expm_cpp(Tensor A, bool skew) -> Tensor");

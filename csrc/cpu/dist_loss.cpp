@@ -157,7 +157,7 @@ void tile_moments(const double* ys, const double* yt, int64_t m, int64_t n, doub
 // Weights of the two terms in the gradient: d loss / d rho_row and d loss / d rho_col.
 template <typename acc_t>
 struct Weights {
-  acc_t row, col, inv_tau;
+  acc_t row, col, inv_temperature;
 };
 
 // Pass 2 on one row: y from the saved lse (a side whose z is null already has its y, as
@@ -210,10 +210,10 @@ KDFAST_INLINE void grad_row_impl(const acc_t* u, const acc_t* v, acc_t* ys, acc_
     const acc_t dot = acc_t(dot_sum);
     if (sigmoid) {
 #pragma omp simd
-      for (int64_t c = 0; c < n; ++c) g[c] = g[c] * y[c] * (acc_t(1) - y[c]) * w.inv_tau;
+      for (int64_t c = 0; c < n; ++c) g[c] = g[c] * y[c] * (acc_t(1) - y[c]) * w.inv_temperature;
     } else {
 #pragma omp simd
-      for (int64_t c = 0; c < n; ++c) g[c] = y[c] * (g[c] - dot) * w.inv_tau;
+      for (int64_t c = 0; c < n; ++c) g[c] = y[c] * (g[c] - dot) * w.inv_temperature;
     }
   }
 }
@@ -230,7 +230,7 @@ void grad_row(const double* u, const double* v, double* ys, double* yt, double* 
 }
 
 struct Options {
-  double beta, gamma, tau, scale;
+  double beta, gamma, temperature, scale;
   bool sigmoid, grad_s, grad_t;
 };
 
@@ -241,7 +241,7 @@ double dist_rows(const at::Tensor& s, const at::Tensor& t, const bool* mask, con
   const int64_t rows = rows::row_count(s), n = s.size(1);
   const auto sv = rows::row_view(s, s.const_data_ptr<scalar_t>());
   const auto tv = rows::row_view(t, t.const_data_ptr<scalar_t>());
-  const acc_t inv_tau = acc_t(1.0 / o.tau);
+  const acc_t inv_temperature = acc_t(1.0 / o.temperature);
   auto kept_row = [&](int64_t i) { return mask == nullptr || mask[i]; };
 
   // Pass 1: blocks of rows, each with its own column moments.
@@ -285,8 +285,8 @@ double dist_rows(const at::Tensor& s, const at::Tensor& t, const bool* mask, con
       for (int64_t i0 = b * block_rows, w = 1; i0 < end; i0 += w) {
         w = rows::run_rows(sv, i0, end, n);
         if (w == 1 && !kept_row(i0)) continue;
-        rows::load_run(sv, i0, w, n, inv_tau, u);
-        rows::load_run(tv, i0, w, n, inv_tau, v);
+        rows::load_run(sv, i0, w, n, inv_temperature, u);
+        rows::load_run(tv, i0, w, n, inv_temperature, v);
         for (int64_t k = 0; k < w; ++k) {
           const int64_t i = i0 + k;
           if (!kept_row(i)) continue;
@@ -343,7 +343,7 @@ double dist_rows(const at::Tensor& s, const at::Tensor& t, const bool* mask, con
 
   // Pass 2: gradients.
   const Weights<acc_t> w{acc_t(-o.beta * o.scale / kept_d),
-                         acc_t(-o.gamma * o.scale / static_cast<double>(n)), inv_tau};
+                         acc_t(-o.gamma * o.scale / static_cast<double>(n)), inv_temperature};
   at::parallel_for(0, rows, rows::row_grain(n), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buffers((4 * run_cap + 2) * n);
     acc_t *u = buffers.data(), *v = u + run_cap * n, *gs = v + run_cap * n,
@@ -355,8 +355,8 @@ double dist_rows(const at::Tensor& s, const at::Tensor& t, const bool* mask, con
         if (gt_data) rows::zero_row(n, gtv.row(i0), gtv.stride_c);
         continue;
       }
-      if (!saved_ys) rows::load_run(sv, i0, run, n, inv_tau, u);
-      if (!saved_yt) rows::load_run(tv, i0, run, n, inv_tau, v);
+      if (!saved_ys) rows::load_run(sv, i0, run, n, inv_temperature, u);
+      if (!saved_yt) rows::load_run(tv, i0, run, n, inv_temperature, v);
       for (int64_t k = 0; k < run; ++k) {
         const int64_t i = i0 + k;
         acc_t *gs_k = gs + k * n, *gt_k = gt + k * n;
@@ -379,9 +379,9 @@ double dist_rows(const at::Tensor& s, const at::Tensor& t, const bool* mask, con
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dist_loss_cpu(
-    const at::Tensor& student, const at::Tensor& teacher, double beta, double gamma, double tau,
-    bool tau_squared, c10::string_view activation, const std::optional<at::Tensor>& mask,
-    bool compute_grad_student, bool compute_grad_teacher) {
+    const at::Tensor& student, const at::Tensor& teacher, double beta, double gamma,
+    double temperature, bool temperature_squared, c10::string_view activation,
+    const std::optional<at::Tensor>& mask, bool compute_grad_student, bool compute_grad_teacher) {
   rows::check_logit_shapes("dist_loss_cpp", student, teacher);
   const std::string act(activation);
   TORCH_CHECK(act == "softmax" || act == "sigmoid", "dist_loss_cpp: unknown activation ", act);
@@ -393,8 +393,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dist_loss_cpu(
   const at::Tensor s = rows::unit_column_stride(mixed ? student.to(dtype) : student);
   const at::Tensor t = rows::unit_column_stride(mixed ? teacher.to(dtype) : teacher);
   const at::Tensor mask_c = mask.has_value() ? mask->contiguous() : at::Tensor();
-  const Options o{beta,          gamma, tau, tau_squared ? tau * tau : 1.0, act == "sigmoid",
-                  compute_grad_student, compute_grad_teacher};
+  const double scale = temperature_squared ? temperature * temperature : 1.0;
+  const Options o{beta, gamma, temperature, scale, act == "sigmoid", compute_grad_student,
+                  compute_grad_teacher};
   at::Tensor grad_s =
       rows::empty_output(o.grad_s ? s.sizes() : at::IntArrayRef{0}, s.options());
   at::Tensor grad_t =
