@@ -5,6 +5,7 @@ shared with KD come from tests/fused_logits.py)."""
 
 from __future__ import annotations
 
+import mpmath
 import pytest
 import torch
 from fused_logits import (  # noqa: F401  the tests run here for this file's ops
@@ -64,17 +65,67 @@ def close(x: torch.Tensor, expected: float, backend: str) -> bool:
     return x.dtype == F64 and x.shape == () and abs(x.item() - expected) <= tol * abs(expected)
 
 
+def mp_dist(zs, zt, beta=1.0, gamma=1.0, temperature=1.0):
+    """DIST in 50-digit arithmetic, written from the official formula (``DIST`` above):
+    y = softmax(z / T) per row; rho(a, b) = <a - mean a, b - mean b> / (|a - mean a|
+    |b - mean b| + eps) with eps the float 1e-8; inter = 1 - mean over rows of rho(ys, yt),
+    intra = 1 - mean over classes of rho of the columns; L = T^2 (beta inter + gamma intra)."""
+    mpmath.mp.dps = 50
+    T, eps = mpmath.mpf(temperature), mpmath.mpf(1e-8)
+
+    def softmax(row):
+        e = [mpmath.exp(mpmath.mpf(v) / T) for v in row]
+        total = mpmath.fsum(e)
+        return [x / total for x in e]
+
+    def rho(a, b):
+        a = [x - mpmath.fsum(a) / len(a) for x in a]
+        b = [x - mpmath.fsum(b) / len(b) for x in b]
+        dot = mpmath.fsum(x * y for x, y in zip(a, b, strict=True))
+        norms = mpmath.sqrt(mpmath.fsum(x * x for x in a) * mpmath.fsum(x * x for x in b))
+        return dot / (norms + eps)
+
+    def one_minus_mean_rho(ys, yt):
+        return 1 - mpmath.fsum(rho(a, b) for a, b in zip(ys, yt, strict=True)) / len(ys)
+
+    ys, yt = [softmax(r) for r in zs], [softmax(r) for r in zt]
+    inter = one_minus_mean_rho(ys, yt)
+    columns = [[list(c) for c in zip(*y, strict=True)] for y in (ys, yt)]
+    intra = one_minus_mean_rho(*columns)
+    return float(T**2 * (beta * inter + gamma * intra))
+
+
+#: docs/semantics.md 2's worked examples as printed: (zs, zt, options, value)
+DOCUMENTED = [
+    (ZS, ZT, {}, 3.016884608267537),
+    (ZS, ZT, {"gamma": 0.0}, 1.6835463005504512),  # inter alone
+    (ZS, ZT, {"beta": 0.0}, 1.3333383077170857),  # intra alone
+    (ZS, ZT, {"temperature": 4.0}, 49.25133969135766),
+    (ZT, ZT, {}, 7.574169520557809e-06),  # identical inputs: only eps keeps rho from 1
+    ([[1.0, 2.0, 3.0]], [[3.0, 1.0, 2.0]], {}, 2.499999971784846),  # B = 1
+]
+
+
+@pytest.mark.parametrize("zs, zt, options, documented", DOCUMENTED)
+def test_documented_examples_are_exact(zs, zt, options, documented):
+    """The printed figures are the 50-digit values rounded once (not a backend's output)."""
+    assert documented == mp_dist(zs, zt, **options)
+
+
 def test_spec_example(backend):
     zs, zt = torch.tensor(ZS, dtype=F64), torch.tensor(ZT, dtype=F64)
-    assert close(KF.dist_loss(zs, zt), 3.016884608267537, backend)
-    assert close(KF.dist_loss(zs, zt, gamma=0.0), 1.683546300550451, backend)  # inter alone
-    assert close(KF.dist_loss(zs, zt, beta=0.0), 1.333338307717086, backend)  # intra alone
-    assert close(KF.dist_loss(zs, zt, temperature=4.0), 49.25133969135766, backend)
+    for _, _, options, documented in DOCUMENTED[:4]:
+        assert close(KF.dist_loss(zs, zt, **options), documented, backend), options
 
 
 def test_spec_example_identical(backend):
+    """1 - rho with rho = 1 - 7.6e-6: float64's rounding of rho (1.1e-16) is ~1.5e-11 of
+    the result, so the bound is that cancellation, not the 1e-12 of the other examples."""
     zt = torch.tensor(ZT, dtype=F64)
-    assert close(KF.dist_loss(zt, zt.clone()), 7.574169520463414e-06, backend)
+    got = KF.dist_loss(zt, zt.clone())
+    assert got.dtype == F64
+    exact = DOCUMENTED[4][3]
+    assert abs(got.item() - exact) <= float64_bound(backend, 5e-11) * exact
 
 
 def test_spec_example_single_row(backend):
