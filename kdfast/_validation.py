@@ -66,7 +66,7 @@ def as_logits(name: str, x: Tensor) -> Tensor:
     check_rank(name, x, 2)
     if x.dim() == 2:
         return x
-    return x.reshape(x.shape[0], x.shape[1], -1)
+    return x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))  # no -1: sizes may be 0
 
 
 def logit_rows(x: Tensor) -> int:

@@ -63,7 +63,7 @@ def _call(op: str, *args):
 
 def check_kd_options(temperature, reduction: str, teacher_kind: str = "logits") -> float:
     """Validate kd_loss's options (also KDLoss's constructor); return T as float."""
-    temperature = check_positive("temperature", temperature)
+    temperature = check_positive("temperature", temperature, finite=True)
     check_choice("reduction", reduction, KD_REDUCTIONS)
     check_choice("teacher_kind", teacher_kind, KD_TEACHER_KINDS)
     return temperature
@@ -80,7 +80,7 @@ def check_jsd_options(beta, temperature, reduction: str) -> tuple[float, float]:
 def check_dist_options(beta, gamma, temperature, temperature_squared, activation: str):
     """Validate dist_loss's options (also DISTLoss's constructor); return (beta, gamma, T)
     as floats."""
-    temperature = check_positive("temperature", temperature)
+    temperature = check_positive("temperature", temperature, finite=True)
     beta, gamma = check_real("beta", beta), check_real("gamma", gamma)
     check_choice("activation", activation, DIST_ACTIVATIONS)
     check_bool("temperature_squared", temperature_squared)
@@ -132,7 +132,7 @@ def per_sample_kl(
     Feeds SSD-KD priorities. Inputs (B, C) or (N, C, *); returns (rows,).
     """
     s, t = check_logit_pair(student_logits, teacher_logits)
-    temperature = check_positive("temperature", temperature)
+    temperature = check_positive("temperature", temperature, finite=True)
     return _call("per_sample_kl", s, t, temperature)
 
 

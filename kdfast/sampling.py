@@ -463,7 +463,7 @@ def diversity_difficulty_weights(
             f"{tuple(teacher_logits.shape)}"
         )
     gamma = _check_nonnegative("gamma", gamma)
-    check_positive("temperature", temperature)
+    check_positive("temperature", temperature, finite=True)
     z = teacher_logits.detach().to(compute_dtype(teacher_logits))
     probs = torch.softmax(z / temperature, dim=1)
     predicted = probs.argmax(dim=1)  # (B,)

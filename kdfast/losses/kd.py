@@ -150,7 +150,7 @@ class DeiTDistillationLoss(nn.Module):
         check_choice("distillation_type", distillation_type, DEIT_DISTILLATION_TYPES)
         if not is_real(alpha) or not 0 <= alpha <= 1:
             raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
-        self.temperature = check_positive("temperature", temperature)
+        self.temperature = check_positive("temperature", temperature, finite=True)
         self.base_criterion = base_criterion
         self.teacher = teacher
         self.distillation_type = distillation_type
@@ -189,6 +189,9 @@ class DeiTDistillationLoss(nn.Module):
             distillation_loss = KF.kd_loss(dist_logits, teacher_logits, self.temperature, "mean")
         else:
             distillation_loss = F.cross_entropy(dist_logits, teacher_logits.argmax(dim=1))
+            # argmax picks a label even from a NaN row: the NaN must reach the loss instead
+            nan = teacher_logits.isnan().any()
+            distillation_loss = torch.where(nan, torch.nan, distillation_loss)
         return (1 - self.alpha) * base_loss + self.alpha * distillation_loss
 
     def extra_repr(self) -> str:
