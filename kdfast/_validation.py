@@ -74,6 +74,13 @@ def logit_rows(x: Tensor) -> int:
     return x.shape[0] if x.dim() == 2 else x.shape[0] * x.shape[2]
 
 
+def kept_rows_2d(x: Tensor, mask: Tensor | None) -> Tensor:
+    """:func:`rows_2d` with the rows ``mask`` drops set to 0, so a NaN or Inf in a padding
+    row reaches neither the loss nor any gradient (their gradient is exactly 0)."""
+    x = rows_2d(x)
+    return x if mask is None else torch.where(mask[:, None], x, 0.0)
+
+
 def rows_2d(x: Tensor) -> Tensor:
     """(rows, C) form of (B, C) or (N, C, S) logits, row r = n * S + s (a permuted copy for
     S > 1; for the references and the cross-rank gather, not for the kernels)."""

@@ -1,5 +1,7 @@
 """Edges of the public API: temperatures without meaning are refused, NaN teachers reach the
-hard DeiT loss, and logits with no classes get a clear error (docs/semantics.md 0, 3)."""
+hard DeiT loss, logits with no classes get a clear error, and a NaN or Inf in a row the
+mask drops reaches neither the loss nor a gradient, on every backend (docs/semantics.md 0,
+2, 3)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,9 @@ import math
 
 import pytest
 import torch
+from conftest import backends_for
 
+import kdfast
 from kdfast import functional as KF
 from kdfast.losses import DeiTDistillationLoss, DISTLoss, JSDLoss, KDLoss
 from kdfast.sampling import diversity_difficulty_weights
@@ -64,3 +68,38 @@ def test_logits_without_classes_get_a_clear_error(call, shape):
     """(N, 0, S) failed in torch's reshape ("cannot reshape tensor of 0 elements")."""
     with pytest.raises(ValueError, match=r"student_logits must be non-empty, got shape"):
         call(torch.zeros(shape), torch.zeros(shape))
+
+
+MASKED_CALLS = {
+    "kd_loss": lambda s, t, mask: KF.kd_loss(s, t, 2.0, mask=mask),
+    "dist_loss": lambda s, t, mask: KF.dist_loss(s, t, mask=mask),
+    "jsd_loss": lambda s, t, mask: KF.jsd_loss(s, t, mask=mask),
+}
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (2, 5, 3)])
+@pytest.mark.parametrize("op, backend", [(op, b) for op in MASKED_CALLS for b in backends_for(op)])
+def test_non_finite_masked_rows_leave_no_trace(op, backend, shape):
+    """Row 1 (of (B, C), or n = 0, s = 1 of (N, C, S)) holds NaN and Inf and is masked
+    out: the loss equals the loss without that row, and every gradient is finite, 0 in the
+    dropped row (the reference gave that row a NaN gradient)."""
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(*shape, generator=g, dtype=torch.float64)
+    t = torch.randn(*shape, generator=g, dtype=torch.float64)
+    rows = shape[0] if len(shape) == 2 else shape[0] * shape[2]
+    mask = torch.ones(rows, dtype=torch.bool)
+    mask[1] = False
+    # (B, C): row 1; (N, C, S): row r = n * S + s = 1 is n = 0, s = 1
+    nan_at, inf_at = ((1, 2), (1, 0)) if len(shape) == 2 else ((0, 2, 1), (0, 0, 1))
+    with kdfast.use_backend(backend):
+        want = MASKED_CALLS[op](s, t, mask)  # every row finite
+        s[nan_at], t[inf_at] = math.nan, math.inf
+        s.requires_grad_(True)
+        t.requires_grad_(True)
+        loss = MASKED_CALLS[op](s, t, mask)
+    assert torch.equal(loss, want) or abs(loss.item() - want.item()) <= 1e-12 * abs(want.item())
+    grads = torch.autograd.grad(loss, (s, t))
+    for grad in grads:
+        assert torch.isfinite(grad).all()
+        dropped = grad[1] if len(shape) == 2 else grad[0, :, 1]
+        assert (dropped == 0).all()

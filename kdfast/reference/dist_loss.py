@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kdfast._validation import compute_dtype, rows_2d
+from kdfast._validation import compute_dtype, kept_rows_2d
 
 #: Added to the product of the norms, as the official code does (not F.cosine_similarity,
 #: which clamps each norm separately).
@@ -63,7 +63,7 @@ def dist_loss(
         one entry is the zero vector), with zero gradient.
     """
     dtype = compute_dtype(s, t)
-    s, t = rows_2d(s), rows_2d(t)
+    s, t = kept_rows_2d(s, mask), kept_rows_2d(t, mask)
     act = torch.sigmoid if activation == "sigmoid" else (lambda z: torch.softmax(z, dim=1))
     ys, yt = act(s.to(dtype) / temperature), act(t.to(dtype) / temperature)
     scale = temperature**2 if temperature_squared else 1.0

@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdfast._validation import compute_dtype, rows_2d
+from kdfast._validation import compute_dtype, kept_rows_2d, rows_2d
 from kdfast.reference.kd_loss import reduce_rows
 
 
@@ -109,4 +109,5 @@ def jsd_loss(
     Returns:
         A scalar, or (rows,) for "none", in compute_dtype(s, t).
     """
-    return reduce_rows(per_row_jsd(s, t, beta, temperature), reduction, mask, s.shape[1])
+    row_loss = per_row_jsd(kept_rows_2d(s, mask), kept_rows_2d(t, mask), beta, temperature)
+    return reduce_rows(row_loss, reduction, mask, s.shape[1])

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdfast._validation import compute_dtype, rows_2d
+from kdfast._validation import compute_dtype, kept_rows_2d, rows_2d
 
 
 def _row_kl(s: Tensor, t: Tensor, temperature: float, teacher_kind: str) -> Tensor:
@@ -76,8 +76,10 @@ def kd_loss(
     Returns:
         A scalar, or (rows,) for "none", in compute_dtype(s, t).
     """
+    n_cols = s.shape[1]
+    s, t = kept_rows_2d(s, mask), kept_rows_2d(t, mask)
     row_loss = temperature**2 * _row_kl(s, t, temperature, teacher_kind)
-    return reduce_rows(row_loss, reduction, mask, s.shape[1])
+    return reduce_rows(row_loss, reduction, mask, n_cols)
 
 
 def reduce_rows(row_loss: Tensor, reduction: str, mask: Tensor | None, n_cols: int) -> Tensor:
