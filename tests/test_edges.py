@@ -15,6 +15,7 @@ import kdfast
 from kdfast import functional as KF
 from kdfast.losses import DeiTDistillationLoss, DISTLoss, JSDLoss, KDLoss
 from kdfast.sampling import diversity_difficulty_weights
+from kdfast.testing import rel_error, tolerance
 
 BAD_TEMPERATURES = [math.inf, -math.inf, math.nan, 0.0, -1.0]
 
@@ -103,3 +104,21 @@ def test_non_finite_masked_rows_leave_no_trace(op, backend, shape):
         assert torch.isfinite(grad).all()
         dropped = grad[1] if len(shape) == 2 else grad[0, :, 1]
         assert (dropped == 0).all()
+
+
+@pytest.mark.parametrize("backend", backends_for("rkd_angle"))
+def test_rkd_angle_of_features_near_the_float32_range(backend):
+    """float32 features ~1e30: differences' squared norms overflow float32, which made the
+    reference return 0 (every angle 0). Angles do not depend on scale, so the truth is the
+    float64 loss of the features divided by 1e30, and the gradient that one's over 1e30."""
+    g = torch.Generator().manual_seed(0)
+    s = (1e30 * torch.randn(6, 4, generator=g)).float().requires_grad_(True)
+    t = (1e30 * torch.randn(6, 3, generator=g)).float()
+    s64 = (s.detach().double() / 1e30).requires_grad_(True)
+    truth = KF.rkd_angle(s64, t.double() / 1e30)
+    (truth_grad,) = torch.autograd.grad(truth, s64)
+    with kdfast.use_backend(backend):
+        loss = KF.rkd_angle(s, t)
+    (grad,) = torch.autograd.grad(loss, s)
+    assert rel_error(loss, truth) <= tolerance(torch.float32, "loss")
+    assert rel_error(grad.double() * 1e30, truth_grad) <= tolerance(torch.float32, "grad")

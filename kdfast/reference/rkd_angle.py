@@ -16,6 +16,17 @@ from torch import Tensor
 from kdfast._validation import check_vertex_range, compute_dtype
 
 
+def unit_scaled(x: Tensor) -> Tensor:
+    """``x``, or where max |x| >= 2^50, ``x`` divided by the power of two that brings it into
+    [0.5, 1): exact, and angles do not change with scale, but differences of float32
+    features near 1e30 would overflow their norms (every angle 0). Below 2^50 nothing
+    changes, so the 1e-12 of ``F.normalize`` acts as in the official code (duplicate rows'
+    gradients included). The factor is a constant for autograd."""
+    _, exponent = torch.frexp(x.detach().abs().amax())
+    one = torch.ones((), dtype=x.dtype, device=x.device)
+    return x * torch.ldexp(one, -torch.where(exponent > 50, exponent, 0).clamp(max=120))
+
+
 def angles(x: Tensor) -> Tensor:
     """A_ijk = <e_ij, e_ik> with e_ij = normalize(x_j - x_i): (N, N, N), vertex i first.
 
@@ -28,6 +39,7 @@ def angles(x: Tensor) -> Tensor:
         x: (N, D) features; the computation runs in ``x.dtype``. On CUDA, float32 matmuls
             follow the global TF32 setting, as in the official code.
     """
+    x = unit_scaled(x)
     diff = x.unsqueeze(0) - x.unsqueeze(1)  # diff[i, j] = x_j - x_i
     e = F.normalize(diff, p=2.0, dim=2)
     return torch.bmm(e, e.transpose(1, 2))
@@ -75,7 +87,7 @@ def rkd_angle_vertices(s: Tensor, t: Tensor, start: int, stop: int) -> Tensor:
     check_vertex_range(start, stop, n)
 
     def vertex_angles(x: Tensor) -> Tensor:
-        x = x.to(dtype)
+        x = unit_scaled(x.to(dtype))
         e = F.normalize(x.unsqueeze(0) - x[start:stop].unsqueeze(1), p=2.0, dim=2)
         return torch.bmm(e, e.transpose(1, 2))  # (stop - start, N, N)
 
