@@ -7,7 +7,13 @@ import pytest
 import torch
 
 import kdfast
-from kdfast.testing import tolerance
+from kdfast import linalg
+from kdfast.testing import (
+    EXPM_ORTHOGONALITY_FLOAT32,
+    EXPM_TARGETS,
+    rel_error,
+    tolerance,
+)
 
 F64 = torch.float64
 
@@ -75,3 +81,24 @@ def teacher_as(t: torch.Tensor, kind: str, temperature: float) -> torch.Tensor:
     if kind == "log_probs":
         return torch.log_softmax(t / temperature, dim=1)
     return t
+
+
+def check_expm_float32_against_float64(A: torch.Tensor, G: torch.Tensor, skew: bool) -> float:
+    """semantics 6: ``linalg.expm`` of float32 ``A`` (n, n) and its gradient for the upstream
+    gradient ``G``, against the same in float64: gradient within EXPM_TARGETS, result within
+    the float32 tolerance, and orthogonal for ``skew``. Returns the gradient's error."""
+    results = []
+    for dtype in (torch.float32, torch.float64):
+        a = A.to(dtype).detach().requires_grad_()
+        X = linalg.expm(a, skew=skew)
+        X.backward(G.to(dtype))
+        results.append((X.detach(), a.grad))
+    (X32, g32), (X64, g64) = results
+    assert X32.dtype == torch.float32 and g32.dtype == torch.float32
+    err = rel_error(g32, g64)
+    assert err <= EXPM_TARGETS[torch.float32]
+    assert rel_error(X32, X64) <= tolerance(torch.float32)
+    if skew:
+        eye = torch.eye(A.shape[-1])
+        assert float((X32.mT @ X32 - eye).abs().max()) <= EXPM_ORTHOGONALITY_FLOAT32
+    return err

@@ -15,6 +15,7 @@ import pytest
 import scipy.linalg
 import torch
 from conftest import backends_for, require_backend
+from worked_examples import check_expm_float32_against_float64
 
 import kdfast
 from kdfast import linalg
@@ -23,10 +24,8 @@ from kdfast.ops.expm import expm_frechet_reference, expm_reference
 from kdfast.reference import expm as ref
 from kdfast.testing import (
     EXPM_FRECHET_TARGET,
-    EXPM_ORTHOGONALITY_FLOAT32,
     EXPM_TARGETS,
     rel_error,
-    tolerance,
 )
 
 F64, F32 = torch.float64, torch.float32
@@ -353,18 +352,7 @@ def test_float32_gradient_vs_float64(kind):
     A = (B - B.mT if kind == "skew" else B).float()
     A = A / torch.linalg.matrix_norm(A, 2) * 8
     G = randn(n, n, seed=31).float()
-    results = []
-    for dtype in (F32, F64):
-        a = A.to(dtype).detach().requires_grad_()
-        X = linalg.expm(a, skew=kind == "skew")
-        X.backward(G.to(dtype))
-        results.append((X.detach(), a.grad))
-    (X32, g32), (X64, g64) = results
-    assert X32.dtype == F32 and g32.dtype == F32
-    assert rel_error(g32, g64) <= EXPM_TARGETS[F32]
-    assert rel_error(X32, X64) <= tolerance(F32)
-    if kind == "skew":
-        assert float((X32.mT @ X32 - torch.eye(n)).abs().max()) <= EXPM_ORTHOGONALITY_FLOAT32
+    check_expm_float32_against_float64(A, G, skew=kind == "skew")
 
 
 def test_half_inputs_are_computed_in_float32():
