@@ -87,13 +87,20 @@ def run_python(root: str, *args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_unbuilt_checkout_says_how_to_build(tmp_path):
-    root = copy_without_extension(tmp_path, source_checkout=True)
+def unavailable_reason_in(root: str) -> str:
+    """What ``import kdfast`` from ``root`` records as the reason the extension is missing
+    (never the misleading circular-import message)."""
     code = "import kdfast; from kdfast import _extension; print(_extension.unavailable_reason())"
     out = run_python(root, "-c", code)
     assert out.returncode == 0, out.stderr
     reason = out.stdout.strip()
     assert "circular import" not in reason and "partially initialized" not in reason
+    return reason
+
+
+def test_unbuilt_checkout_says_how_to_build(tmp_path):
+    root = copy_without_extension(tmp_path, source_checkout=True)
+    reason = unavailable_reason_in(root)
     assert "not built in this tree" in reason
     assert os.path.join(root, "kdfast") in reason
     assert "pip install --no-build-isolation -e ." in reason and "KDFAST_NO_EXT=1" in reason
@@ -105,11 +112,7 @@ def test_unbuilt_checkout_says_how_to_build(tmp_path):
 
 def test_installed_package_without_extension_says_so(tmp_path):
     root = copy_without_extension(tmp_path, source_checkout=False)
-    code = "import kdfast; from kdfast import _extension; print(_extension.unavailable_reason())"
-    out = run_python(root, "-c", code)
-    assert out.returncode == 0, out.stderr
-    reason = out.stdout.strip()
-    assert "circular import" not in reason and "partially initialized" not in reason
+    reason = unavailable_reason_in(root)
     assert "without its C++ extension" in reason and "KDFAST_NO_EXT=1" in reason
     assert os.path.join(root, "kdfast") in reason
 
@@ -117,7 +120,5 @@ def test_installed_package_without_extension_says_so(tmp_path):
 def test_a_broken_extension_keeps_the_import_error(tmp_path):
     root = copy_without_extension(tmp_path, source_checkout=True)
     (tmp_path / "checkout" / "kdfast" / "_C.py").write_text("raise ImportError('undefined sym')\n")
-    code = "import kdfast; from kdfast import _extension; print(_extension.unavailable_reason())"
-    out = run_python(root, "-c", code)
-    assert out.returncode == 0, out.stderr
-    assert "kdfast._C not importable" in out.stdout and "undefined sym" in out.stdout
+    reason = unavailable_reason_in(root)
+    assert "kdfast._C not importable" in reason and "undefined sym" in reason
