@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -44,6 +45,11 @@ def test_record_appends_gpu_runs_and_refuses_dry_runs(tmp_path):
         assert record.main([str(path), "--into", str(into)]) == expected
     runs = json.loads(into.read_text())["runs"]
     assert [r["device"] for r in runs] == ["cuda"]
+    cut = tmp_path / "cut.json"
+    cut.write_text(json.dumps({**_run("cuda"), "complete": False}))
+    assert record.main([str(cut), "--into", str(into)]) == 1
+    assert len(json.loads(into.read_text())["runs"]) == 1
+    assert summary.contract_table(json.loads(cut.read_text()))[-1].startswith("INCOMPLETE")
 
 
 def test_bench_table_reports_roofline_share(tmp_path):
@@ -63,6 +69,23 @@ def test_bench_table_reports_roofline_share(tmp_path):
     cells = lines[-1].split()
     assert cells[-6:-4] == ["1.000", "4.00"]  # kdfast ms, x eager
     assert cells[-1].endswith("%")
+
+
+def test_gpu_check_keeps_its_budget_and_the_device_tools_file_limit(tmp_path):
+    """With its budget spent, every stage says so instead of running, the check fails, and
+    $OUT never holds more than the 8 files the device tool brings back."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "GPU_CHECK_BUDGET": "1", "KDFAST_COMMIT": "c0ffee"}
+    done = subprocess.run(
+        ["bash", os.path.join(ROOT, "tools", "gpu_check.sh"), "--dry-run"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stdout[-2000:]
+    assert "contract: not run, the budget of 1s is spent" in done.stdout
+    assert "bench: not run" in done.stdout
+    assert "commit c0ffee" in done.stdout
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert 0 < len(files) <= 8, files
 
 
 if __name__ == "__main__":

@@ -7,11 +7,16 @@
 #   tools/gpu_check.sh --dry-run  every stage on this CPU machine: CPU device, Triton under
 #                                 the interpreter, the sanitizer skipped with a message
 #
-# Results land in $OUT (the device tool's folder) or ./gpu-check: gpu_run.json (the
-# contract-suite record; `python -m tools.gpu.record gpu-check/gpu_run.json` adds a real
-# GPU run to kdfast/gpu_results.json, which lifts the opt-in of what passed), bench.json,
-# the bench plots, and a log per stage. Each stage has a time limit, so one slow stage
-# cannot eat the others' time; a stage's failure is reported and the next stage still runs.
+# Results land in $OUT (the device tool's folder) or ./gpu-check, at most 8 files (what the
+# device tool brings back): gpu_run.json (the contract-suite record, rewritten after every
+# test; `python -m tools.gpu.record gpu-check/gpu_run.json` adds a real GPU run to
+# kdfast/gpu_results.json, which lifts the opt-in of what passed), bench.json (rewritten
+# after every measurement), summary.txt, and logs.tar.gz (a log per stage, refreshed after
+# each stage). The whole check keeps within GPU_CHECK_BUDGET seconds (default 540 on a GPU,
+# inside the device tool's 10-minute call): each stage runs under the smaller of its own
+# limit and the time left after the later stages' shares, so one slow stage cannot eat the
+# others' time; a stage's failure is reported and the next stage still runs. KDFAST_COMMIT
+# names the commit where the tree is a copy without .git.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,22 +24,34 @@ dry_run=0
 [ "${1:-}" = "--dry-run" ] && dry_run=1
 out=${OUT:-gpu-check}
 mkdir -p "$out"
+logs=$(mktemp -d)
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 status=0
 started=$(date +%s)
+budget=${GPU_CHECK_BUDGET:-$([ $dry_run -eq 1 ] && echo 1800 || echo 540)}
 
 stage() { printf '\n=== %s (%ss) ===\n' "$1" "$(($(date +%s) - started))"; }
-# run LIMIT NAME CMD...: CMD under a time limit, its output also in $out/NAME.log
+# run LIMIT RESERVE NAME CMD...: CMD under the smaller of LIMIT and the budget left after
+# RESERVE seconds kept for the later stages; its output also in the stage's log
 run() {
-  local limit=$1 name=$2
-  shift 2
-  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$out/$name.log"
-  local rc=${PIPESTATUS[0]}
-  if [ "$rc" -ne 0 ]; then
-    echo "!!! $name: exit $rc$([ "$rc" -eq 124 ] && echo " (time limit ${limit}s)")"
+  local limit=$1 reserve=$2 name=$3
+  shift 3
+  local left=$((started + budget - reserve - $(date +%s)))
+  [ "$left" -lt "$limit" ] && limit=$left
+  if [ "$limit" -lt 15 ]; then
+    echo "!!! $name: not run, the budget of ${budget}s is spent" | tee "$logs/$name.log"
     status=1
+  else
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$logs/$name.log"
+    local rc=${PIPESTATUS[0]}
+    if [ "$rc" -ne 0 ]; then
+      echo "!!! $name: exit $rc$([ "$rc" -eq 124 ] && echo " (time limit ${limit}s)")" |
+        tee -a "$logs/$name.log"
+      status=1
+    fi
   fi
+  tar -czf "$out/logs.tar.gz" -C "$logs" .
   return 0
 }
 
@@ -56,8 +73,10 @@ else
 fi
 
 stage "environment"
+{
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total \
   --format=csv
+echo "commit ${KDFAST_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}, budget ${budget}s, $(nproc) cores"
 $PY - <<'EOF'
 import platform, torch
 try:
@@ -68,44 +87,46 @@ except ImportError:
 print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), triton {tv}")
 print("GPU:", torch.cuda.get_device_name() if torch.cuda.is_available() else "none")
 EOF
+} 2>&1 | tee "$logs/environment.log"
 
 stage "build"
 if [ $dry_run -eq 1 ] && $PY -c "import kdfast._C" 2>/dev/null; then
   echo "dry run: kdfast._C is already built for this torch; not rebuilt"
 elif [ $dry_run -eq 1 ]; then
-  run 1800 build env KDFAST_NO_CUDA=1 $PY setup.py build_ext --inplace
+  run 1800 600 build env KDFAST_NO_CUDA=1 $PY setup.py build_ext --inplace
 else
   arch=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
   echo "building for sm_${arch/./} with $(nproc) jobs"
-  run 420 build env TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$(nproc)" $PY setup.py build_ext --inplace
+  run 300 300 build env TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$(nproc)" $PY setup.py build_ext --inplace
 fi
-$PY -m kdfast.info | tee "$out/info.log"
+run 60 280 info $PY -m kdfast.info
 
 stage "contract suite on $device"
-run 240 contract $PY -m pytest -q -p no:cacheprovider -p tools.gpu.results \
+run 240 170 contract $PY -m pytest -q -p no:cacheprovider -p tools.gpu.results \
   --gpu-results "$out/gpu_run.json" --gpu-device "$device" tests/contract "${contract_filter[@]}"
 
 stage "compute-sanitizer: one small call of every CUDA and Triton kernel"
 if [ $dry_run -eq 1 ]; then
   echo "dry run: no GPU, compute-sanitizer skipped; the calls it would check run on $device"
-  run 300 sanitize-calls $PY -m tools.gpu.sanitize_calls --device "$device"
+  run 300 200 sanitize-calls $PY -m tools.gpu.sanitize_calls --device "$device"
 elif ! command -v compute-sanitizer >/dev/null; then
   echo "!!! compute-sanitizer not found"
   status=1
 else
-  for tool in memcheck racecheck; do
-    run 150 "sanitizer-$tool" compute-sanitizer --tool "$tool" --error-exitcode 3 \
-      --target-processes all $PY -m tools.gpu.sanitize_calls --device cuda
-  done
+  run 90 120 sanitizer-memcheck compute-sanitizer --tool memcheck --error-exitcode 3 \
+    --target-processes all $PY -m tools.gpu.sanitize_calls --device cuda
+  run 60 80 sanitizer-racecheck compute-sanitizer --tool racecheck --error-exitcode 3 \
+    --target-processes all $PY -m tools.gpu.sanitize_calls --device cuda
 fi
 
 stage "quick bench on $device"
-run "$bench_limit" bench "${bench_env[@]}" $PY -m kdfast.bench $bench_suite --device "$device" \
+run "$bench_limit" 10 bench "${bench_env[@]}" $PY -m kdfast.bench $bench_suite --device "$device" --no-plots \
   --json "$out/bench.json"
 
 stage "summary"
 if [ -f "$out/gpu_run.json" ]; then
   $PY -m tools.gpu.summary "$out/gpu_run.json" "$out/bench.json" | tee "$out/summary.txt"
+  cp "$out/summary.txt" "$logs/" && tar -czf "$out/logs.tar.gz" -C "$logs" .
 else
   echo "!!! the contract suite wrote no results"
   status=1

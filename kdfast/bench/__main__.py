@@ -40,6 +40,9 @@ def _ram_bytes() -> int:
 
 
 def _commit() -> str:
+    """The checkout's commit; KDFAST_COMMIT names it where the tree is a copy without .git."""
+    if os.environ.get("KDFAST_COMMIT"):
+        return os.environ["KDFAST_COMMIT"][:7]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],

@@ -1,6 +1,7 @@
 """``python -m tools.gpu.record RUN.json``: append a GPU run record (written by
 ``tools/gpu_check.sh``) to ``kdfast/gpu_results.json``, which lifts the opt-in of every
-GPU-only implementation the run passed. Dry runs (not on a GPU) are refused."""
+GPU-only implementation the run passed. Dry runs (not on a GPU) and runs cut short are
+refused."""
 
 from __future__ import annotations
 
@@ -20,6 +21,9 @@ def main(argv: list[str] | None = None) -> int:
         run = json.load(f)
     if run.get("device") != "cuda" or not run.get("gpu"):
         print(f"{args.run} is not a GPU run (device {run.get('device')!r}): not recorded")
+        return 1
+    if run.get("complete") is False:
+        print(f"{args.run} is incomplete (the suite was cut short): not recorded")
         return 1
     with open(args.into) as f:
         record = json.load(f)

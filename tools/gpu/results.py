@@ -10,7 +10,9 @@ ran passed (skips, which an implementation declares, do not count).
 from __future__ import annotations
 
 import datetime
+import functools
 import json
+import os
 import subprocess
 
 import pytest
@@ -23,6 +25,12 @@ def pytest_addoption(parser):
 
 
 _outcomes: dict[str, set[str]] = {}
+_config = None
+
+
+def pytest_configure(config):
+    global _config
+    _config = config
 
 
 def pytest_runtest_logreport(report):
@@ -31,6 +39,7 @@ def pytest_runtest_logreport(report):
         return
     if report.when == "call" or report.failed:
         _outcomes.setdefault(params, set()).add("pass" if report.passed else "fail")
+        _write(_config, complete=False)  # after every test: a run cut short keeps its results
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -50,8 +59,9 @@ def _run(command: list[str]) -> str:
         return "unknown"
 
 
-def run_record(device: str, results: dict[str, str]) -> dict:
-    """The record of one run: what ran where, and the per-implementation outcome."""
+@functools.cache
+def _environment(device: str) -> tuple[tuple[str, object], ...]:
+    """What ran where (read once per run: the record is rewritten after every test)."""
     try:
         import triton
 
@@ -60,26 +70,39 @@ def run_record(device: str, results: dict[str, str]) -> dict:
         triton_version = None
     gpu = torch.cuda.get_device_name() if device == "cuda" else None
     driver = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": _run(["git", "rev-parse", "HEAD"]) or "unknown",
-        "device": device,
-        "gpu": gpu,
-        "driver": driver.splitlines()[0] if device == "cuda" and driver else None,
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "triton": triton_version,
-        "results": results,
-    }
+    # the device machine receives a copy of the working tree without .git: the caller names
+    # the commit in KDFAST_COMMIT
+    commit = os.environ.get("KDFAST_COMMIT") or _run(["git", "rev-parse", "HEAD"]) or "unknown"
+    return (
+        ("date", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")),
+        ("commit", commit),
+        ("device", device),
+        ("gpu", gpu),
+        ("driver", driver.splitlines()[0] if device == "cuda" and driver else None),
+        ("torch", torch.__version__),
+        ("cuda", torch.version.cuda),
+        ("triton", triton_version),
+    )
 
 
-def pytest_sessionfinish(session, exitstatus):
-    path = session.config.getoption("--gpu-results")
-    if path is None:
+def run_record(device: str, results: dict[str, str]) -> dict:
+    """The record of one run: what ran where, and the per-implementation outcome."""
+    return {**dict(_environment(device)), "results": results}
+
+
+def _write(config, complete: bool) -> None:
+    path = config.getoption("--gpu-results") if config is not None else None
+    if path is None or hasattr(config, "workerinput"):
         return
     results = {
         key: "fail" if "fail" in outcomes else "pass" for key, outcomes in sorted(_outcomes.items())
     }
-    record = run_record(session.config.getoption("--gpu-device"), results)
-    with open(path, "w") as f:
+    record = run_record(config.getoption("--gpu-device"), results)
+    record["complete"] = complete
+    with open(path + ".tmp", "w") as f:
         json.dump(record, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _write(session.config, complete=True)

@@ -30,6 +30,8 @@ def contract_table(run: dict) -> list[str]:
         lines.append(f"{op:<{width}}" + "".join(f"{c:<11}" for c in cells))
     failed = [k for k, v in results.items() if v != "pass"]
     lines.append(f"{len(results) - len(failed)} passed, {len(failed)} failed")
+    if run.get("complete") is False:
+        lines.append("INCOMPLETE: the suite was cut short; the figures cover the tests that ran")
     return lines
 
 
