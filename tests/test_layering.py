@@ -1,10 +1,12 @@
 """The package's layering, read from the source (no import): kdfast's modules import each
 other without a cycle (module-level and function-level imports alike), kernel and reference
-files never import kdfast.ops, and no file of kdfast/ or csrc/ exceeds 500 lines."""
+files never import kdfast.ops, no file of kdfast/ or csrc/ exceeds 500 lines, and csrc/ uses
+no C++20-only standard-library feature (older torch builds extensions as C++17)."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -14,6 +16,7 @@ MAX_LINES = 500
 EXTENSION_MODULES = ("kdfast._C",)
 #: build outputs and caches, not sources
 NOT_SOURCES = (".so", ".pyd", ".pyc", ".o")
+CXX_SUFFIXES = (".h", ".cpp", ".cu", ".cuh")
 
 
 def _module_name(path: Path) -> str:
@@ -144,3 +147,26 @@ def test_files_are_at_most_500_lines():
         if (n := len(p.read_text().splitlines())) > MAX_LINES
     }
     assert not long, f"files over {MAX_LINES} lines: {long}"
+
+
+#: C++20-only library headers and names; torch 2.11 builds extensions with -std=c++17 (its
+#: build of kdfast failed on std::bit_cast on a GPU machine), torch 2.14 with -std=c++20
+CXX20_ONLY = re.compile(
+    r"#include\s*<(bit|span|numbers|concepts|ranges|format|compare|source_location)>"
+    r"|std::(bit_cast|span|numbers|ssize|midpoint|lerp|popcount|countl_zero|countr_zero"
+    r"|bit_width|has_single_bit|remove_cvref|is_constant_evaluated|erase_if|to_array)\b"
+    r"|\bconsteval\b|\bconstinit\b|<=>|\.contains\(|\.starts_with\(|\.ends_with\("
+)
+
+
+def test_csrc_builds_as_cxx17():
+    sources = [p for p in sorted((ROOT / "csrc").rglob("*")) if p.suffix in CXX_SUFFIXES]
+    assert len(sources) > 20
+    found = {
+        f"{p.relative_to(ROOT)}:{i}": line.strip()
+        for p in sources
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if CXX20_ONLY.search(line.split("//")[0])
+    }
+    assert not found, f"C++20-only features (torch 2.11 compiles C++17): {found}"
+    assert CXX20_ONLY.search("const int32_t b = std::bit_cast<int32_t>(x);")

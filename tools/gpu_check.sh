@@ -16,7 +16,9 @@
 # inside the device tool's 10-minute call): each stage runs under the smaller of its own
 # limit and the time left after the later stages' shares, so one slow stage cannot eat the
 # others' time; a stage's failure is reported and the next stage still runs. KDFAST_COMMIT
-# names the commit where the tree is a copy without .git.
+# names the commit where the tree is a copy without .git. For a rerun of part of the check:
+# GPU_CHECK_CONTRACT (the contract suite's pytest -k expression; default "cuda") and
+# GPU_CHECK_BENCH=0 (no bench).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,6 +32,15 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 status=0
 started=$(date +%s)
 budget=${GPU_CHECK_BUDGET:-$([ $dry_run -eq 1 ] && echo 1800 || echo 540)}
+
+# each stage's RESERVE: the least time the later stages need (info 5 s, contract 45,
+# memcheck 20, racecheck 15, bench 60 unless GPU_CHECK_BENCH=0, summary 5)
+bench_share=$([ "${GPU_CHECK_BENCH:-1}" = 0 ] && echo 0 || echo 60)
+after_racecheck=$((bench_share + 5))
+after_memcheck=$((15 + after_racecheck))
+after_contract=$((20 + after_memcheck))
+after_info=$((45 + after_contract))
+after_build=$((5 + after_info))
 
 stage() { printf '\n=== %s (%ss) ===\n' "$1" "$(($(date +%s) - started))"; }
 # run LIMIT RESERVE NAME CMD...: CMD under the smaller of LIMIT and the budget left after
@@ -66,7 +77,7 @@ if [ $dry_run -eq 1 ]; then
   bench_limit=600
 else
   device=cuda
-  contract_filter=(-k "cuda")
+  contract_filter=(-k "${GPU_CHECK_CONTRACT:-cuda}")
   bench_suite=--quick
   bench_env=(env)
   bench_limit=300
@@ -93,34 +104,35 @@ stage "build"
 if [ $dry_run -eq 1 ] && $PY -c "import kdfast._C" 2>/dev/null; then
   echo "dry run: kdfast._C is already built for this torch; not rebuilt"
 elif [ $dry_run -eq 1 ]; then
-  run 1800 600 build env KDFAST_NO_CUDA=1 $PY setup.py build_ext --inplace
+  run 1800 "$after_build" build env KDFAST_NO_CUDA=1 $PY setup.py build_ext --inplace
 else
   arch=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
   echo "building for sm_${arch/./} with $(nproc) jobs"
-  run 300 300 build env TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$(nproc)" $PY setup.py build_ext --inplace
+  run 300 "$after_build" build env TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$(nproc)" $PY setup.py build_ext --inplace
 fi
-run 60 280 info $PY -m kdfast.info
+run 60 "$after_info" info $PY -m kdfast.info
 
 stage "contract suite on $device"
-run 240 170 contract $PY -m pytest -q -p no:cacheprovider -p tools.gpu.results \
+run 240 "$after_contract" contract $PY -m pytest -q -p no:cacheprovider -p tools.gpu.results \
   --gpu-results "$out/gpu_run.json" --gpu-device "$device" tests/contract "${contract_filter[@]}"
 
 stage "compute-sanitizer: one small call of every CUDA and Triton kernel"
 if [ $dry_run -eq 1 ]; then
   echo "dry run: no GPU, compute-sanitizer skipped; the calls it would check run on $device"
-  run 300 200 sanitize-calls $PY -m tools.gpu.sanitize_calls --device "$device"
+  run 300 "$after_racecheck" sanitize-calls $PY -m tools.gpu.sanitize_calls --device "$device"
 elif ! command -v compute-sanitizer >/dev/null; then
   echo "!!! compute-sanitizer not found"
   status=1
 else
-  run 90 120 sanitizer-memcheck compute-sanitizer --tool memcheck --error-exitcode 3 \
+  run 90 "$after_memcheck" sanitizer-memcheck compute-sanitizer --tool memcheck --error-exitcode 3 \
     --target-processes all $PY -m tools.gpu.sanitize_calls --device cuda
-  run 60 80 sanitizer-racecheck compute-sanitizer --tool racecheck --error-exitcode 3 \
+  run 60 "$after_racecheck" sanitizer-racecheck compute-sanitizer --tool racecheck --error-exitcode 3 \
     --target-processes all $PY -m tools.gpu.sanitize_calls --device cuda
 fi
 
 stage "quick bench on $device"
-run "$bench_limit" 10 bench "${bench_env[@]}" $PY -m kdfast.bench $bench_suite --device "$device" --no-plots \
+[ "${GPU_CHECK_BENCH:-1}" = 0 ] && echo "GPU_CHECK_BENCH=0: no bench" ||
+run "$bench_limit" 5 bench "${bench_env[@]}" $PY -m kdfast.bench $bench_suite --device "$device" --no-plots \
   --json "$out/bench.json"
 
 stage "summary"

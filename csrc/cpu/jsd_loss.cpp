@@ -18,7 +18,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <bit>
 #include <cmath>
 #include <limits>
 #include <optional>
@@ -49,9 +48,9 @@ using kd::Reduction;
 // first; 0 gives -inf, negatives NaN, +inf +inf, NaN propagates.
 KDFAST_INLINE float log_approx(float x) {
   const bool tiny = x < std::numeric_limits<float>::min();
-  const int32_t bits = std::bit_cast<int32_t>(tiny ? x * 33554432.0f : x);
+  const int32_t bits = rows::bit_cast<int32_t>(tiny ? x * 33554432.0f : x);
   float e = static_cast<float>(((bits >> 23) & 0xff) - 126) - (tiny ? 25.0f : 0.0f);
-  float f = std::bit_cast<float>((bits & 0x007fffff) | 0x3f000000);  // in [0.5, 1)
+  float f = rows::bit_cast<float>((bits & 0x007fffff) | 0x3f000000);  // in [0.5, 1)
   const bool low = f < 0.707106781186547524f;
   e = low ? e - 1.0f : e;
   f = low ? f + f - 1.0f : f - 1.0f;

@@ -9,7 +9,6 @@
 #include <ATen/OpMathType.h>
 
 #include <algorithm>
-#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -20,6 +19,15 @@
 #include "output_pool.h"
 
 namespace kdfast::rows {
+
+// std::bit_cast is C++20, and older torch builds extensions as C++17 (torch 2.11 does, seen
+// on a GPU machine; 2.14 builds them as C++20). The builtin is what std::bit_cast is made of in GCC >= 11,
+// Clang >= 9 and MSVC >= 19.27, in either standard, and keeps the loops vectorisable.
+template <class To, class From>
+KDFAST_INLINE To bit_cast(const From& from) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast between types of different sizes");
+  return __builtin_bit_cast(To, from);
+}
 
 using ::kdfast::isa::cpu_has_avx2_fma;
 
@@ -46,8 +54,8 @@ KDFAST_INLINE float exp_approx(float x) {
   const float poly = p * r * r + r + 1.0f;
   // 2^n from the integer in the low mantissa bits of `shifted` (no float -> int conversion)
   const int32_t bits =
-      (std::bit_cast<int32_t>(shifted) - std::bit_cast<int32_t>(kRound) + 127) << 23;
-  float y = poly * std::bit_cast<float>(bits);  // bit_cast, not memcpy: keeps it vectorisable
+      (bit_cast<int32_t>(shifted) - bit_cast<int32_t>(kRound) + 127) << 23;
+  float y = poly * bit_cast<float>(bits);  // bit_cast, not memcpy: keeps it vectorisable
   y = x < -87.3f ? 0.0f : y;
   if constexpr (!kNonPositive) y = x > 88.7f ? std::numeric_limits<float>::infinity() : y;
   return y;

@@ -50,8 +50,9 @@ class Sample:
     #: maps the converted positional arguments to the layout under test (a transpose, an
     #: expanded row, a strided slice), so the rounding happens on dense data first
     view: Callable[[tuple], tuple] | None = None
-    #: known accuracy gaps, ("<backend>/<dtype>", why): the contract's parity test of that
-    #: implementation and dtype is a strict xfail, so it fails once the gap is closed
+    #: known accuracy gaps, ("<backend>/<dtype>[/<device>]", why): the contract's parity test
+    #: of that implementation and dtype (on that device only, when one is named) is a strict
+    #: xfail, so it fails once the gap is closed
     gaps: tuple[tuple[str, str], ...] = ()
 
 

@@ -94,12 +94,15 @@ declare(
             # one teacher row for the whole batch: every class column is constant, so the
             # intra-class correlation is 0 / 0 and decided by eps; the sample checks strides
             expanded_options={"gamma": 0.0},
-            # float32 teacher gradient of 80 / 160 N(0, 1) logits, against the float64 truth:
-            # Triton 6.3e-4, cpp 3.1e-4, PyTorch's own (the reference) 1.9e-4, over the 2x
-            # of the table. Triton accumulating its statistics in float64 gives 2.6e-8; it
-            # stays float32 (registers, GPU throughput) until a GPU measures what that costs
+            # float32 teacher gradient of 80 / 160 N(0, 1) logits, against the float64 truth,
+            # under the Triton interpreter (numpy's float32 arithmetic): Triton 6.3e-4, cpp
+            # 3.1e-4, PyTorch's own (the reference) 1.9e-4, over the 2x of the table. On an
+            # H200 (tools/gpu_check.sh, 2026-12-04) the same kernel is within the table, so
+            # the gap is the interpreter's, and the kernel keeps its float32 statistics
             gaps={
-                "extreme": (("triton/float32", "teacher gradient 3.3x PyTorch's float32 error"),)
+                "extreme": (
+                    ("triton/float32/cpu", "interpreter: teacher gradient 3.3x PyTorch's error"),
+                )
             },
         ),
         bad_inputs=logit_bad_inputs(("student_logits", "teacher_logits"))
