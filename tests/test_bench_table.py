@@ -76,3 +76,25 @@ def test_huge_logit_cases_skip_the_float64_truth(monkeypatch):
     assert [job.get("impl") for job in huge] == ["kdfast"]
     assert "skipped" in rows[1]["errors"] and "skipped" in rows[1]["results"]["reference"]
     assert "skipped" not in rows[0]["errors"]
+
+
+def test_in_process_measures_and_reports_errors_as_rows(tmp_path):
+    """--in-process (the cuda default) measures without a subprocess per measurement, and a
+    measurement that raises becomes the row's error, as a failed subprocess does."""
+    import json
+
+    from kdfast.bench import __main__ as bench
+    from kdfast.bench.harness import measure_in_process
+
+    out = tmp_path / "bench.json"
+    argv = ["--smoke", "--cases", "kd", "--impls", "kdfast", "reference", "--in-process"]
+    assert bench.main([*argv, "--no-plots", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["metadata"]["in_process"] is True
+    (row,) = result["rows"]
+    assert row["results"]["kdfast"]["median_s"] > 0
+    assert row["results"]["reference"]["median_s"] > 0
+    assert row["errors"]["loss_error"] < 1e-5
+    bad = measure_in_process(case="no_such_case", size=[2, 3], impl="kdfast", mode="forward",
+                             repeats=1)  # fmt: skip
+    assert bad["error"].startswith("KeyError")

@@ -28,6 +28,7 @@ from kdfast.bench.harness import (
     FAST_RUN_S,
     IMPLEMENTATIONS,
     MODES,
+    measure_in_process,
     measure_in_subprocess,
 )
 from kdfast.bench.plot import plot
@@ -144,8 +145,12 @@ def format_table(rows: list[dict], markdown: bool = False) -> str:
     return "\n".join([head, "-" * len(head), *(fixed(table_cells(r)) for r in rows)])
 
 
-def run(suite, case_names, modes, impls, repeats, device, log=print, on_row=None) -> list[dict]:
-    """Measure every (case, size, mode) of ``suite``; ``on_row(row)`` after each one."""
+def run(
+    suite, case_names, modes, impls, repeats, device, log=print, on_row=None, in_process=False
+) -> list[dict]:
+    """Measure every (case, size, mode) of ``suite``; ``on_row(row)`` after each one. Each
+    measurement runs in a fresh process, or in this one with ``in_process``."""
+    measure_job = measure_in_process if in_process else measure_in_subprocess
     jobs = [
         (case, size, mode)
         for case in CASES
@@ -162,7 +167,7 @@ def run(suite, case_names, modes, impls, repeats, device, log=print, on_row=None
             if impl != "kdfast" and predicted > RAM_FRACTION * _ram_bytes():
                 row["results"][impl] = {"skipped": f"predicted OOM ({predicted / 2**30:.1f} GB)"}
                 continue
-            row["results"][impl] = measure_in_subprocess(
+            row["results"][impl] = measure_job(
                 case=case.name,
                 size=list(size),
                 impl=impl,
@@ -176,7 +181,7 @@ def run(suite, case_names, modes, impls, repeats, device, log=print, on_row=None
             if truth == "kdfast" and truth_bytes > RAM_FRACTION * _ram_bytes():
                 row["errors"] = {"skipped": f"predicted OOM ({truth_bytes / 2**30:.1f} GB)"}
             else:
-                row["errors"] = measure_in_subprocess(
+                row["errors"] = measure_job(
                     what="errors", case=case.name, size=list(size), device=device, truth=truth
                 )
         rows.append(row)
@@ -222,6 +227,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default="bench-results/results.json", help="output JSON path")
+    parser.add_argument(
+        "--in-process",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="measure in this process (default on cuda; on CPU a fresh process per "
+        "measurement keeps the peak-memory figures apart)",
+    )
     parser.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
     parser.add_argument(
         "--markdown", action="store_true", help="print the summary table as Markdown"
@@ -243,10 +255,13 @@ def main(argv: list[str] | None = None) -> int:
         print(message, file=sys.stderr, flush=True)
 
     meta = metadata(args.device)
+    in_process = args.device == "cuda" if args.in_process is None else args.in_process
+    meta["in_process"] = in_process
     log(
         f"kdfast {meta['kdfast']} ({meta['commit']}), torch {meta['torch']}, {args.device}, "
         f"{meta['cores']} cores, {meta['ram_gib']} GiB; suite {suite_name}, median of {repeats} "
-        f"(up to {FAST_REPEATS} for runs under {FAST_RUN_S * 1e3:.0f} ms)"
+        f"(up to {FAST_REPEATS} for runs under {FAST_RUN_S * 1e3:.0f} ms), "
+        + ("in this process" if in_process else "a fresh process per measurement")
     )
     sizes = {"smoke": "smoke", "quick": "quick", "full": "full"}[suite_name]
     names = set(args.cases)
@@ -265,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             json.dump({"metadata": meta, "suite": suite_name, "rows": rows}, f, indent=1)
 
     for s in suites:
-        run(s, names, args.modes, args.impls, repeats, args.device, log, save)
+        run(s, names, args.modes, args.impls, repeats, args.device, log, save, in_process)
     meta["wall_s"] = round(time.perf_counter() - started, 1)
     print(format_table(rows, markdown=args.markdown))
     log(f"suite {suite_name}: {len(rows)} measurements in {meta['wall_s']:.0f} s wall time")

@@ -171,23 +171,40 @@ def measure_in_subprocess(**job) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _main() -> None:
-    job = json.loads(sys.argv[1])
+def run_job(job: dict) -> dict:
+    """:func:`measure` (or :func:`errors` with job["what"] == "errors") in this process."""
+    job = dict(job)
     dtype = getattr(torch, job.pop("dtype", "float32"))
-    what = job.pop("what", "time")
-    if what == "errors":
-        result = errors(job["case"], job["size"], job.get("device", "cpu"), dtype, job["truth"])
-    else:
-        result = measure(
-            job["case"],
-            job["size"],
-            job["impl"],
-            job["mode"],
-            job["repeats"],
-            job.get("device", "cpu"),
-            dtype,
-        )
-    print(json.dumps(result))
+    if job.pop("what", "time") == "errors":
+        return errors(job["case"], job["size"], job.get("device", "cpu"), dtype, job["truth"])
+    return measure(
+        job["case"],
+        job["size"],
+        job["impl"],
+        job["mode"],
+        job["repeats"],
+        job.get("device", "cpu"),
+        dtype,
+    )
+
+
+def measure_in_process(**job) -> dict:
+    """:func:`run_job` here, an error as :func:`measure_in_subprocess` reports it. For CUDA
+    (its peak memory comes from the allocator's own counters, per measurement) a fresh
+    process per measurement costs a CUDA start and fresh Triton and inductor compiles: about
+    75 s per bench row on an H200. On CPU the resident-set peak would carry over from the
+    measurements before, so the CPU default stays one process per measurement."""
+    try:
+        return run_job(job)
+    except Exception as exc:  # reported in the row, as a failed subprocess is
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        if job.get("device") == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _main() -> None:
+    print(json.dumps(run_job(json.loads(sys.argv[1]))))
 
 
 if __name__ == "__main__":
