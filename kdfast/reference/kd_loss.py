@@ -10,11 +10,21 @@ returned in it.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from kdfast._validation import compute_dtype, kept_rows_2d, rows_2d
+
+
+def _f_series(b: Tensor) -> Tensor:
+    """exp(-b) - 1 + b = sum_{k >= 2} (-b)^k / k! for |b| < 0.1, to float64 accuracy."""
+    acc = torch.full_like(b, 1.0 / math.factorial(11))
+    for k in range(10, 1, -1):
+        acc = 1.0 / math.factorial(k) - b * acc
+    return b * b * acc
 
 
 def _row_kl(s: Tensor, t: Tensor, temperature: float, teacher_kind: str) -> Tensor:
@@ -33,7 +43,26 @@ def _row_kl(s: Tensor, t: Tensor, temperature: float, teacher_kind: str) -> Tens
     # -inf teacher logits / log-probs give NaN, as Inf inputs must propagate (semantics 0);
     # pass probabilities to express exact zeros.
     log_pt = F.log_softmax(t / temperature, dim=1) if teacher_kind == "logits" else t
-    return (log_pt.exp() * (log_pt - log_ps)).sum(dim=1)
+    kl = (log_pt.exp() * (log_pt - log_ps)).sum(dim=1)
+    if teacher_kind != "logits":
+        return kl
+    # Small KL (a high temperature; close teachers): the sum above cancels, each term being
+    # about 1/T and the KL about 1/T^2, so float32 at T = 1e4 is off by a factor of 20. There
+    # the cancellation-free form of the same quantity is used: with a = (zt - zs) / T and
+    # b = a - sum_j pt_j a_j, ps = pt exp(-b) / Z and Z = sum pt exp(-b), so
+    #     KL = log Z = log1p(sum_c pt_c f(b_c)),   f(b) = exp(-b) - 1 + b >= 0,
+    # a sum of non-negative terms, f by its Taylor series where |b| < 0.1. Rows with KL >= 1
+    # keep the sum above (Z = e^KL could overflow; the cancellation costs at most 1e-6 there).
+    use = (kl < 1.0).detach()[:, None]
+    a = torch.where(use, (t - s.to(dtype)) / temperature, 0.0)  # 0 where unused: finite
+    pt = log_pt.exp()
+    b = a - (pt * a).sum(dim=1, keepdim=True)
+    small = b.abs() < 0.1
+    bs, bl = torch.where(small, b, 0.0), torch.where(small, 0.0, b)
+    # pt f(b) = exp(log pt - b) - pt + pt b where |b| >= 0.1 (no overflow for tiny pt)
+    terms = torch.where(small, pt * _f_series(bs), torch.exp(log_pt - bl) - pt + pt * bl)
+    stable = torch.log1p(terms.sum(dim=1))
+    return torch.where(use[:, 0], stable, kl)
 
 
 def per_sample_kl(s: Tensor, t: Tensor, temperature: float) -> Tensor:

@@ -380,3 +380,56 @@ def test_deit_soft_and_nan_propagation(backend):
         assert abs(kd_loss(zs, zt, 3.0, "mean").item() - 0.27645711921979926) <= 1e-14
         zs[0, 1] = float("nan")
         assert torch.isnan(kd_loss(zs, zt)) and torch.isnan(dist_loss(zs, zt))
+
+
+def _mp_kd(s, t, temperature):
+    """T^2 KL(pt || ps) batchmean and its gradients, in 60-digit mpmath: dKL/dzs =
+    (ps - pt) / T and dKL/dzt = pt (d - KL) / T per row, d = log pt - log ps."""
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 60
+    T, rows = mpmath.mpf(temperature), s.shape[0]
+    loss, gs, gt = mpmath.mpf(0), torch.zeros_like(s), torch.zeros_like(t)
+    for r in range(rows):
+        us = [mpmath.mpf(float(x)) / T for x in s[r]]
+        ut = [mpmath.mpf(float(x)) / T for x in t[r]]
+        ls = mpmath.log(mpmath.fsum(mpmath.exp(u) for u in us))
+        lt = mpmath.log(mpmath.fsum(mpmath.exp(u) for u in ut))
+        d = [(b - lt) - (a - ls) for a, b in zip(us, ut, strict=True)]
+        pt = [mpmath.exp(b - lt) for b in ut]
+        kl = mpmath.fsum(p * x for p, x in zip(pt, d, strict=True))
+        loss += T * T * kl / rows
+        for c in range(s.shape[1]):
+            gs[r, c] = float(T * (mpmath.exp(us[c] - ls) - pt[c]) / rows)
+            gt[r, c] = float(T * pt[c] * (d[c] - kl) / rows)
+    return float(loss), gs, gt
+
+
+@pytest.mark.parametrize("temperature", [4.0, 16.0, 1e3, 1e4])
+def test_high_temperature_stays_within_the_table(temperature, backend):
+    """At T = 1e4, float32 KD was 40% (reference) and 240% (cpp) off. The KL is
+    about 1/T^2 while each term of sum pt (log pt - log ps) is about 1/T; the reference uses
+    a cancellation-free form, and the fused kernels hand temperatures above
+    FUSED_MAX_TEMPERATURE to it (forcing one there is refused, naming the temperature)."""
+    from kdfast.ops.kd_loss import FUSED_MAX_TEMPERATURE
+
+    gen = torch.Generator().manual_seed(7)
+    s64, t64 = (
+        torch.randn(4, 50, generator=gen, dtype=F64),
+        torch.randn(4, 50, generator=gen, dtype=F64),
+    )
+    loss, gs, gt = _mp_kd(s64, t64, temperature)
+    if backend != "reference" and temperature > FUSED_MAX_TEMPERATURE:
+        with pytest.raises(RuntimeError, match="temperature .* > 10"):
+            kd_loss(s64.float(), t64.float(), temperature=temperature)
+        backend = "reference"
+    with kdfast.use_backend(backend):
+        for dtype in (torch.float32, F64):
+            s, t = s64.to(dtype).requires_grad_(), t64.to(dtype).requires_grad_()
+            out = kd_loss(s, t, temperature=temperature)
+            out.backward()
+            tol = 1e-5 if dtype == torch.float32 else 1e-12
+            assert abs(out.item() - loss) <= tol * abs(loss), (dtype, out.item(), loss)
+            assert rel(s.grad.double(), gs) <= tol and rel(t.grad.double(), gt) <= tol, dtype
+    with kdfast.use_backend(None):  # the automatic choice takes the accurate path
+        out = kd_loss(s64.float(), t64.float(), temperature=temperature)
+        assert abs(out.item() - loss) <= 1e-5 * abs(loss)
