@@ -24,14 +24,28 @@ from kdfast._validation import compute_dtype
 EPS = 1e-5
 
 
+def _scaled(x: Tensor, dim: int, eps: float) -> tuple[Tensor, Tensor]:
+    """(x / c, eps / c^2) with c an exact power of two near max |x| along ``dim`` where that
+    max is >= 2^50, else c = 1 (no host synchronisation: traceable): (x - mean) /
+    sqrt(var + eps) is unchanged, and float32 features near 1e30 no longer overflow the
+    variance (1e60) into inf and NaN."""
+    m = x.detach().abs().amax(dim=dim, keepdim=True)
+    big = torch.isfinite(m) & (m >= 2.0**50)
+    c = torch.where(big, torch.exp2(torch.frexp(m).exponent.to(x.dtype)), 1.0)
+    return x / c, eps / (c * c)
+
+
 def standardize(x: Tensor, eps: float = EPS) -> Tensor:
     """Per-sample LayerNorm over the last dim, no affine: (x - mean) / sqrt(var + eps).
 
-    Biased variance, as ``F.layer_norm`` and the official ``F.layer_norm(t, (D,))``.
+    Biased variance, as ``F.layer_norm`` and the official ``F.layer_norm(t, (D,))``. Rows
+    with max |x| >= 2^50 are divided by an exact power of two first (eps with it).
     x: (B, D); returns (B, D) in promote_types(x, float32).
     """
-    x = x.to(compute_dtype(x))
-    return F.layer_norm(x, (x.shape[-1],), eps=eps)
+    y, eps = _scaled(x.to(compute_dtype(x)), -1, eps)
+    mean = y.mean(dim=-1, keepdim=True)
+    var = (y - mean).square().mean(dim=-1, keepdim=True)
+    return (y - mean) / (var + eps).sqrt()
 
 
 def batch_standardize(x: Tensor, eps: float = EPS) -> Tensor:
@@ -44,12 +58,13 @@ def batch_standardize(x: Tensor, eps: float = EPS) -> Tensor:
     a constant channel maps to 0 either way, but inside the root the gain on a (nearly)
     constant channel is bounded by eps^-1/2 ~ 316 instead of 1 / eps = 1e5. For channels with
     var >> eps the result differs from the official one by a relative eps / (2 var).
+    Channels with max |x| >= 2^50 are divided by an exact power of two first (eps with it).
     x: (B, D), B >= 2; returns (B, D) in promote_types(x, float32).
     """
-    x = x.to(compute_dtype(x))
-    mean = x.mean(dim=0, keepdim=True)
-    var = x.var(dim=0, correction=1, keepdim=True)
-    return (x - mean) / (var + eps).sqrt()
+    y, eps = _scaled(x.to(compute_dtype(x)), 0, eps)
+    mean = y.mean(dim=0, keepdim=True)
+    var = y.var(dim=0, correction=1, keepdim=True)
+    return (y - mean) / (var + eps).sqrt()
 
 
 def _inverse_sqrt(eigenvalues: Tensor, eps: float) -> Tensor:

@@ -258,3 +258,24 @@ def test_vkd_module_half_features_compute_in_float32():
     full = loss_fn(s.half().float(), t.half().float())
     assert half.dtype == torch.float32
     assert torch.equal(half, full)
+
+
+@pytest.mark.parametrize("normalize", ["standardize", "batch_standardize"])
+def test_float32_features_near_1e30(normalize):
+    """float32 teacher (and student) features around 1e30 overflowed the variance (1e60)
+    into NaN; the normalisations now divide such rows / channels by an exact power of two.
+    The float32 loss and its gradient match the float64 computation (where 1e60 fits)."""
+    gen = torch.Generator().manual_seed(3)
+    p64 = torch.randn(8, 16, generator=gen, dtype=torch.float64)
+    t64 = 1e30 * torch.randn(8, 16, generator=gen, dtype=torch.float64)
+    if normalize == "batch_standardize":
+        p64 = 1e30 * p64
+    results = []
+    for dtype in (torch.float64, torch.float32):
+        p = p64.to(dtype).clone().requires_grad_(True)
+        loss = functional.vkd_loss(p, t64.to(dtype), normalize=normalize)
+        loss.backward()
+        results.append((loss.detach().double(), p.grad.double()))
+    (l64, g64), (l32, g32) = results
+    assert torch.isfinite(l32) and torch.isfinite(g32).all()
+    assert rel_error(l32, l64) <= 1e-5 and rel_error(g32, g64) <= 1e-5
