@@ -5,6 +5,9 @@ Public surface, all reachable after ``import kdfast``:
 * :mod:`kdfast.functional`: kd_loss, per_sample_kl, dist_loss, rkd_distance, rkd_angle, vkd_loss
 * :mod:`kdfast.losses`: KDLoss, DeiTDistillationLoss, DISTLoss, RKDDistanceLoss, RKDAngleLoss,
   RKDLoss, VkDLoss, BNStatisticsLoss
+* :mod:`kdfast.compat`: the official codebases' loss classes under their own names and
+  signatures (RkdDistance, RKdAngle, DIST, KLDivergence, DistillationLoss, RKDLoss,
+  DistillKL, VkDLoss)
 * :mod:`kdfast.linalg`: expm, expm_frechet
 * :mod:`kdfast.nn`: OrthogonalProjector, DistillationTokenHead
 * :mod:`kdfast.sampling`: PrioritizedReplayBuffer and the SSD-KD helpers
@@ -17,6 +20,7 @@ Public surface, all reachable after ``import kdfast``:
 __version__ = "0.1.0"
 
 from kdfast import (  # noqa: E402,F401
+    compat,
     datafree,
     functional,
     linalg,
@@ -43,6 +47,7 @@ def empty_cache() -> int:
 
 
 __all__ = [
+    "compat",
     "datafree",
     "empty_cache",
     "functional",
