@@ -385,9 +385,13 @@ expm_save(const at::Tensor& A, bool skew) {
             at::empty({batch}, opts.dtype(at::kLong)),
             at::empty({batch}, opts.dtype(at::kLong))};
   }
+  // a skew batch computed in float64 (skew_compute_type): the exponential from there, the
+  // saved state (for the float32 backward) from the float32 pass
+  const bool upcast = skew && skew_compute_type(A) != A.scalar_type();
   Saved sv;
   auto [R, L] = scaling_and_squaring_flat(A, std::nullopt, skew, &sv);
-  return {R.reshape(A.sizes()).contiguous(), sv.pw, sv.LUt, sv.pivots, sv.R0t, sv.m, sv.s};
+  Tensor X = upcast ? expm(A.to(at::kDouble), skew).to(A.scalar_type()) : R.reshape(A.sizes());
+  return {X.contiguous(), sv.pw, sv.LUt, sv.pivots, sv.R0t, sv.m, sv.s};
 }
 
 at::Tensor expm_backward(const at::Tensor& grad, const at::Tensor& pw, const at::Tensor& LUt,
@@ -442,6 +446,10 @@ at::Tensor expm_backward(const at::Tensor& grad, const at::Tensor& pw, const at:
 }
 
 at::Tensor expm(const at::Tensor& A, bool skew) {
+  if (skew && A.numel() > 0) {
+    const at::ScalarType type = skew_compute_type(A);
+    if (type != A.scalar_type()) return expm(A.to(type), skew).to(A.scalar_type());
+  }
   return scaling_and_squaring(A, std::nullopt, skew).first;
 }
 

@@ -8,6 +8,7 @@
 #include <optional>
 #include <tuple>
 
+#include "expm_op.h"
 #include "expm_small.h"
 
 namespace kdfast::expm::small {
@@ -26,6 +27,12 @@ inline std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& A,
   if (E) {
     TORCH_CHECK(E->sizes() == A.sizes(), "expm_frechet_small: E must have the shape of A, got A ",
                 A.sizes(), " and E ", E->sizes());
+  }
+  if (skew && !E && A.numel() > 0) {  // expm(A, skew=True): see skew_compute_type
+    const at::ScalarType type = skew_compute_type(A);
+    if (type != A.scalar_type()) {
+      return {std::get<0>(run(A.to(type), E, skew, launch)).to(A.scalar_type()), at::Tensor()};
+    }
   }
   const int64_t n = A.size(-1);
   const at::Tensor A3 = A.reshape({-1, n, n}).contiguous();

@@ -54,7 +54,10 @@ def expm(A: Tensor, skew: bool = False) -> Tensor:
 
     Returns:
         exp(A), shape (..., n, n), dtype float64 for float64 input, float32 otherwise.
-        For skew A the result is orthogonal to rounding.
+        For skew A the result is orthogonal to rounding: the squarings lose orthogonality
+        as about u ||A||_1, so with ``skew=True`` a float32 batch of ||A||_1 > 64 is
+        computed in float64 (one host synchronisation), and above ||A||_1 = 2^30, where not
+        even float64 can, a ValueError says so.
     """
     _check_square("A", A)
     check_bool("skew", skew)

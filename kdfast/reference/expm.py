@@ -77,9 +77,42 @@ def expm(A: Tensor, skew: bool = False) -> Tensor:
 
     ``skew=True`` promises skew-symmetric matrices: the scaling then comes from
     max(d4, d6) for every degree and the rounding-error check is skipped (normal matrices
-    need neither the sharper estimates nor the check), which saves squarings.
+    need neither the sharper estimates nor the check), which saves squarings. Its result
+    must be orthogonal, and the squarings lose orthogonality as about u ||A||_1: float32
+    batches with ||A||_1 > SKEW_FLOAT32_MAX_NORM are computed in float64, and above
+    SKEW_MAX_NORM a ValueError says why (:func:`skew_compute_dtype`).
     """
+    if skew and A.numel() > 0:
+        dtype = skew_compute_dtype(A)
+        if dtype != A.dtype:
+            return _scaling_and_squaring(A.to(dtype), None, True)[0].to(A.dtype)
     return _scaling_and_squaring(A, None, skew)[0]
+
+
+#: expm(A, skew=True): float32 batches above this ||A||_1 are computed in float64 (the
+#: float32 result would be orthogonal only to about 3e-8 ||A||_1); csrc/expm_op.h mirrors it
+SKEW_FLOAT32_MAX_NORM = 64.0
+#: above this ||A||_1 not even float64 returns an orthogonal matrix (the rotation angles are
+#: known only to about u ||A|| ~ 1e-7): expm(A, skew=True) raises
+SKEW_MAX_NORM = 2.0**30
+
+
+def skew_compute_dtype(A: Tensor) -> torch.dtype:
+    """The dtype expm(A, skew=True) computes in (one host synchronisation): float64 for a
+    float32 batch of ||A||_1 > SKEW_FLOAT32_MAX_NORM, else A's; ValueError above
+    SKEW_MAX_NORM. Non-finite input keeps its dtype (NaN propagates)."""
+    norm = _onenorm(A.reshape(-1, A.shape[-1], A.shape[-1])).amax().item()
+    if not math.isfinite(norm):
+        return A.dtype
+    if norm > SKEW_MAX_NORM:
+        raise ValueError(
+            f"expm(A, skew=True): ||A||_1 = {norm:.3g} > 2^30, where scaling and squaring "
+            "cannot return an orthogonal matrix even in float64 (the rotation angles are "
+            "known only to about u ||A||); scale A down or pass skew=False"
+        )
+    if A.dtype != torch.float64 and norm > SKEW_FLOAT32_MAX_NORM:
+        return torch.float64
+    return A.dtype
 
 
 def expm_frechet(A: Tensor, E: Tensor, skew: bool = False) -> tuple[Tensor, Tensor]:

@@ -389,3 +389,36 @@ def test_bad_inputs_raise():
         linalg.expm_frechet(A, torch.zeros(3, 3, dtype=torch.complex64))
     with pytest.raises(ValueError, match="one device"):
         linalg.expm_frechet(A, torch.zeros(3, 3, device="meta"))
+
+
+def _skew_of_norm(norm: float, n: int = 6, dtype=F64) -> torch.Tensor:
+    A = randn(n, n, seed=4)
+    A = A - A.T
+    return (A / onenorm(A) * norm).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=str)
+@pytest.mark.parametrize("norm", [1e2, 1e4, 1e8])
+def test_skew_is_orthogonal_at_large_norms(norm, dtype):
+    """The squarings lose orthogonality as about u ||A||_1: float32 at ||A|| = 1e4 was off
+    by 3e-4 and at 1e8 by 3 to 68. float32 batches above ||A||_1 = 64 are computed in
+    float64: orthogonal to float32 rounding, and the same matrix as the float64 result."""
+    A = _skew_of_norm(norm, dtype=dtype)
+    X = linalg.expm(A, skew=True)
+    assert X.dtype == dtype
+    eye = torch.eye(A.shape[-1], dtype=dtype)
+    limit = 1e-5 if dtype == torch.float32 else 1e-8
+    assert (X.mT @ X - eye).abs().max() <= limit
+    if dtype == torch.float32 and norm <= 1e4:  # the float64 result, rounded
+        X64 = linalg.expm(A.double(), skew=True)
+        assert (X.double() - X64).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=str)
+@pytest.mark.parametrize("norm", [1e12, 1e20, 1e30])
+def test_skew_beyond_float64_raises(norm, dtype):
+    """Above ||A||_1 = 2^30 not even float64 gives an orthogonal matrix; the reference
+    returned an exact zero matrix at 1e20 and cpp NaN. Now a ValueError says why."""
+    with pytest.raises(ValueError, match=r"skew=True.*2\^30"):
+        linalg.expm(_skew_of_norm(norm, dtype=dtype), skew=True)
+    assert linalg.expm(torch.full((2, 2), float("nan"), dtype=dtype), skew=True).isnan().all()
