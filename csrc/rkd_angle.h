@@ -7,7 +7,10 @@
 //   A_ijk = C_ijk r_ij r_ik with r_ij = 1 / max(sqrt(D2_ij), 1e-12) (F.normalize), and
 //   r_ij = 0 for j = i and for a degenerate pair (its e_ij is exactly zero).
 // For near pairs D2_ij (and C_ijj = D2_ij) come from the rows (kNearFactor); the gradient
-// formulas below are unchanged (the same function of G, evaluated more accurately).
+// formulas below are unchanged (the same function of G, evaluated more accurately). Vertices
+// with a closer pair (csrc/rkd_exact.h) have their rows of r zeroed by the op and are
+// computed from direct differences instead; so the degenerate test below only ever meets
+// pairs of such vertices, and only exact duplicates are degenerate overall.
 // Loss: mean over N^3 triplets of SmoothL1(A^s - A^t). With g_ijk = dL/dA_ijk (symmetric
 // in j, k) the gradient with respect to G (G_ab treated as independent entries) is
 //   dG_jk += g r_ij r_ik,   dG_ij -= 2 sum_k g r_ij r_ik,   dG_ii += sum_jk g r_ij r_ik,

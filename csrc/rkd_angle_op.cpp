@@ -1,19 +1,21 @@
 #include "rkd_angle_op.h"
 
+#include "rkd_exact.h"
+
 namespace kdfast::rkd {
 namespace {
 
 // One side: centred rows (float64 for every input dtype: products of float32 values are
 // exact in float64, semantics 1.5; never TF32), their Gram matrix and the inverse pair norms.
 struct AngleSide {
-  at::Tensor centred;
+  at::Tensor x64, centred;
   AngleSideMatrices m;
 };
 
 AngleSide make_angle_side(const at::Tensor& x, const AngleKernels& kernels) {
-  const at::Tensor x64 = x.to(at::kDouble);
   AngleSide side;
-  side.centred = (x64 - x64.mean(0, /*keepdim=*/true)).contiguous();
+  side.x64 = x.to(at::kDouble).contiguous();
+  side.centred = (side.x64 - side.x64.mean(0, /*keepdim=*/true)).contiguous();
   side.m.gram = at::mm(side.centred, side.centred.t()).contiguous();
   side.m.inv_norm = at::empty_like(side.m.gram);
   side.m.norm_active = at::empty_like(side.m.gram);
@@ -26,14 +28,30 @@ at::ScalarType angle_loss_dtype(const at::Tensor& s, const at::Tensor& t) {
   return at::promote_types(at::promote_types(s.scalar_type(), t.scalar_type()), at::kFloat);
 }
 
+// The vertices with a near pair on either side (csrc/rkd_exact.h): their rows of r and
+// norm_active are zeroed on both sides, so the triple loops give them no loss and no gradient
+// (every A_ijk = 0 on both sides), and the exact pass adds theirs. Returns those in
+// [start, stop).
+at::Tensor take_exact_vertices(AngleSide& s, AngleSide& t, int64_t start, int64_t stop) {
+  at::Tensor idx = near_vertices(s.m.gram, t.m.gram);
+  if (idx.size(0) == 0) return idx;
+  for (AngleSide* side : {&s, &t}) {
+    side->m.inv_norm.index_fill_(0, idx, 0.0);
+    side->m.norm_active.index_fill_(0, idx, 0.0);
+  }
+  return idx.masked_select((idx >= start).logical_and_(idx < stop));
+}
+
 AngleGradAccumulators make_accumulators(const at::Tensor& gram, bool needed) {
   if (!needed) return {};
   return {at::zeros_like(gram), at::zeros_like(gram), at::zeros_like(gram)};
 }
 
-// dL/dX of one side from its accumulators (csrc/rkd_angle.h), times the upstream gradient.
+// dL/dX of one side from its accumulators (csrc/rkd_angle.h) plus `exact` (the exact
+// vertices' gradient, unscaled; undefined: none), times the upstream gradient.
 at::Tensor angle_side_backward(const AngleSide& side, const AngleGradAccumulators& acc,
-                               const at::Tensor& grad, at::ScalarType dtype) {
+                               const at::Tensor& exact, const at::Tensor& grad,
+                               at::ScalarType dtype) {
   // Through the cosines' numerators: dG_jk += m, dG_ij -= 2 w, dG_ii += rowsum(w).
   at::Tensor grad_gram = acc.m - 2.0 * acc.w;
   // Through the norms: h_ij = dL/dD2_ij = -r_ij^2 p_ij (zero where clamped or degenerate);
@@ -44,8 +62,9 @@ at::Tensor angle_side_backward(const AngleSide& side, const AngleGradAccumulator
   // G = Xc Xc^T: dXc = (dG + dG^T) Xc; then the centring backward.
   at::Tensor grad_centred = at::mm(grad_gram + grad_gram.t(), side.centred);
   const double n = static_cast<double>(side.centred.size(0));
-  grad_centred = (grad_centred - grad_centred.mean(0, /*keepdim=*/true)) *
-                 (grad.to(at::kDouble) / (n * n * n));
+  grad_centred = grad_centred - grad_centred.mean(0, /*keepdim=*/true);
+  if (exact.defined()) grad_centred += exact;
+  grad_centred = grad_centred * (grad.to(at::kDouble) / (n * n * n));
   return grad_centred.to(dtype);
 }
 
@@ -64,11 +83,13 @@ at::Tensor angle_loss(const at::Tensor& student, const at::Tensor& teacher,
   check_vertex_range(start, stop, n);
   const at::ScalarType dtype = angle_loss_dtype(student, teacher);
   if (start == stop) return at::zeros({}, student.options().dtype(dtype));
-  const AngleSide s = make_angle_side(student, kernels);
-  const AngleSide t = make_angle_side(teacher, kernels);
-  const at::Tensor partial = kernels.forward(s.m, t.m, start, stop);
+  AngleSide s = make_angle_side(student, kernels);
+  AngleSide t = make_angle_side(teacher, kernels);
+  const at::Tensor exact = take_exact_vertices(s, t, start, stop);
+  at::Tensor total = kernels.forward(s.m, t.m, start, stop).sum();
+  if (exact.size(0) > 0) total = total + exact_vertex_loss(s.x64, t.x64, exact);
   const double count = static_cast<double>(n) * static_cast<double>(n) * static_cast<double>(n);
-  return (partial.sum() / count).to(dtype);
+  return (total / count).to(dtype);
 }
 
 std::tuple<at::Tensor, at::Tensor> angle_loss_backward(const at::Tensor& grad,
@@ -87,16 +108,23 @@ std::tuple<at::Tensor, at::Tensor> angle_loss_backward(const at::Tensor& grad,
             teacher_grad ? at::zeros_like(teacher, at::MemoryFormat::Contiguous)
                          : at::empty({0}, teacher.options())};
   }
-  const AngleSide s = make_angle_side(student, kernels);
-  const AngleSide t = make_angle_side(teacher, kernels);
+  AngleSide s = make_angle_side(student, kernels);
+  AngleSide t = make_angle_side(teacher, kernels);
+  const at::Tensor exact = take_exact_vertices(s, t, start, stop);
+  at::Tensor exact_s, exact_t;
+  if (exact.size(0) > 0) {
+    if (student_grad) exact_s = at::zeros_like(s.x64);
+    if (teacher_grad) exact_t = at::zeros_like(t.x64);
+    exact_vertex_backward(s.x64, t.x64, exact, exact_s, exact_t);
+  }
   AngleGradAccumulators acc_s = make_accumulators(s.m.gram, student_grad);
   AngleGradAccumulators acc_t = make_accumulators(t.m.gram, teacher_grad);
   kernels.backward(s.m, t.m, acc_s, acc_t, start, stop);
   at::Tensor grad_s = student_grad
-                          ? angle_side_backward(s, acc_s, grad, student.scalar_type())
+                          ? angle_side_backward(s, acc_s, exact_s, grad, student.scalar_type())
                           : at::empty({0}, student.options());
   at::Tensor grad_t = teacher_grad
-                          ? angle_side_backward(t, acc_t, grad, teacher.scalar_type())
+                          ? angle_side_backward(t, acc_t, exact_t, grad, teacher.scalar_type())
                           : at::empty({0}, teacher.options());
   return {grad_s, grad_t};
 }

@@ -10,7 +10,9 @@ namespace kdfast::rkd {
 
 // Distances are clamped below at sqrt(1e-12) = 1e-6 (semantics 1.1).
 constexpr double kMinSquaredDistance = 1e-12;
-// A pair is degenerate when D2 <= 64 u (G_ii + G_jj) (semantics 1.5).
+// A pair is degenerate when D2 <= 64 u (G_ii + G_jj) (semantics 1.5). Every such pair is also
+// near (csrc/rkd_exact.h) and the op replaces its distance with the direct one: overall only
+// exact duplicates are degenerate.
 constexpr double kDegenerateFactor = 64.0;
 
 // Distance of the pair (i, j), i != j, from the entries of the centred Gram matrix.

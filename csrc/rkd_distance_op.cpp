@@ -1,14 +1,33 @@
 #include "rkd_distance_op.h"
 
+#include "rkd_exact.h"
+
 namespace kdfast::rkd {
 namespace {
 
 // One side (student or teacher): centred rows, their float64 Gram matrix, the pair
 // distances and their off-diagonal mean. float64 accumulation for every input dtype:
 // products of float32 values are exact in float64 (semantics 1.5), and it is never TF32.
+// Near pairs (csrc/rkd_exact.h), ordered (i, j) and (j, i): near_i, near_j, their direct
+// differences x_i - x_j and whether the gradient flows (D2 above the clamp); their
+// distances replace the kernel's.
 struct Side {
   at::Tensor centred, gram, dist, mean;
+  at::Tensor near_i, near_j, near_diff, near_active;
 };
+
+constexpr double kMinSquaredDistanceExact = 1e-12;
+
+void resolve_near_pairs(const at::Tensor& x64, Side& side) {
+  const at::Tensor pairs = near_pairs(side.gram).nonzero();
+  if (pairs.size(0) == 0) return;
+  side.near_i = pairs.select(1, 0);
+  side.near_j = pairs.select(1, 1);
+  side.near_diff = x64.index_select(0, side.near_i) - x64.index_select(0, side.near_j);
+  const at::Tensor d2 = (side.near_diff * side.near_diff).sum(1);
+  side.near_active = (d2 > kMinSquaredDistanceExact).logical_or_(d2 != d2);
+  side.dist.index_put_({side.near_i, side.near_j}, d2.clamp_min(kMinSquaredDistanceExact).sqrt());
+}
 
 Side make_side(const at::Tensor& x, PairForward forward) {
   const int64_t n = x.size(0);
@@ -18,6 +37,7 @@ Side make_side(const at::Tensor& x, PairForward forward) {
   side.gram = at::mm(side.centred, side.centred.t()).contiguous();
   side.dist = at::empty_like(side.gram);
   forward(side.gram, side.dist);
+  resolve_near_pairs(x64, side);
   side.mean = side.dist.sum() / static_cast<double>(n * (n - 1));
   return side;
 }
@@ -37,9 +57,24 @@ at::Tensor side_backward(const Side& side, const at::Tensor& grad_psi, at::Scala
   grad_dist.fill_diagonal_(0);
   at::Tensor grad_d2 = at::empty_like(grad_dist);
   backward(side.gram, grad_dist.contiguous(), grad_d2);
+  at::Tensor near_grad;
+  if (side.near_i.defined()) {
+    // Near pairs: h = dL/dD2 from the direct distance, out of the Gram GEMM.
+    const at::Tensor d = side.dist.index({side.near_i, side.near_j});
+    const at::Tensor h = at::where(side.near_active,
+                                   grad_dist.index({side.near_i, side.near_j}) / (2.0 * d),
+                                   at::zeros_like(d));
+    grad_d2.index_put_({side.near_i, side.near_j}, 0.0);
+    near_grad = 2.0 * h.unsqueeze(1) * side.near_diff;
+  }
   // D2_ij = G_ii + G_jj - 2 G_ij and G = Xc Xc^T give dXc = 4 (rowsum(h) Xc - h Xc).
   at::Tensor grad_centred =
       4.0 * (grad_d2.sum(1, /*keepdim=*/true) * side.centred - at::mm(grad_d2, side.centred));
+  if (near_grad.defined()) {
+    // D2_ij = ||x_i - x_j||^2 of each ordered near pair: 2 h (x_i - x_j) to row i, minus to j.
+    grad_centred.index_add_(0, side.near_i, near_grad);
+    grad_centred.index_add_(0, side.near_j, -near_grad);
+  }
   return (grad_centred - grad_centred.mean(0, /*keepdim=*/true)).to(dtype);
 }
 

@@ -7,6 +7,11 @@
   N x N intermediates;
 * triton: ``kdfast::rkd_distance_triton`` around the launchers of
   :mod:`kdfast.triton.rkd_distance`.
+
+Near pairs (semantics 1.5): a pair whose Gram D2 cancels (D2 <= 1e-8 (G_ii + G_jj)) takes its
+distance and its gradient from the direct float64 difference of its rows, at O(D) per pair,
+in every backend (the reference takes every distance from direct differences). Only an
+exact duplicate is degenerate: distance 1e-6 (the clamp), no gradient through it.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@ Distillation", CVPR 2019 (lenscloth/RKD).
 
 The official pdist takes squared norms from a separate row sum and works in the input
 dtype; in float32 that cancels catastrophically for features far from the origin or in tight
-clusters. kdfast centres the rows (distances are translation invariant) and forms the Gram
-expansion in float64, so this reference is the float64 truth of semantics 7 for every input dtype.
+clusters. kdfast takes every distance from the direct float64 differences x_i - x_j (exact for
+float32 and half inputs), so this reference is the float64 truth of semantics 7 for every input
+dtype, near-duplicate pairs included (semantics 1.5: a Gram expansion would cancel there).
 """
 
 from __future__ import annotations
@@ -22,23 +23,21 @@ D2_MIN = 1e-12
 def pdist(e: Tensor) -> Tensor:
     """Pairwise Euclidean distances of the rows of ``e`` (semantics 1.1), in float64.
 
-    G = e e^T of the centred rows; D2_ij = G_ii + G_jj - 2 G_ij (squared norms from the
-    diagonal of the same G, so a duplicate pair gives exactly 0 before the clamp); D2 is
-    clamped below at 1e-12; D = sqrt(D2); the diagonal is exactly 0 and carries no gradient.
+    D_ij = ||x_i - x_j|| from the direct differences (``torch.cdist`` without its Gram
+    shortcut: O(N^2) memory; a duplicate pair gives exactly 0 before the clamp), clamped
+    below at sqrt(1e-12) = 1e-6 with no gradient below the clamp (an exact duplicate pair
+    gets none); the diagonal is exactly 0 and carries no gradient.
 
     Args:
-        e: (N, D) features of any floating dtype (converted to float64 first, so the
-            centring and the Gram matrix are exact up to float64 rounding and never TF32).
+        e: (N, D) features of any floating dtype (converted to float64 first: the
+            differences of float32 and half values are exact, and nothing is TF32).
 
     Returns:
         (N, N) float64 distances.
     """
     x = e.to(torch.float64)
-    x = x - x.mean(dim=0, keepdim=True)
-    gram = x @ x.T
-    sq_norms = torch.diagonal(gram)
-    d2 = sq_norms.unsqueeze(1) + sq_norms.unsqueeze(0) - 2.0 * gram
-    d = d2.clamp_min(D2_MIN).sqrt()
+    d = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist")
+    d = d.clamp_min(D2_MIN**0.5)
     # A constant mask (not an in-place write) keeps autograd and torch.compile happy; the
     # product, unlike torch.where, still propagates a NaN input on the diagonal.
     off_diagonal = 1.0 - torch.eye(e.shape[0], dtype=torch.float64, device=e.device)

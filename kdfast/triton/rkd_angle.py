@@ -28,6 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from kdfast._validation import check_vertex_range, compute_dtype
+from kdfast.triton import _rkd_exact
 from kdfast.triton.rkd_distance import centred_gram
 
 #: semantics 1.5: a pair is degenerate when D2 <= 64 u (G_ii + G_jj), u = 2^-53 (float64).
@@ -183,6 +184,18 @@ def column_kernel(
     tl.store(mt_ptr + tile, mt, mask=mask)
 
 
+def _take_exact_vertices(gs, rs, active_s, gt, rt, active_t, start: int, stop: int) -> Tensor:
+    """The vertices with a near pair on either side (:mod:`kdfast.triton._rkd_exact`):
+    their rows of r and active are zeroed on both sides (every A_ijk = 0 on both sides: the
+    kernels give them no loss and no gradient) and the exact pass adds theirs. Returns
+    those in [start, stop)."""
+    idx = _rkd_exact.near_vertices(gs, gt)
+    if idx.numel():
+        for m in (rs, active_s, rt, active_t):
+            m[idx] = 0.0
+    return idx[(idx >= start) & (idx < stop)]
+
+
 def _side(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(centred rows, G, r, active, fix) of one side, all float64."""
     centred, gram = centred_gram(x)
@@ -202,14 +215,19 @@ def _forward(student: Tensor, teacher: Tensor, start: int, stop: int) -> Tensor:
     dtype = compute_dtype(student, teacher)
     if start == stop:
         return student.new_zeros((), dtype=dtype)
-    _, gs, rs, _, fs = _side(student)
-    _, gt, rt, _, ft = _side(teacher)
+    _, gs, rs, active_s, fs = _side(student)
+    _, gt, rt, active_t, ft = _side(teacher)
+    exact = _take_exact_vertices(gs, rs, active_s, gt, rt, active_t, start, stop)
     partial = gs.new_empty((stop - start, n))
     row_kernel[(stop - start, triton.cdiv(n, BLOCK_J))](
         gs, rs, fs, gt, rt, ft, partial, partial, partial, partial, partial, n, start,
         GRAD=False, BLOCK_J=BLOCK_J, BLOCK_K=BLOCK_K,
     )  # fmt: skip
-    return (partial.sum() / float(n) ** 3).to(dtype)
+    total = partial.sum()
+    if exact.numel():
+        x64 = (student.to(torch.float64), teacher.to(torch.float64))
+        total = total + _rkd_exact.exact_vertex_loss(*x64, exact)
+    return (total / float(n) ** 3).to(dtype)
 
 
 def rkd_angle_triton(student: Tensor, teacher: Tensor) -> Tensor:
@@ -226,15 +244,18 @@ def rkd_angle_vertices_triton(student: Tensor, teacher: Tensor, start: int, stop
     return _forward(student, teacher, start, stop)
 
 
-def _side_backward(centred, r, active, m, w, p, scale: Tensor, dtype) -> Tensor:
-    """dL/dX of one side from its accumulators (csrc/rkd_angle.h)."""
+def _side_backward(centred, r, active, m, w, p, exact, scale: Tensor, dtype) -> Tensor:
+    """dL/dX of one side from its accumulators (csrc/rkd_angle.h) plus ``exact`` (the
+    exact vertices' unscaled gradient, or None)."""
     grad_gram = m - 2.0 * w
     h = -(r * r) * p * active
     grad_gram = grad_gram - 2.0 * h
     grad_gram.diagonal().add_(w.sum(1) + h.sum(1) + h.sum(0))
     grad_centred = (grad_gram + grad_gram.T) @ centred
-    grad_centred = (grad_centred - grad_centred.mean(dim=0, keepdim=True)) * scale
-    return grad_centred.to(dtype)
+    grad_centred = grad_centred - grad_centred.mean(dim=0, keepdim=True)
+    if exact is not None:
+        grad_centred = grad_centred + exact
+    return (grad_centred * scale).to(dtype)
 
 
 def _backward(
@@ -260,6 +281,13 @@ def _backward(
         )
     xs, gs, rs, active_s, fs = _side(student)
     xt, gt, rt, active_t, ft = _side(teacher)
+    exact = _take_exact_vertices(gs, rs, active_s, gt, rt, active_t, start, stop)
+    exact_s = exact_t = None
+    if exact.numel():
+        x64s, x64t = student.to(torch.float64), teacher.to(torch.float64)
+        exact_s = torch.zeros_like(x64s) if student_grad else None
+        exact_t = torch.zeros_like(x64t) if teacher_grad else None
+        _rkd_exact.exact_vertex_backward(x64s, x64t, exact, exact_s, exact_t)
     # w and p: the row kernel writes the rows i in [start, stop) only
     ws, ps, wt, pt = (torch.zeros_like(gs) for _ in range(4))
     ms, mt = torch.empty_like(gs), torch.empty_like(gs)
@@ -272,12 +300,12 @@ def _backward(
     )
     scale = grad.to(torch.float64) / float(n) ** 3
     grad_s = (
-        _side_backward(xs, rs, active_s, ms, ws, ps, scale, student.dtype)
+        _side_backward(xs, rs, active_s, ms, ws, ps, exact_s, scale, student.dtype)
         if student_grad
         else student.new_empty((0,))
     )
     grad_t = (
-        _side_backward(xt, rt, active_t, mt, wt, pt, scale, teacher.dtype)
+        _side_backward(xt, rt, active_t, mt, wt, pt, exact_t, scale, teacher.dtype)
         if teacher_grad
         else teacher.new_empty((0,))
     )

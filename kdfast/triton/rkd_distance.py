@@ -4,8 +4,9 @@
 The launcher centres the rows and forms the Gram matrix G with a float64 GEMM through
 torch for every input dtype (semantics 1.5: never TF32); the kernels work on tiles of pairs
 (i-block, j-block) of G in float64: distances D_ij with the clamp and the degenerate-pair
-rule, and dL/dD2 in the backward. Launchers accept CPU tensors (TRITON_INTERPRET=1).
-Import only when triton is importable.
+rule, and dL/dD2 in the backward. Near pairs, whose Gram D2 cancels, are then resolved
+from direct differences (:mod:`kdfast.triton._rkd_exact`). Launchers accept CPU tensors
+(TRITON_INTERPRET=1). Import only when triton is importable.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import triton.language as tl
 from torch import Tensor
 
 from kdfast._validation import compute_dtype
+from kdfast.triton import _rkd_exact
 
 #: semantics 1.5: a pair is degenerate when D2 <= 64 u (G_ii + G_jj), u = 2^-53 (float64).
 DEGENERATE = tl.constexpr(64.0 * 2.0**-53)
@@ -85,16 +87,19 @@ def pair_distances(gram: Tensor) -> Tensor:
     return pair_dist
 
 
-def _side(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _side(x: Tensor):
+    """(centred rows, G, distances, their off-diagonal mean, near pairs): the near pairs'
+    distances come from direct differences (:mod:`kdfast.triton._rkd_exact`)."""
     centred, gram = centred_gram(x)
     pair_dist = pair_distances(gram)
+    near = _rkd_exact.resolve_near_distances(x.to(torch.float64), gram, pair_dist)
     n = x.shape[0]
-    return centred, gram, pair_dist, pair_dist.sum() / (n * (n - 1))
+    return centred, gram, pair_dist, pair_dist.sum() / (n * (n - 1)), near
 
 
 def _smooth_l1_parts(s: Tensor, t: Tensor):
-    _, _, pair_dist_s, mean_s = _side(s)
-    _, _, pair_dist_t, mean_t = _side(t)
+    _, _, pair_dist_s, mean_s, _ = _side(s)
+    _, _, pair_dist_t, mean_t, _ = _side(t)
     return pair_dist_s / mean_s - pair_dist_t / mean_t
 
 
@@ -107,14 +112,20 @@ def rkd_distance_triton(student: Tensor, teacher: Tensor) -> Tensor:
 
 
 def _side_backward(x: Tensor, grad_psi: Tensor) -> Tensor:
-    centred, gram, pair_dist, mean = _side(x)
+    centred, gram, pair_dist, mean, near = _side(x)
     n = x.shape[0]
     through_mean = (grad_psi * pair_dist).sum() / (mean * mean * (n * (n - 1)))
     grad_pair_dist = grad_psi / mean - through_mean
     grad_pair_dist.fill_diagonal_(0.0)
     grad_d2 = torch.empty_like(grad_pair_dist)
     pair_backward_kernel[_grid(n)](gram, grad_pair_dist.contiguous(), grad_d2, n, BLOCK=BLOCK)
+    if near is not None:
+        rows, near_grad = _rkd_exact.near_distance_backward(
+            near, pair_dist, grad_pair_dist, grad_d2
+        )
     grad_centred = 4.0 * (grad_d2.sum(1, keepdim=True) * centred - grad_d2 @ centred)
+    if near is not None:
+        grad_centred.index_add_(0, rows, near_grad)
     return (grad_centred - grad_centred.mean(dim=0, keepdim=True)).to(x.dtype)
 
 

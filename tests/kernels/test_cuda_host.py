@@ -68,11 +68,26 @@ def rkd_inputs(case: str, n: int = N) -> tuple[torch.Tensor, torch.Tensor]:
     elif case == "near_duplicates":  # recomputed from the rows (kNearFactor)
         s[4] = s[1] + 1e-6
         t[9] = t[30] + 1e-6
+    elif case.startswith("exact_pair_"):  # resolved from direct differences (rkd_exact.h)
+        # scaled so that a 1-ulp distance exceeds the 1e-6 clamp
+        s, t = _near_pair(s * 1e11, 4, 1, case[11:]), _near_pair(t * 1e11, 30, 9, case[11:])
     elif case == "duplicate_rows":  # degenerate pairs, in both sides
         s[2] = s[5]
         s[36] = s[5]
         t[1] = t[4]
     return s, t
+
+
+def _near_pair(x: torch.Tensor, a: int, b: int, separation: str) -> torch.Tensor:
+    """Row a moved next to row b: one ulp in one coordinate, or ``separation * ||x_b||``."""
+    x = x.clone()
+    if separation == "ulp":
+        x[a] = x[b]
+        x[a, 0] = torch.nextafter(x[b, 0], torch.tensor(float("inf"), dtype=F64))
+    else:
+        direction = _randn(x.shape[1], seed=a)
+        x[a] = x[b] + float(separation) * x[b].norm() * direction / direction.norm()
+    return x
 
 
 def reference_grads(fn, s, t, *args, grad=1.0):
@@ -91,7 +106,15 @@ def check_grads(case, got, want, tol=PARITY_GRAD):
             assert rel_error(g, w) <= tol, (case, rel_error(g, w))
 
 
-RKD_CASES = ["random", "clustered", "near_duplicates", "duplicate_rows"]
+RKD_CASES = [
+    "random",
+    "clustered",
+    "near_duplicates",
+    "duplicate_rows",
+    "exact_pair_ulp",
+    "exact_pair_1e-9",
+    "exact_pair_1e-7",
+]
 
 
 def test_host_ops_are_not_a_backend():
