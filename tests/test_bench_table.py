@@ -98,3 +98,35 @@ def test_in_process_measures_and_reports_errors_as_rows(tmp_path):
     bad = measure_in_process(case="no_such_case", size=[2, 3], impl="kdfast", mode="forward",
                              repeats=1)  # fmt: skip
     assert bad["error"].startswith("KeyError")
+
+
+def test_conditions_see_other_processes_and_flag_busy_rows(tmp_path):
+    """--background-load N spins N processes for the run; every measurement records the
+    cores others used, and the row is flagged busy (also in the JSON's conditions)."""
+    import json
+    import time
+
+    from kdfast.bench import __main__ as bench
+    from kdfast.bench.conditions import Window, background_load, is_busy, is_noisy
+
+    with background_load(1), Window() as window:
+        time.sleep(0.2)  # let the spinner start
+        with Window() as inner:
+            time.sleep(0.4)
+    conditions = inner.result()
+    assert conditions["others_cores"] >= 0.5 and conditions["cpu_per_wall"] < 0.2
+    assert is_busy(conditions) and window.result()["others_cores"] > 0
+    assert is_busy({"others_cores": 0.0, "load_before": 100.0}, cores=2)
+    assert not is_busy({"others_cores": 0.1, "load_before": 0.5, "load_after": 0.4}, cores=2)
+    assert is_noisy({"min_s": 1.0, "median_s": 1.0, "max_s": 2.5})
+    assert not is_noisy({"min_s": 1.0, "median_s": 1.1, "max_s": 1.3})
+
+    out = tmp_path / "bench.json"
+    argv = ["--smoke", "--cases", "kd", "--impls", "kdfast", "--background-load", "1"]
+    assert bench.main([*argv, "--no-plots", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["metadata"]["background_load"] == 1
+    (row,) = result["rows"]
+    assert row["results"]["kdfast"]["conditions"]["others_cores"] >= 0.5
+    assert "busy" in bench.row_flags(row)
+    assert bench.table_cells(row)[-1].startswith("busy")

@@ -23,6 +23,7 @@ import torch
 
 import kdfast
 from kdfast.bench.cases import CASES
+from kdfast.bench.conditions import background_load, is_busy, is_noisy, load_average
 from kdfast.bench.harness import (
     FAST_REPEATS,
     FAST_RUN_S,
@@ -84,8 +85,21 @@ def _mb(nbytes):
 COLUMNS = (
     ("case", 36), ("size", 22), ("mode", 17), ("backend", 10), ("kdfast ms", 10),
     ("spread", 8), ("ref ms", 10), ("x ref", 7), ("comp ms", 10), ("x comp", 7), ("kd MB", 7),
-    ("ref MB", 8), ("comp MB", 8), ("loss err", 10), ("grad err", 10),
+    ("ref MB", 8), ("comp MB", 8), ("loss err", 10), ("grad err", 10), ("flags", 12),
 )  # fmt: skip
+
+
+def row_flags(row: dict) -> list[str]:
+    """ "busy" when any measurement of the row ran on a busy machine (other processes over
+    BUSY_OTHERS_CORES cores, or load above the cores), "noisy" when kdfast's spread is over
+    NOISY_SPREAD: timings so flagged are unreliable."""
+    results = [r for r in row["results"].values() if "median_s" in r]
+    flags = []
+    if any(is_busy(r.get("conditions", {})) for r in results):
+        flags.append("busy")
+    if is_noisy(row["results"].get("kdfast", {})):
+        flags.append("noisy")
+    return flags
 
 
 def table_cells(row: dict) -> list[str]:
@@ -124,6 +138,7 @@ def table_cells(row: dict) -> list[str]:
             "skip" if "skipped" in err else f"{err.get(key, float('nan')):.1e}"
             for key in ("loss_error", "grad_error")
         ),
+        ",".join(row_flags(row)) or "-",
     ]
 
 
@@ -225,6 +240,14 @@ def main(argv: list[str] | None = None) -> int:
         "--impls", nargs="*", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS
     )
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement")
+    parser.add_argument(
+        "--background-load",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run N processes spinning on a core each for the duration (a reproducibly busy "
+        "machine; the table flags its measurements 'busy')",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default="bench-results/results.json", help="output JSON path")
     parser.add_argument(
@@ -257,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = metadata(args.device)
     in_process = args.device == "cuda" if args.in_process is None else args.in_process
     meta["in_process"] = in_process
+    meta["background_load"] = args.background_load
+    meta["load_at_start"] = load_average()
     log(
         f"kdfast {meta['kdfast']} ({meta['commit']}), torch {meta['torch']}, {args.device}, "
         f"{meta['cores']} cores, {meta['ram_gib']} GiB; suite {suite_name}, median of {repeats} "
@@ -279,11 +304,25 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump({"metadata": meta, "suite": suite_name, "rows": rows}, f, indent=1)
 
-    for s in suites:
-        run(s, names, args.modes, args.impls, repeats, args.device, log, save, in_process)
+    load, cores = meta["load_at_start"], meta["cores"] or 1
+    if args.background_load:
+        log(f"background load: {args.background_load} spinning processes for the whole run")
+    elif load is not None and load > cores:
+        log(f"WARNING: the load average is {load:.1f} on {cores} cores: other work is running, "
+            "and timings taken now are unreliable (the table flags them 'busy')")  # fmt: skip
+    with background_load(args.background_load):
+        for s in suites:
+            run(s, names, args.modes, args.impls, repeats, args.device, log, save, in_process)
     meta["wall_s"] = round(time.perf_counter() - started, 1)
     print(format_table(rows, markdown=args.markdown))
     log(f"suite {suite_name}: {len(rows)} measurements in {meta['wall_s']:.0f} s wall time")
+    flagged = {f: sum(f in row_flags(r) for r in rows) for f in ("busy", "noisy")}
+    if flagged["busy"]:
+        log(f"WARNING: {flagged['busy']} of {len(rows)} rows were measured while other "
+            "processes used more than half a core: their timings are unreliable")  # fmt: skip
+    if flagged["noisy"]:
+        log(f"{flagged['noisy']} of {len(rows)} rows have a kdfast spread over 100%: rerun "
+            "them with more --repeats on a quiet machine")  # fmt: skip
     save()
     log(f"wrote {args.json}")
     if args.plots:

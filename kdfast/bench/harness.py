@@ -4,8 +4,10 @@ Time: median and spread of ``repeats`` timed runs after warm-up, for "forward",
 "backward" (forward untimed) and "forward+backward". Memory: the process's peak
 resident-set increase during the timed runs, measured after import, input creation and
 warm-up (Linux: VmHWM reset through /proc/self/clear_refs; CUDA: max_memory_allocated).
-Error: relative error (semantics 7) of the loss and the gradient against the float64
-reference on the same inputs (kdfast's own float64 result where the reference is skipped).
+Conditions (:mod:`kdfast.bench.conditions`): load average, CPU time over wall time, and the
+cores other processes used during the timed runs. Error: relative error (semantics 7) of
+the loss and the gradient against the float64 reference on the same inputs (kdfast's own
+float64 result where the reference is skipped).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 
 import kdfast
 from kdfast.bench.cases import BY_NAME
+from kdfast.bench.conditions import Window
 from kdfast.testing import rel_error
 
 IMPLEMENTATIONS = ("kdfast", "reference", "compiled")
@@ -125,7 +128,8 @@ def measure(case_name, size, impl, mode, repeats, device="cpu", dtype=torch.floa
         base = torch.cuda.memory_allocated()
     resettable = _reset_peak()
     rss_base = _rss_bytes("VmRSS")
-    times = [timed() for _ in range(repeats)]
+    with Window() as window:
+        times = [timed() for _ in range(repeats)]
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() - base
     else:
@@ -137,6 +141,7 @@ def measure(case_name, size, impl, mode, repeats, device="cpu", dtype=torch.floa
         "max_s": max(times),
         "times_s": times,
         "peak_bytes": peak,
+        "conditions": window.result(),
         "backend": kdfast._dispatch.select(BY_NAME[case_name].op, params[0])[0]
         if impl == "kdfast"
         else impl,

@@ -78,12 +78,17 @@ def make_impls(op, layout: str = "strided"):
 FUSED_MAX_TEMPERATURE = 10.0
 
 
-def _temperature_limit(s, t, temperature, reduction=None, mask=None, teacher_kind="logits"):
-    if teacher_kind == "logits" and temperature > FUSED_MAX_TEMPERATURE:
-        return (
-            f"temperature {temperature:g} > {FUSED_MAX_TEMPERATURE:g}: the fused KL sum cancels "
-            "in float32 there; the reference's cancellation-free form runs"
-        )
+def _temperature_limit(*args, **kwargs) -> str | None:
+    """(s, t, temperature[, reduction, mask, teacher_kind]) as the implementations take them;
+    a call without the temperature (a backend query by tensors alone) is not limited."""
+    temperature = args[2] if len(args) > 2 else kwargs.get("temperature")
+    teacher_kind = args[5] if len(args) > 5 else kwargs.get("teacher_kind", "logits")
+    if temperature is not None and teacher_kind == "logits":
+        if temperature > FUSED_MAX_TEMPERATURE:
+            return (
+                f"temperature {temperature:g} > {FUSED_MAX_TEMPERATURE:g}: the fused KL sum "
+                "cancels in float32 there; the reference's cancellation-free form runs"
+            )
     return None
 
 
