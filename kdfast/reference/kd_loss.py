@@ -107,8 +107,17 @@ def kd_loss(
     """
     n_cols = s.shape[1]
     s, t = kept_rows_2d(s, mask), kept_rows_2d(t, mask)
-    row_loss = temperature**2 * _row_kl(s, t, temperature, teacher_kind)
+    dtype = compute_dtype(s, t)
+    if dtype != torch.float64 and temperature > FLOAT32_MAX_TEMPERATURE:
+        # T^2 (and the KL, about 1/T^2) leave the float32 range: computed in float64
+        s, t = s.to(torch.float64), t.to(torch.float64)
+    row_loss = (temperature**2 * _row_kl(s, t, temperature, teacher_kind)).to(dtype)
     return reduce_rows(row_loss, reduction, mask, n_cols)
+
+
+#: above this temperature T^2 KL is formed in float64 for float32 (and half) inputs: T^2
+#: overflows float32 near T = 1.8e19, and the KL (about 1/T^2) becomes subnormal
+FLOAT32_MAX_TEMPERATURE = 1e18
 
 
 def reduce_rows(row_loss: Tensor, reduction: str, mask: Tensor | None, n_cols: int) -> Tensor:
