@@ -1,4 +1,4 @@
-"""RKD near-duplicate pairs (semantics 1.5, issue #16): every backend resolves a pair from
+"""RKD near-duplicate pairs (semantics 1.5): every backend resolves a pair from
 the direct differences of its rows, however close, as the official code does (F.normalize of
 x_j - x_i; distances from x_i - x_j). Only exact duplicates are degenerate."""
 
