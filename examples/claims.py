@@ -56,14 +56,14 @@ CONFIGS = {
     "rkd": dict(seeds=5, epochs=40, lr=1e-3, margin=0.2, teacher_dim=64, student_dim=16),
     "vkd": dict(seeds=10, epochs=60, per_class=30, teacher_epochs=15),
     "dist": dict(seeds=5, epochs=80, teacher_epochs=(1, 3, 10, 30)),
-    "deit": dict(seeds=5, epochs=30, teacher_epochs=15),
+    "deit": dict(seeds=5, epochs=30, teacher_epochs=15, per_class=None),  # None: all
     "ssd_kd": dict(seeds=5, rounds=300, teacher_epochs=15),
 }
 QUICK = {
     "rkd": dict(seeds=2, epochs=1),
     "vkd": dict(seeds=2, epochs=2, per_class=5, teacher_epochs=1),
     "dist": dict(seeds=2, epochs=2, teacher_epochs=(1, 2)),
-    "deit": dict(seeds=2, epochs=1, teacher_epochs=1),
+    "deit": dict(seeds=2, epochs=1, teacher_epochs=1, per_class=10),
     "ssd_kd": dict(seeds=2, rounds=5, teacher_epochs=1),
 }
 
@@ -347,7 +347,12 @@ def claim_deit(data: Digits, cfg: dict, cache: dict) -> dict:
     teacher = _teacher(data, cfg["teacher_epochs"], cache)
     arms = {"none": None, "soft": ("soft", 0.1), "hard": ("hard", 0.5), "soft_a05": ("soft", 0.5)}
     runs: dict[str, list[dict]] = {arm: [] for arm in arms}
+    x, y = data.x_train, data.y_train
     for seed in range(cfg["seeds"]):
+        if cfg["per_class"] is not None:  # the quick runs only: a few images per class
+            g = torch.Generator().manual_seed(1000 + seed)
+            subset = class_balanced_subset(data.y_train, cfg["per_class"], g)
+            x, y = data.x_train[subset], data.y_train[subset]
         for arm, spec in arms.items():
             torch.manual_seed(seed)
             student = TinyViT(dim=32, distillation_token=spec is not None)
@@ -364,9 +369,7 @@ def claim_deit(data: Digits, cfg: dict, cache: dict) -> dict:
                     return deit(b.inputs, b.student_out[0], b.labels, b.teacher_out[0])
 
             start = time.perf_counter()
-            acc = _fit(
-                student, teacher, data.x_train, data.y_train, loss_fn, seed, cfg, batch_size=64
-            )
+            acc = _fit(student, teacher, x, y, loss_fn, seed, cfg, batch_size=min(64, len(y)))
             runs[arm].append(
                 {"seed": seed, "accuracy": acc, "seconds": time.perf_counter() - start}
             )
