@@ -99,6 +99,7 @@ def run_datafree(
         "l_task": history.l_task,
         "l_kd": history.l_kd,
         "l_s": history.l_s,
+        "evals": history.evals,  # (round, test accuracy) at each progress line
     }
 
 
