@@ -25,7 +25,7 @@ float32 and half inputs are computed accurately (the official float32 Gram formu
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -174,15 +174,6 @@ class DistillationLoss(DeiTDistillationLoss):
     def teacher_model(self) -> Callable[[Tensor], Tensor] | None:
         """DeiT's name of the teacher."""
         return self.teacher
-
-    def forward(
-        self,
-        inputs: Tensor,
-        outputs: Tensor | Sequence[Tensor],
-        labels: Tensor,
-        teacher_logits: Tensor | None = None,
-    ) -> Tensor:
-        return super().forward(inputs, outputs, labels, teacher_logits)
 
 
 # --------------------------------------------------------- HobbitLong/RepDistiller distiller_zoo

@@ -1,7 +1,7 @@
-"""kdfast.compat against the official code's formulas, transcribed here in plain PyTorch.
+"""kdfast.compat against the official code's formulas, transcribed in plain PyTorch.
 
-Each official entry point is written out below as its repository computes it (lenscloth/RKD
-metric/loss.py, hunto/DIST_KD, facebookresearch/deit losses.py, HobbitLong/RepDistiller
+Each official entry point is written out as its repository computes it (below; lenscloth/RKD
+metric/loss.py in tests/worked_examples.py, shared with the op tests), hunto/DIST_KD, facebookresearch/deit losses.py, HobbitLong/RepDistiller
 distiller_zoo, roymiles/VkD engine.py); the compat class must match it in float64 (loss
 within 1e-9, gradients within 1e-7, norm-wise relative, semantics 7) with the official
 constructor call, defaults included. The documented deviations are shown on purpose.
@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from conftest import compiled_backends
 from torch import nn
+from worked_examples import official_rkd_angle, official_rkd_distance
 
 from kdfast import compat
 from kdfast.testing import rel_error as rel
@@ -32,37 +33,6 @@ def rand(*shape, seed=0, scale=3.0):
 
 
 # ---------------------------------------------------------------- the official formulas
-
-
-def official_pdist(e, squared=False, eps=1e-12):
-    e_square = e.pow(2).sum(dim=1)
-    prod = e @ e.t()
-    res = (e_square.unsqueeze(1) + e_square.unsqueeze(0) - 2 * prod).clamp(min=eps)
-    if not squared:
-        res = res.sqrt()
-    res = res.clone()
-    res[range(len(e)), range(len(e))] = 0
-    return res
-
-
-def official_rkd_distance(student, teacher):
-    with torch.no_grad():
-        t_d = official_pdist(teacher)
-        t_d = t_d / t_d[t_d > 0].mean()
-    d = official_pdist(student)
-    d = d / d[d > 0].mean()
-    return F.smooth_l1_loss(d, t_d, reduction="mean")
-
-
-def official_rkd_angle(student, teacher):
-    with torch.no_grad():
-        td = teacher.unsqueeze(0) - teacher.unsqueeze(1)
-        norm_td = F.normalize(td, p=2, dim=2)
-        t_angle = torch.bmm(norm_td, norm_td.transpose(1, 2)).view(-1)
-    sd = student.unsqueeze(0) - student.unsqueeze(1)
-    norm_sd = F.normalize(sd, p=2, dim=2)
-    s_angle = torch.bmm(norm_sd, norm_sd.transpose(1, 2)).view(-1)
-    return F.smooth_l1_loss(s_angle, t_angle, reduction="mean")
 
 
 def official_repdistiller_rkd(f_s, f_t, w_d=25, w_a=50):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import kdfast
 from kdfast import linalg
@@ -102,3 +103,40 @@ def check_expm_float32_against_float64(A: torch.Tensor, G: torch.Tensor, skew: b
         eye = torch.eye(A.shape[-1])
         assert float((X32.mT @ X32 - eye).abs().max()) <= EXPM_ORTHOGONALITY_FLOAT32
     return err
+
+
+# --- the official RKD code (lenscloth/RKD metric/utils.py and metric/loss.py), transcribed
+
+
+def official_pdist(e: torch.Tensor, squared: bool = False, eps: float = 1e-12) -> torch.Tensor:
+    """lenscloth/RKD metric/utils.py pdist, transcribed."""
+    e_square = e.pow(2).sum(dim=1)
+    prod = e @ e.t()
+    res = (e_square.unsqueeze(1) + e_square.unsqueeze(0) - 2 * prod).clamp(min=eps)
+    if not squared:
+        res = res.sqrt()
+    res = res.clone()
+    res[range(len(e)), range(len(e))] = 0
+    return res
+
+
+def official_rkd_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """lenscloth/RKD metric/loss.py RkdDistance.forward, transcribed."""
+    with torch.no_grad():
+        t_d = official_pdist(teacher)
+        t_d = t_d / t_d[t_d > 0].mean()
+    d = official_pdist(student)
+    d = d / d[d > 0].mean()
+    return F.smooth_l1_loss(d, t_d)
+
+
+def official_rkd_angle(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """lenscloth/RKD metric/loss.py RKdAngle.forward, transcribed."""
+    with torch.no_grad():
+        td = teacher.unsqueeze(0) - teacher.unsqueeze(1)
+        norm_td = F.normalize(td, p=2, dim=2)
+        t_angle = torch.bmm(norm_td, norm_td.transpose(1, 2)).view(-1)
+    sd = student.unsqueeze(0) - student.unsqueeze(1)
+    norm_sd = F.normalize(sd, p=2, dim=2)
+    s_angle = torch.bmm(norm_sd, norm_sd.transpose(1, 2)).view(-1)
+    return F.smooth_l1_loss(s_angle, t_angle)

@@ -131,40 +131,8 @@ class KDFastOfficialKDLoss(_KD):
     official = True
 
 
-@register_mid_level_loss
-class KDFastOfficialDISTLoss(_LogitPair):
-    """hunto/DIST_KD's DIST with torchdistill ``DISTLoss``'s keywords (kdfast kernel).
-
-    ``eps`` is accepted for the same keywords and must be 1e-8, DIST_KD's constant.
-    """
-
-    def __init__(
-        self,
-        student_module_path,
-        student_module_io,
-        teacher_module_path,
-        teacher_module_io,
-        beta=1.0,
-        gamma=1.0,
-        tau=1.0,
-        eps=1e-8,
-        **kwargs,
-    ) -> None:
-        super().__init__(
-            student_module_path, student_module_io, teacher_module_path, teacher_module_io
-        )
-        if eps != 1e-8:
-            raise ValueError(f"eps must be 1e-8 (DIST_KD's, fixed in kdfast's kernel), got {eps!r}")
-        self.beta, self.gamma, self.tau = KF.check_dist_options(beta, gamma, tau, True, "softmax")
-
-    def forward(self, student_io_dict, teacher_io_dict, *args, **kwargs):
-        s, t = self._pair(student_io_dict, teacher_io_dict)
-        return KF.dist_loss(s, t, self.beta, self.gamma, self.tau)
-
-
-@register_mid_level_loss
-class KDFastDISTLoss(_LogitPair):
-    """torchdistill ``DISTLoss``'s numbers (each norm clamped at eps): plain PyTorch ops."""
+class _DISTKeywords(_LogitPair):
+    """torchdistill ``DISTLoss``'s constructor keywords."""
 
     def __init__(
         self,
@@ -183,6 +151,30 @@ class KDFastDISTLoss(_LogitPair):
         )
         self.beta, self.gamma, self.tau = KF.check_dist_options(beta, gamma, tau, True, "softmax")
         self.eps = float(eps)
+
+
+@register_mid_level_loss
+class KDFastOfficialDISTLoss(_DISTKeywords):
+    """hunto/DIST_KD's DIST with torchdistill ``DISTLoss``'s keywords (kdfast kernel).
+
+    ``eps`` is accepted for the same keywords and must be 1e-8, DIST_KD's constant.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.eps != 1e-8:
+            raise ValueError(
+                f"eps must be 1e-8 (DIST_KD's, fixed in kdfast's kernel), got {self.eps!r}"
+            )
+
+    def forward(self, student_io_dict, teacher_io_dict, *args, **kwargs):
+        s, t = self._pair(student_io_dict, teacher_io_dict)
+        return KF.dist_loss(s, t, self.beta, self.gamma, self.tau)
+
+
+@register_mid_level_loss
+class KDFastDISTLoss(_DISTKeywords):
+    """torchdistill ``DISTLoss``'s numbers (each norm clamped at eps): plain PyTorch ops."""
 
     def _one_minus_mean_pearson(self, a: Tensor, b: Tensor) -> Tensor:
         a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)

@@ -4,8 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from worked_examples import F64, L_A_EX, S_DUP, S_EX, T_EX, clustered, loss_and_grad, randn, tensor
+from worked_examples import (
+    F64,
+    L_A_EX,
+    S_DUP,
+    S_EX,
+    T_EX,
+    clustered,
+    loss_and_grad,
+    official_rkd_angle,
+    randn,
+    tensor,
+)
 
 from kdfast import functional
 from kdfast.losses.rkd import RKDAngleLoss
@@ -14,18 +24,6 @@ from kdfast.reference.rkd_angle import rkd_angle as reference_rkd_angle
 from kdfast.testing import assert_rel_close, rel_error, tolerance
 
 L_A_DUP = 0.0592
-
-
-def official_rkd_angle(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """lenscloth/RKD metric/loss.py RKdAngle.forward, transcribed."""
-    with torch.no_grad():
-        td = teacher.unsqueeze(0) - teacher.unsqueeze(1)
-        norm_td = F.normalize(td, p=2, dim=2)
-        t_angle = torch.bmm(norm_td, norm_td.transpose(1, 2)).view(-1)
-    sd = student.unsqueeze(0) - student.unsqueeze(1)
-    norm_sd = F.normalize(sd, p=2, dim=2)
-    s_angle = torch.bmm(norm_sd, norm_sd.transpose(1, 2)).view(-1)
-    return F.smooth_l1_loss(s_angle, t_angle)
 
 
 # --- docs/semantics.md worked examples ------------------------------------------------------------

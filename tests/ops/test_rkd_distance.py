@@ -4,8 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from worked_examples import F64, L_A_EX, S_DUP, S_EX, T_EX, clustered, loss_and_grad, randn, tensor
+from worked_examples import (
+    F64,
+    L_A_EX,
+    S_DUP,
+    S_EX,
+    T_EX,
+    clustered,
+    loss_and_grad,
+    official_pdist,
+    official_rkd_distance,
+    randn,
+    tensor,
+)
 
 from kdfast import functional
 from kdfast.losses.rkd import RKDDistanceLoss, RKDLoss
@@ -15,26 +26,6 @@ from kdfast.testing import assert_rel_close, rel_error, tolerance
 
 L_D_EX = 0.0279368329695255
 L_D_DUP = 0.148437168544001
-
-
-def official_pdist(e: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """lenscloth/RKD metric/utils.py pdist(e, squared=False), transcribed."""
-    e_square = e.pow(2).sum(dim=1)
-    prod = e @ e.t()
-    res = (e_square.unsqueeze(1) + e_square.unsqueeze(0) - 2 * prod).clamp(min=eps)
-    res = res.sqrt().clone()
-    res[range(len(e)), range(len(e))] = 0
-    return res
-
-
-def official_rkd_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """lenscloth/RKD metric/loss.py RkdDistance.forward, transcribed."""
-    with torch.no_grad():
-        t_d = official_pdist(teacher)
-        t_d = t_d / t_d[t_d > 0].mean()
-    d = official_pdist(student)
-    d = d / d[d > 0].mean()
-    return F.smooth_l1_loss(d, t_d)
 
 
 # --- docs/semantics.md worked examples ------------------------------------------------------------
