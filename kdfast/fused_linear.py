@@ -222,7 +222,6 @@ class _FusedLinearDistill(torch.autograd.Function):
     def backward(ctx, grad):
         if ctx.options.reduction != "none":
             grads = [None if g is None else g * grad.to(g.dtype) for g in ctx.grads]
-            del ctx.grads
         else:
             *inputs, labels, keep = ctx.saved_tensors
             weight = grad if keep is None else torch.where(keep, grad, 0)
