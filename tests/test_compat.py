@@ -1,10 +1,11 @@
 """kdfast.compat against the official code's formulas, transcribed in plain PyTorch.
 
-Each official entry point is written out as its repository computes it (below; lenscloth/RKD
-metric/loss.py in tests/worked_examples.py, shared with the op tests), hunto/DIST_KD, facebookresearch/deit losses.py, HobbitLong/RepDistiller
-distiller_zoo, roymiles/VkD engine.py); the compat class must match it in float64 (loss
-within 1e-9, gradients within 1e-7, norm-wise relative, semantics 7) with the official
-constructor call, defaults included. The documented deviations are shown on purpose.
+Each official entry point is written out as its repository computes it: lenscloth/RKD
+metric/loss.py in tests/worked_examples.py (shared with the op tests), hunto/DIST_KD,
+facebookresearch/deit losses.py, HobbitLong/RepDistiller distiller_zoo and roymiles/VkD
+engine.py below. The compat class must match it in float64 (loss within 1e-9, gradients
+within 1e-7, norm-wise relative, semantics 7) with the official constructor call, defaults
+included. The documented deviations are shown on purpose.
 """
 
 from __future__ import annotations
