@@ -17,6 +17,7 @@ from torch import Tensor
 
 from kdfast import _dispatch
 from kdfast import distributed as _distributed
+from kdfast import fused_linear as _fused_linear
 from kdfast._constants import (
     DIST_ACTIVATIONS,
     KD_REDUCTIONS,
@@ -319,11 +320,76 @@ def vkd_loss(
     return _call("vkd_loss", projected_student, teacher, normalize)
 
 
+def fused_linear_distill(
+    student_input: Tensor,
+    student_weight: Tensor,
+    teacher_input: Tensor,
+    teacher_weight: Tensor,
+    *,
+    divergence: str,
+    student_bias: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    labels: Tensor | None = None,
+    mask: Tensor | None = None,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    reduction: str = "batchmean",
+    soft_loss_weight: float = 1.0,
+    hard_loss_weight: float = 0.0,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Distillation loss of two linear LM heads without materialising their logits
+    (semantics 3.2): logits ``z = x W^T + b`` are formed in row chunks, never (T, V) at once.
+
+    Per token: ``soft_loss_weight * soft + hard_loss_weight * CE(z_s, labels)``, with
+    soft = ``T^2 KL(p_t || p_s)`` ("kl", Hinton KD as :func:`kd_loss`), ``KL(p_s || p_t)``
+    ("reverse_kl") or the generalised JSD with ``beta`` ("jsd", :func:`jsd_loss`: TRL's
+    convention, no T^2; beta = 0 / 1 give the forward / reverse KL). The cross-entropy uses
+    the student's logits at temperature 1 (Liger-Kernel's hard loss).
+
+    Args:
+        student_input: (..., H) hidden states; the leading dims are the tokens.
+        student_weight: (V, H) student lm_head weight; ``student_bias``: optional (V,).
+        teacher_input: (..., Ht) teacher hidden states, same leading shape.
+        teacher_weight: (V, Ht); ``teacher_bias``: optional (V,). The teacher tensors are
+            constants: no gradient reaches them, even when they require grad.
+        divergence: "kl", "reverse_kl" or "jsd".
+        labels: optional integer tokens (leading shape); ``ignore_index`` drops a token.
+        mask: optional bool (leading shape); False drops a token.
+        beta: in [0, 1], the teacher's weight in the JSD mixture ("jsd" only).
+        temperature: T > 0, finite.
+        reduction: "batchmean" (sum / kept tokens), "sum" or "none" ((T,) per token, 0 on
+            dropped ones).
+        soft_loss_weight, hard_loss_weight: weights of the two terms (hard needs labels).
+        chunk_size: rows per chunk; None picks it from a memory budget.
+
+    Returns:
+        A scalar (or (T,)) in promote_types(inputs, float32). Gradients reach
+        ``student_input``, ``student_weight`` and ``student_bias``.
+    """
+    xs, xt, labels, mask = _fused_linear.check_inputs(
+        student_input, student_weight, student_bias, teacher_input, teacher_weight,
+        teacher_bias, labels, mask,
+    )  # fmt: skip
+    options = _fused_linear.check_options(
+        divergence, beta, temperature, reduction, soft_loss_weight, hard_loss_weight,
+        ignore_index, labels,
+    )  # fmt: skip
+    _fused_linear.check_chunk_size(chunk_size)
+    with _autocast_off(xs.device):
+        return _fused_linear.fused_linear_distill(
+            xs, student_weight, student_bias, xt, teacher_weight, teacher_bias, labels, mask,
+            options, chunk_size,
+        )  # fmt: skip
+
+
 __all__ = [
     "kd_loss",
     "per_sample_kl",
     "jsd_loss",
     "dist_loss",
+    "fused_linear_distill",
     "rkd_distance",
     "rkd_angle",
     "vkd_loss",

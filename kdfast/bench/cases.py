@@ -133,6 +133,37 @@ def setup_expm(size, device, dtype):
     return (lambda: kdfast.linalg.expm(a, skew=True)), [a]
 
 
+def _fused_linear(divergence: str, **options):
+    """fused_linear_distill on (T, H, V): student and teacher heads of width H, labels with
+    a tenth of the tokens ignored. The "reference" implementation materialises the logits."""
+
+    def setup(size, device, dtype):
+        tokens, hidden, vocab = size
+        xs = _randn(tokens, hidden, device=device, dtype=dtype, seed=0, grad=True)
+        ws = (
+            _randn(vocab, hidden, device=device, dtype=dtype, seed=1) / hidden**0.5
+        ).requires_grad_()
+        xt = _randn(tokens, hidden, device=device, dtype=dtype, seed=2)
+        wt = _randn(vocab, hidden, device=device, dtype=dtype, seed=3) / hidden**0.5
+        labels = torch.randint(0, vocab, (tokens,), generator=torch.Generator().manual_seed(4))
+        labels[::10] = -100
+        labels = labels.to(device)
+
+        def forward():
+            return kdfast.functional.fused_linear_distill(
+                xs, ws, xt, wt, divergence=divergence, labels=labels, **options
+            )
+
+        return forward, [xs, ws]
+
+    return setup
+
+
+def _fused_linear_bytes(size):
+    tokens, hidden, vocab = size
+    return 8 * tokens * vocab * 4  # materialised logits, log-softmaxes and gradients
+
+
 def _logit_bytes(size):
     return 12 * math.prod(size) * 4  # about a dozen (B, C) float32 temporaries
 
@@ -258,5 +289,25 @@ CASES: list[Case] = [
         setup_expm,
     ),
 ]
+
+for _name, _title, _divergence, _options in (
+    ("fused_linear_kd", "kl T=2", "kl", {"temperature": 2.0}),
+    ("fused_linear_jsd", "jsd beta=0.5 + 0.5 CE", "jsd", {"beta": 0.5, "hard_loss_weight": 0.5}),
+):
+    CASES.append(
+        Case(
+            _name,
+            f"fused_linear_distill {_title} (T, H, V)",
+            "kd_loss" if _divergence == "kl" else "jsd_loss",
+            {
+                "smoke": [(64, 32, 100)],
+                "quick": [(1024, 512, 32000)],
+                "full": [(8192, 2048, 128256)],
+            },
+            _fused_linear(_divergence, **_options),
+            _fused_linear_bytes,
+            lambda size: 0,
+        )
+    )
 
 BY_NAME = {case.name: case for case in CASES}

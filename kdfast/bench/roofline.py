@@ -145,7 +145,22 @@ def vkd(size, e):
     return fwd, bwd
 
 
+def _fused_linear(per_elem_fwd, per_elem_bwd):
+    def work(size, e):
+        """Fused linear-head distillation (T, H, V): the two heads' logit GEMMs and the row
+        math per logit (the logits stay in chunks); backward: the student's two GEMMs."""
+        t, h, v = size
+        io = (2 * t * h + 2 * v * h) * e
+        fwd = Work(io, 2 * (2 * t * h * v), per_elem_fwd * t * v)
+        bwd = Work(io + (t * h + v * h) * e, 2 * (2 * t * h * v), per_elem_bwd * t * v)
+        return fwd, bwd
+
+    return work
+
+
 FORMULAS = {
+    "fused_linear_kd": _fused_linear(12, 10),
+    "fused_linear_jsd": _fused_linear(16, 14),
     "kd": kd,
     "jsd": jsd,
     "dist": dist,

@@ -1,0 +1,108 @@
+"""Reference fused linear-head distillation: both heads' (tokens, V) logits are materialised,
+then kdfast's reference logit losses run on them (semantics 3.2). The executable spec of
+:mod:`kdfast.fused_linear`, differentiated by autograd.
+
+Per token i (rows of the flattened (T, H) hidden states), with ``z = x W^T + b``::
+
+    soft_i = T^2 KL(p_t || p_s)                       divergence "kl" (kd_loss, Hinton)
+             KL(p_s || p_t)                           "reverse_kl" (jsd_loss, beta = 1)
+             JSD_beta(p_s, p_t)                       "jsd" (jsd_loss, TRL's beta)
+    hard_i = cross_entropy(z_s[i], labels[i])         student logits at temperature 1
+    loss_i = soft_loss_weight * soft_i + hard_loss_weight * hard_i
+
+A token is kept when ``labels[i] != ignore_index`` (with labels) and ``mask[i]`` (with a
+mask); dropped tokens contribute 0. Reductions over kept tokens: "batchmean" (sum / kept),
+"sum", "none" ((T,) per token). The teacher is a constant: its logits carry no gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kdfast._validation import compute_dtype
+from kdfast.reference.jsd_loss import jsd_loss
+from kdfast.reference.kd_loss import kd_loss, reduce_rows
+
+
+@dataclass(frozen=True)
+class DistillOptions:
+    """The validated options of a fused linear distillation."""
+
+    divergence: str
+    beta: float
+    temperature: float
+    reduction: str
+    soft_loss_weight: float
+    hard_loss_weight: float
+    ignore_index: int
+
+    @property
+    def jsd_beta(self) -> float:
+        """jsd_loss's beta for "reverse_kl" (1) and "jsd"."""
+        return 1.0 if self.divergence == "reverse_kl" else self.beta
+
+
+def head_logits(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``x W^T + b`` in promote_types(x, weight, bias) (no float32 floor: a half lm_head
+    runs its matmul in half, as the model does)."""
+    dtype = torch.promote_types(x.dtype, weight.dtype)
+    if bias is not None:
+        dtype = torch.promote_types(dtype, bias.dtype)
+    b = None if bias is None else bias.to(dtype)
+    return F.linear(x.to(dtype), weight.to(dtype), b)
+
+
+def kept_tokens(labels: Tensor | None, mask: Tensor | None, ignore_index: int):
+    """Bool (T,) of the tokens that count, or None when every token does."""
+    keep = None if labels is None else labels != ignore_index
+    if mask is not None:
+        keep = mask if keep is None else keep & mask
+    return keep
+
+
+def hard_rows(zs: Tensor, labels: Tensor, keep: Tensor | None, ignore_index: int) -> Tensor:
+    """Per-token cross-entropy of the student logits (0 on dropped tokens)."""
+    if keep is not None:
+        labels = torch.where(keep, labels, ignore_index)
+    z = zs.to(compute_dtype(zs))
+    return F.cross_entropy(z, labels, reduction="none", ignore_index=ignore_index)
+
+
+def combine_rows(soft: Tensor, zs: Tensor, labels, keep, options: DistillOptions) -> Tensor:
+    """``soft_loss_weight * soft + hard_loss_weight * hard`` per token."""
+    rows = options.soft_loss_weight * soft
+    if options.hard_loss_weight != 0:
+        rows = rows + options.hard_loss_weight * hard_rows(zs, labels, keep, options.ignore_index)
+    return rows
+
+
+def soft_rows(zs: Tensor, zt: Tensor, keep: Tensor | None, options: DistillOptions) -> Tensor:
+    """Per-token divergence from kdfast's reference logit losses."""
+    if options.divergence == "kl":
+        return kd_loss(zs, zt, options.temperature, "none", keep, "logits")
+    return jsd_loss(zs, zt, options.jsd_beta, options.temperature, "none", keep)
+
+
+def fused_linear_distill(
+    student_input: Tensor,
+    student_weight: Tensor,
+    student_bias: Tensor | None,
+    teacher_input: Tensor,
+    teacher_weight: Tensor,
+    teacher_bias: Tensor | None,
+    labels: Tensor | None,
+    mask: Tensor | None,
+    options: DistillOptions,
+) -> Tensor:
+    """The loss from materialised logits; inputs validated, (T, H) hidden states, (T,)
+    labels and mask. A scalar, or (T,) for "none", in the loss's compute dtype."""
+    zs = head_logits(student_input, student_weight, student_bias)
+    with torch.no_grad():
+        zt = head_logits(teacher_input, teacher_weight, teacher_bias)
+    keep = kept_tokens(labels, mask, options.ignore_index)
+    rows = combine_rows(soft_rows(zs, zt, keep, options), zs, labels, keep, options)
+    return reduce_rows(rows, options.reduction, keep, 1)

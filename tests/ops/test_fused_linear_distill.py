@@ -1,0 +1,307 @@
+"""fused_linear_distill (kdfast/fused_linear.py, semantics 3.2): the chunked path against the
+materialised reference in float64 for every divergence, reduction, label / mask / bias
+combination and chunk size; gradcheck; TRL's and Liger-Kernel's formulas written out; clear
+errors; and a record of every tensor the chunked path creates (none is (T, V))."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_jsd_loss import trl_generalized_jsd
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import kdfast
+from kdfast.functional import fused_linear_distill
+from kdfast.losses import FusedLinearDistillationLoss
+from kdfast.testing import rel_error as rel
+
+F64 = torch.float64
+T, H, HT, V = 13, 6, 5, 11
+DIVERGENCES = ("kl", "reverse_kl", "jsd")
+
+
+def make(seed=0, dtype=F64, bias=True, tokens=T, lead=None):
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, grad=False):
+        return torch.randn(*shape, generator=g, dtype=F64).to(dtype).requires_grad_(grad)
+
+    lead = lead or (tokens,)
+    xs, ws = randn(*lead, H, grad=True), randn(V, H, grad=True)
+    xt, wt = randn(*lead, HT), randn(V, HT)
+    bs = randn(V, grad=True) if bias else None
+    bt = randn(V) if bias else None
+    labels = torch.randint(0, V, lead, generator=g)
+    labels.view(-1)[::4] = -100
+    mask = torch.ones(lead, dtype=torch.bool)
+    mask.view(-1)[1::5] = False
+    return xs, ws, bs, xt, wt, bt, labels, mask
+
+
+def run(args, backend, grad_seed=1, **kwargs):
+    xs, ws, bs, xt, wt, bt, *_ = args
+    with kdfast.use_backend(backend):
+        loss = fused_linear_distill(xs, ws, xt, wt, student_bias=bs, teacher_bias=bt, **kwargs)
+    params = [p for p in (xs, ws, bs) if p is not None]
+    upstream = torch.randn(loss.shape, generator=torch.Generator().manual_seed(grad_seed))
+    return loss, torch.autograd.grad(loss, params, upstream.to(loss.dtype))
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("reduction", ("batchmean", "sum", "none"))
+@pytest.mark.parametrize("chunk_size", (1, 4, T, None))
+@pytest.mark.parametrize("tokens", ("labels", "mask", "both", "all"))
+def test_chunked_matches_reference_float64(divergence, reduction, chunk_size, tokens):
+    args = make(bias=tokens != "all")
+    labels, mask = args[6], args[7]
+    kwargs = dict(
+        divergence=divergence,
+        reduction=reduction,
+        beta=0.3,
+        temperature=2.0,
+        chunk_size=chunk_size,
+        labels=labels if tokens in ("labels", "both") else None,
+        mask=mask if tokens in ("mask", "both") else None,
+        hard_loss_weight=0.4 if tokens in ("labels", "both") else 0.0,
+        soft_loss_weight=0.7,
+    )
+    loss_ref, grads_ref = run(args, "reference", **kwargs)
+    loss, grads = run(args, None, **kwargs)
+    assert loss.dtype == F64 and loss.shape == loss_ref.shape
+    assert rel(loss, loss_ref) <= 1e-9
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        assert rel(g, g_ref) <= 1e-7
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("reduction", ("batchmean", "none"))
+def test_gradcheck(divergence, reduction):
+    xs, ws, bs, xt, wt, bt, labels, mask = make(tokens=5)
+
+    def f(xs, ws, bs):
+        return fused_linear_distill(
+            xs, ws, xt, wt, divergence=divergence, student_bias=bs, teacher_bias=bt,
+            labels=labels, mask=mask, hard_loss_weight=0.5, reduction=reduction, beta=0.4,
+            temperature=1.5, chunk_size=2,
+        )  # fmt: skip
+
+    assert torch.autograd.gradcheck(f, (xs, ws, bs))
+
+
+def test_leading_dims_are_tokens():
+    """(B, L, H) hidden states with (B, L) labels equal the flattened (B * L, H) call."""
+    xs, ws, bs, xt, wt, bt, labels, _ = make(lead=(2, 7))
+    kwargs = dict(divergence="jsd", labels=labels, hard_loss_weight=1.0, chunk_size=3)
+    a = fused_linear_distill(xs, ws, xt, wt, **kwargs)
+    kwargs["labels"] = labels.reshape(14)
+    b = fused_linear_distill(xs.reshape(14, H), ws, xt.reshape(14, HT), wt, **kwargs)
+    assert rel(a, b) <= 1e-12
+
+
+@pytest.mark.parametrize("beta", (0.0, 0.1, 0.5, 1.0))
+@pytest.mark.parametrize("temperature", (1.0, 2.0))
+def test_jsd_is_trl_generalized_jsd(beta, temperature):
+    """TRL's GKD loss on the materialised (B, L, V) logits, labels == -100 ignored."""
+    xs, ws, bs, xt, wt, bt, labels, _ = make(lead=(2, 7))
+    zs, zt = F.linear(xs, ws, bs), F.linear(xt, wt, bt)
+    trl = trl_generalized_jsd(zs, zt, labels, beta, temperature, "batchmean")
+    ours = fused_linear_distill(
+        xs, ws, xt, wt, divergence="jsd", student_bias=bs, teacher_bias=bt, labels=labels,
+        beta=beta, temperature=temperature, chunk_size=4,
+    )  # fmt: skip
+    assert rel(ours, trl) <= 1e-12
+    if beta in (0.0, 1.0):
+        divergence = "reverse_kl" if beta == 1.0 else "kl"
+        kl = fused_linear_distill(
+            xs, ws, xt, wt, divergence=divergence, student_bias=bs, teacher_bias=bt,
+            labels=labels, temperature=temperature, chunk_size=4,
+        )  # fmt: skip
+        scale = temperature**2 if divergence == "kl" else 1.0  # only "kl" is Hinton's T^2
+        assert rel(kl, scale * trl) <= 1e-12
+
+
+def test_liger_hard_and_soft_weights():
+    """Liger-Kernel's fused linear JSD written out: ``w_hard * CE_sum / n + w_soft *
+    JSD_sum / n`` over the non-ignored tokens n, CE on the untempered student logits."""
+    xs, ws, bs, xt, wt, bt, labels, _ = make()
+    beta, temperature, w_hard, w_soft = 0.25, 3.0, 0.3, 0.6
+    zs, zt = F.linear(xs, ws, bs), F.linear(xt, wt, bt)
+    keep = labels != -100
+    log_s = F.log_softmax(zs / temperature, dim=-1)
+    log_t = F.log_softmax(zt / temperature, dim=-1)
+    log_m = torch.logsumexp(torch.stack([log_s + math_log(1 - beta), log_t + math_log(beta)]), 0)
+    jsd = beta * F.kl_div(log_m, log_t, reduction="none", log_target=True) + (1 - beta) * F.kl_div(
+        log_m, log_s, reduction="none", log_target=True
+    )
+    n = keep.sum()
+    ce = F.cross_entropy(zs, labels, reduction="sum", ignore_index=-100)
+    liger = w_hard * ce / n + w_soft * jsd.sum(-1)[keep].sum() / n
+    loss_fn = FusedLinearDistillationLoss(
+        "jsd", beta=beta, temperature=temperature, soft_loss_weight=w_soft,
+        hard_loss_weight=w_hard, chunk_size=5,
+    )  # fmt: skip
+    ours = loss_fn(xs, ws, xt, wt, labels, bs, bt)
+    assert rel(ours, liger) <= 1e-12
+    assert rel(torch.autograd.grad(ours, ws)[0], torch.autograd.grad(liger, ws)[0]) <= 1e-10
+
+
+def math_log(x: float) -> torch.Tensor:
+    return torch.log(torch.tensor(x, dtype=F64))
+
+
+def test_float32_and_bfloat16_close_to_float64_truth():
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 5e-2)):
+        args = make(dtype=dtype)
+        truth_args = [None if a is None else a.detach().to(F64) if a.is_floating_point() else a
+                      for a in args]  # fmt: skip
+        for a, b in zip(truth_args[:3], args[:3], strict=True):
+            if a is not None:
+                a.requires_grad_(b.requires_grad)
+        kwargs = dict(divergence="jsd", labels=args[6], hard_loss_weight=0.5, chunk_size=4)
+        loss, grads = run(args, None, **kwargs)
+        loss_truth, grads_truth = run(truth_args, "reference", **kwargs)
+        assert loss.dtype == torch.float32
+        assert rel(loss.double(), loss_truth) <= tol
+        assert grads[1].dtype == dtype
+        assert rel(grads[1].double(), grads_truth[1]) <= tol
+
+
+def test_teacher_is_a_constant():
+    xs, ws, bs, xt, wt, bt, labels, _ = make()
+    wt.requires_grad_(True)
+    loss = fused_linear_distill(xs, ws, xt, wt, divergence="kl", labels=labels, chunk_size=4)
+    loss.backward()
+    assert wt.grad is None and ws.grad is not None
+
+
+def test_no_grad_computes_no_gradient():
+    xs, ws, bs, xt, wt, bt, labels, _ = make()
+    with torch.no_grad():
+        a = fused_linear_distill(xs, ws, xt, wt, divergence="jsd", chunk_size=4)
+    b = fused_linear_distill(xs, ws, xt, wt, divergence="jsd", chunk_size=4)
+    assert not a.requires_grad and rel(a, b.detach()) == 0
+
+
+class _Shapes(TorchDispatchMode):
+    """Records the shape of every tensor an aten or custom op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        flat = out if isinstance(out, (tuple, list)) else (out,)
+        self.shapes += [tuple(o.shape) for o in flat if isinstance(o, torch.Tensor)]
+        return out
+
+
+@pytest.mark.parametrize("reduction", ("batchmean", "none"))
+def test_chunked_path_never_creates_a_tokens_by_vocab_tensor(reduction):
+    tokens, vocab, chunk = 64, 50, 8
+    g = torch.Generator().manual_seed(0)
+    xs = torch.randn(tokens, H, generator=g, requires_grad=True)
+    ws = torch.randn(vocab, H, generator=g, requires_grad=True)
+    xt, wt = torch.randn(tokens, HT, generator=g), torch.randn(vocab, HT, generator=g)
+    labels = torch.randint(0, vocab, (tokens,), generator=g)
+    with _Shapes() as mode:
+        loss = fused_linear_distill(
+            xs, ws, xt, wt, divergence="jsd", labels=labels, hard_loss_weight=1.0,
+            reduction=reduction, chunk_size=chunk,
+        )  # fmt: skip
+        loss.sum().backward()
+    largest = max(s[0] * s[1] for s in mode.shapes if len(s) == 2 and vocab in s)
+    assert largest == chunk * vocab
+    with _Shapes() as mode, kdfast.use_backend("reference"):
+        fused_linear_distill(xs, ws, xt, wt, divergence="jsd").backward()
+    assert (tokens, vocab) in mode.shapes  # the recorder sees the materialised logits
+
+
+def test_auto_chunk_size_follows_the_memory_budget():
+    from kdfast.fused_linear import CHUNK_BUFFERS, CHUNK_MEMORY_BUDGET, auto_chunk_size
+
+    chunk = auto_chunk_size(8192, 128256, torch.bfloat16)
+    assert chunk * CHUNK_BUFFERS * 128256 * 4 <= CHUNK_MEMORY_BUDGET
+    assert chunk >= 64
+    assert auto_chunk_size(10, 32000, torch.float32) == 10
+    assert auto_chunk_size(10, 1 << 40, torch.float64) == 1
+
+
+def _call(**overrides):
+    xs, ws, bs, xt, wt, bt, labels, mask = make()
+    kwargs = dict(student_input=xs, student_weight=ws, teacher_input=xt, teacher_weight=wt)
+    kwargs.update(divergence="kl")
+    kwargs.update(overrides)
+    return fused_linear_distill(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "overrides, error, message",
+    [
+        ({"student_weight": torch.randn(V, H + 1)}, ValueError, r"H = student_weight.shape\[1\]"),
+        ({"teacher_weight": torch.randn(V + 1, HT)}, ValueError, "share the vocabulary V"),
+        ({"teacher_input": torch.randn(T + 1, HT)}, ValueError, "same leading"),
+        (
+            {"student_input": torch.randn(0, H), "teacher_input": torch.randn(0, HT)},
+            ValueError,
+            "at least one token",
+        ),
+        ({"student_weight": torch.randn(V)}, ValueError, r"student_weight must be a non-empty"),
+        ({"student_input": torch.randn(T, H).long()}, TypeError, "student_input must be float"),
+        ({"student_bias": torch.randn(V + 1)}, ValueError, r"student_bias must have shape \(11,\)"),
+        ({"labels": torch.zeros(T + 1).long()}, ValueError, r"labels must have shape \(13,\)"),
+        ({"labels": torch.zeros(T)}, TypeError, "labels must be an integer"),
+        ({"mask": torch.ones(T)}, TypeError, "mask must have dtype torch.bool"),
+        ({"divergence": "dist2"}, ValueError, "divergence must be one of"),
+        ({"reduction": "mean"}, ValueError, "reduction must be one of"),
+        ({"beta": 1.5}, ValueError, "beta"),
+        ({"temperature": 0.0}, ValueError, "temperature"),
+        ({"hard_loss_weight": 1.0}, ValueError, "needs labels"),
+        ({"chunk_size": 0}, ValueError, "chunk_size must be a positive int"),
+        ({"ignore_index": 1.5}, TypeError, "ignore_index must be an int"),
+    ],
+)
+def test_bad_inputs(overrides, error, message):
+    with pytest.raises(error, match=message):
+        _call(**overrides)
+
+
+class TinyCausalLM(torch.nn.Module):
+    """A Hugging Face-style causal LM: embeddings, a body, ``lm_head`` (no download)."""
+
+    def __init__(self, vocab, hidden, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed_tokens = torch.nn.Embedding(vocab, hidden)
+        self.body = torch.nn.Sequential(torch.nn.Linear(hidden, hidden), torch.nn.Tanh())
+        self.lm_head = torch.nn.Linear(hidden, vocab, bias=False)
+
+    def forward(self, input_ids):
+        return self.body(self.embed_tokens(input_ids))  # the last hidden states
+
+
+def test_readme_llm_example():
+    """The README's LLM distillation snippet, run as written there."""
+    vocab = 97
+    student, teacher = TinyCausalLM(vocab, 16, seed=0), TinyCausalLM(vocab, 32, seed=1)
+    input_ids = torch.randint(0, vocab, (2, 9))
+    labels = input_ids.clone()
+    labels[:, :3] = -100  # prompt tokens
+
+    loss_fn = kdfast.losses.FusedLinearDistillationLoss("jsd", beta=0.5, hard_loss_weight=0.5)
+    with torch.no_grad():
+        teacher_hidden = teacher(input_ids)
+    loss = loss_fn(
+        student(input_ids), student.lm_head.weight, teacher_hidden, teacher.lm_head.weight, labels
+    )
+    loss.backward()
+
+    assert student.lm_head.weight.grad is not None
+    assert student.embed_tokens.weight.grad is not None
+    with kdfast.use_backend("reference"):
+        expected = loss_fn(
+            student(input_ids), student.lm_head.weight, teacher_hidden, teacher.lm_head.weight,
+            labels,
+        )  # fmt: skip
+    assert rel(loss.detach(), expected.detach()) <= 1e-5
