@@ -37,14 +37,13 @@ from kdfast._validation import (
     check_unit_interval,
     compute_dtype,
 )
+from kdfast.ops._common import logits_for
 from kdfast.reference import fused_linear_distill as reference
 from kdfast.reference.fused_linear_distill import (
     DistillOptions,
-    combine_rows,
     head_logits,
     kept_tokens,
 )
-from kdfast.reference.kd_loss import reduce_rows
 
 #: bytes of (chunk, V) temporaries the automatic chunk size aims at
 CHUNK_MEMORY_BUDGET = 256 << 20
@@ -147,55 +146,153 @@ def check_options(
     return options
 
 
-def _soft_rows(zs: Tensor, zt: Tensor, keep, options: DistillOptions) -> Tensor:
-    """Per-token divergence through the dispatched logit ops."""
+def _soft_op(options: DistillOptions, reduction: str, keep) -> tuple[str, tuple, tuple]:
+    """(dispatched logit op, the arguments after the logits of its implementations, those of
+    the compiled op of the same contract before the two gradient flags)."""
+    temperature = options.temperature
     if options.divergence == "kl":
-        return _dispatch.call("kd_loss", zs, zt, options.temperature, "none", keep, "logits")
-    return _dispatch.call("jsd_loss", zs, zt, options.jsd_beta, options.temperature, "none", keep)
+        tail = (reduction, keep, "logits")
+        return "kd_loss", (temperature, *tail), (temperature, temperature**2, *tail)
+    args = (options.jsd_beta, temperature, reduction, keep)
+    return "jsd_loss", args, args
 
 
-def _chunk(xs, ws, bs, xt, wt, bt, labels, keep, options, row_weight):
-    """(per-token losses, logit gradient of sum(row_weight * loss) or None) of one chunk."""
-    zt = head_logits(xt, wt, bt)
-    zs = head_logits(xs, ws, bs)
-    if row_weight is None:
-        soft = _soft_rows(zs, zt, keep, options)
-        return combine_rows(soft, zs, labels, keep, options), None
-    zs.requires_grad_(True)
+def _soft(zs, zt, keep, options, weight, need_s, need_t):
+    """Soft divergence of one chunk: ``(loss, dzs, dzt)``.
+
+    ``weight`` a float: the sum over kept tokens and, where ``need_s`` / ``need_t`` ask,
+    the gradients of that sum (unscaled: the caller folds ``weight`` into its GEMMs).
+    A (rows,) tensor: the per-token losses (rows,) and the gradients of
+    ``sum(weight * loss)``. None: the per-token losses alone. Compiled implementations
+    (``.op``: the kd_loss / jsd_loss contract, gradients written in their forward pass) are
+    called directly; any other (the reference, or past a backend's limit) is differentiated
+    by autograd.
+    """
+    scalar = isinstance(weight, float)
+    name, args, raw_args = _soft_op(options, "sum" if scalar else "none", keep)
+    need_s, need_t = weight is not None and need_s, weight is not None and need_t
+    impl = _dispatch.select(name, zs, zt, *args)[1]
+    op = getattr(impl, "op", None)
+    if op is not None:
+        s, t = logits_for(impl.layout, zs, zt)
+        loss, gs, gt = op(s, t, *raw_args, need_s, need_t)
+        if not scalar and weight is not None:
+            gs, gt = (g * weight.to(g.dtype)[:, None] if g.numel() else g for g in (gs, gt))
+        return loss, gs if need_s else None, gt if need_t else None
+    if not (need_s or need_t):
+        with torch.no_grad():
+            return impl(zs, zt, *args), None, None
+    zs = zs.detach().requires_grad_(need_s)
+    zt = zt.detach().requires_grad_(need_t)
     with torch.enable_grad():
-        rows = combine_rows(_soft_rows(zs, zt, keep, options), zs, labels, keep, options)
-        (dz,) = torch.autograd.grad(rows, zs, row_weight.to(rows.dtype))
-    return rows.detach(), dz
+        loss = impl(zs, zt, *args)
+        upstream = None if scalar else weight.to(loss.dtype)
+        grads = iter(torch.autograd.grad(loss, [z for z in (zs, zt) if z.requires_grad], upstream))
+    return loss.detach(), next(grads) if need_s else None, next(grads) if need_t else None
 
 
-def _sweep(inputs, labels, keep, options, chunk, row_weight, needs):
-    """Per-token losses (T,) and the gradients (grad_input, grad_weight, grad_bias) of
-    ``sum(row_weight * loss)`` for the student tensors flagged in ``needs``."""
+def _hard(zs, labels, keep, weight, need):
+    """Cross-entropy of one chunk's student logits: ``(loss, dzs)`` with ``weight`` as in
+    :func:`_soft` (a float: the sum over kept tokens and its unscaled gradient)."""
+    z = zs.to(compute_dtype(zs))
+    target = labels if keep is None else torch.where(keep, labels, 0)
+    lse = torch.logsumexp(z, dim=1)
+    rows = lse - z.gather(1, target[:, None]).squeeze(1)
+    if keep is not None:
+        rows = torch.where(keep, rows, 0.0)
+    scalar = isinstance(weight, float)
+    loss = rows.sum() if scalar else rows
+    if weight is None or not need:
+        return loss, None
+    grad = (z - lse[:, None]).exp_()  # softmax - one_hot(target), per kept token
+    grad[torch.arange(z.shape[0], device=z.device), target] -= 1
+    row_weight = None if scalar else weight.to(grad.dtype)
+    if keep is not None:
+        kept = keep.to(grad.dtype)
+        row_weight = kept if row_weight is None else row_weight * kept
+    if row_weight is not None:
+        grad *= row_weight[:, None]
+    return loss, grad
+
+
+def _chunk(zs, zt, labels, keep, options, weight, need_s, need_t):
+    """(loss, (dzs, alpha_s), (dzt, alpha_t)) of one chunk: the true logit gradients are
+    ``alpha * dz``, so that scalar weights fold into the GEMMs."""
+    soft, dzs, dzt = _soft(zs, zt, keep, options, weight, need_s, need_t)
+    alpha = weight if isinstance(weight, float) else 1.0
+    loss = options.soft_loss_weight * soft
+    alpha_t = alpha_s = alpha * options.soft_loss_weight
+    if options.hard_loss_weight != 0:
+        hard, dh = _hard(zs, labels, keep, weight, need_s)
+        loss = loss + options.hard_loss_weight * hard
+        if dh is not None:
+            soft_scale = options.soft_loss_weight / options.hard_loss_weight
+            dzs = dh if dzs is None else dh.add_(dzs, alpha=soft_scale)
+            alpha_s = alpha * options.hard_loss_weight
+    return loss, (dzs, alpha_s), (dzt, alpha_t)
+
+
+def _fold(dz, alpha, x, w, grads, part, first):
+    """Fold one chunk's logit gradient ``alpha * dz`` into (grad_input, grad_weight,
+    grad_bias) of its head: ``dZ W``, ``dZ^T X`` (accumulated in place; the first chunk
+    overwrites the uninitialised buffer) and ``sum dZ``."""
+    grad_x, grad_w, grad_b = grads
+    if grad_x is not None:
+        gx = dz @ w.to(dz.dtype)
+        grad_x[part] = (gx.mul_(alpha) if alpha != 1 else gx).to(grad_x.dtype)
+    if grad_w is not None:
+        grad_w.addmm_(dz.T, x[part].to(dz.dtype), alpha=alpha, beta=0 if first else 1)
+    if grad_b is not None:
+        grad_b.add_(dz.sum(0).to(grad_b.dtype), alpha=alpha)
+
+
+def _logits(x, w, b, buffers: dict, side: str) -> Tensor:
+    """``x W^T + b`` of one chunk, written into a (chunk, V) buffer reused across the chunks
+    (a fresh allocation of that size per chunk costs page faults on CPU); mixed dtypes go
+    through :func:`head_logits`."""
+    if x.dtype != w.dtype or (b is not None and b.dtype != w.dtype):
+        return head_logits(x, w, b)
+    if side not in buffers:
+        buffers[side] = x.new_empty(x.shape[0], w.shape[0])
+    out = buffers[side][: x.shape[0]]
+    return torch.mm(x, w.T, out=out) if b is None else torch.addmm(b, x, w.T, out=out)
+
+
+def _sweep(inputs, labels, keep, options, chunk, weight, needs):
+    """The loss over every chunk and the gradients of the tensors flagged in ``needs``
+    (xs, ws, bs, xt, wt, bt), for ``weight`` as in :func:`_soft`: with a float, the loss is
+    the sum over kept tokens and the gradients are those of ``weight`` times it."""
+    grads = []
+    for tensor, need, kind in zip(inputs, needs, ("x", "w", "b") * 2, strict=True):
+        if not need:
+            grads.append(None)
+        elif kind == "x":
+            grads.append(torch.empty_like(tensor))
+        else:  # accumulated over the chunks in the compute dtype
+            make = torch.empty if kind == "w" else torch.zeros
+            grads.append(make(tensor.shape, dtype=compute_dtype(tensor), device=tensor.device))
+    total = None
+    need_s, need_t = weight is not None and any(needs[:3]), weight is not None and any(needs[3:])
     xs, ws, bs, xt, wt, bt = inputs
-    tokens = xs.shape[0]
-    rows = None
-    grad_x = torch.empty_like(xs) if needs[0] else None
-    acc = compute_dtype(ws)
-    grad_w = torch.zeros(ws.shape, dtype=acc, device=ws.device) if needs[1] else None
-    grad_b = torch.zeros(bs.shape, dtype=acc, device=bs.device) if needs[2] else None
+    tokens, buffers = xs.shape[0], {}
     for start in range(0, tokens, chunk):
         part = slice(start, min(start + chunk, tokens))
-        weight = None if row_weight is None else row_weight[part]
+        w = weight[part] if isinstance(weight, Tensor) else weight
         pick = [None if x is None else x[part] for x in (labels, keep)]
-        r, dz = _chunk(xs[part], ws, bs, xt[part], wt, bt, *pick, options, weight)
-        if rows is None:
-            rows = r.new_empty(tokens)
-        rows[part] = r
-        if dz is None:
-            continue
-        if grad_x is not None:
-            grad_x[part] = (dz @ ws.to(dz.dtype)).to(xs.dtype)
-        if grad_w is not None:
-            grad_w += (dz.T @ xs[part].to(dz.dtype)).to(acc)
-        if grad_b is not None:
-            grad_b += dz.sum(0).to(acc)
-    grads = (grad_x, None if grad_w is None else grad_w.to(ws.dtype))
-    return rows, (*grads, None if grad_b is None else grad_b.to(bs.dtype))
+        zs = _logits(xs[part], ws, bs, buffers, "student")
+        zt = _logits(xt[part], wt, bt, buffers, "teacher")
+        loss, (dzs, alpha_s), (dzt, alpha_t) = _chunk(zs, zt, *pick, options, w, need_s, need_t)
+        if isinstance(weight, float):
+            total = loss if total is None else total + loss
+        else:
+            if total is None:
+                total = loss.new_empty(tokens)
+            total[part] = loss
+        if dzs is not None:
+            _fold(dzs, alpha_s, xs, ws, grads[:3], part, start == 0)
+        if dzt is not None:
+            _fold(dzt, alpha_t, xt, wt, grads[3:], part, start == 0)
+    return total, [None if g is None else g.to(x.dtype) for g, x in zip(grads, inputs, strict=True)]
 
 
 class _FusedLinearDistill(torch.autograd.Function):
@@ -203,19 +300,19 @@ class _FusedLinearDistill(torch.autograd.Function):
     def forward(ctx, xs, ws, bs, xt, wt, bt, labels, keep, options, chunk, needs):
         inputs = (xs, ws, bs, xt, wt, bt)
         ctx.options, ctx.chunk, ctx.needs = options, chunk, needs
-        if any(needs) and options.reduction != "none":
-            dtype = compute_dtype(xs, ws, xt, wt)
-            weight = torch.ones(xs.shape[0], dtype=dtype, device=xs.device)
-            weight = weight if keep is None else keep.to(dtype)
-            if options.reduction == "batchmean":
-                weight = weight / weight.sum()
-            rows, grads = _sweep(inputs, labels, keep, options, chunk, weight, needs)
+        scalar = options.reduction != "none"
+        if scalar:
+            kept = xs.shape[0] if keep is None else int(keep.sum())
+            scale = 1.0 / kept if options.reduction == "batchmean" and kept else 1.0
+            total, grads = _sweep(inputs, labels, keep, options, chunk, scale, needs)
             ctx.grads = grads
-        else:
-            rows, _ = _sweep(inputs, labels, keep, options, chunk, None, needs)
-            if any(needs):
-                ctx.save_for_backward(*inputs, labels, keep)
-        return reduce_rows(rows, options.reduction, keep, 1)
+            if options.reduction == "batchmean":
+                return total / kept if kept else total / 0.0
+            return total
+        rows, _ = _sweep(inputs, labels, keep, options, chunk, None, needs)
+        if any(needs):
+            ctx.save_for_backward(*inputs, labels, keep)
+        return rows
 
     @staticmethod
     @once_differentiable
@@ -226,7 +323,7 @@ class _FusedLinearDistill(torch.autograd.Function):
             *inputs, labels, keep = ctx.saved_tensors
             weight = grad if keep is None else torch.where(keep, grad, 0)
             _, grads = _sweep(inputs, labels, keep, ctx.options, ctx.chunk, weight, ctx.needs)
-        return (*grads[:2], grads[2], None, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None)
 
 
 def fused_linear_distill(xs, ws, bs, xt, wt, bt, labels, mask, options, chunk_size):
@@ -237,9 +334,8 @@ def fused_linear_distill(xs, ws, bs, xt, wt, bt, labels, mask, options, chunk_si
     if chunk_size is None:
         chunk_size = auto_chunk_size(xs.shape[0], ws.shape[0], compute_dtype(xs, ws, xt, wt))
     enabled = torch.is_grad_enabled()
-    needs = tuple(enabled and x is not None and x.requires_grad for x in (xs, ws, bs))
+    needs = tuple(enabled and x is not None and x.requires_grad for x in (xs, ws, bs, xt, wt, bt))
     keep = kept_tokens(labels, mask, options.ignore_index)
-    detached = [None if x is None else x.detach() for x in (xt, wt, bt)]
     return _FusedLinearDistill.apply(
-        xs, ws, bs, *detached, labels, keep, options, chunk_size, needs
+        xs, ws, bs, xt, wt, bt, labels, keep, options, chunk_size, needs
     )

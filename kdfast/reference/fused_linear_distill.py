@@ -12,7 +12,9 @@ Per token i (rows of the flattened (T, H) hidden states), with ``z = x W^T + b``
 
 A token is kept when ``labels[i] != ignore_index`` (with labels) and ``mask[i]`` (with a
 mask); dropped tokens contribute 0. Reductions over kept tokens: "batchmean" (sum / kept),
-"sum", "none" ((T,) per token). The teacher is a constant: its logits carry no gradient.
+"sum", "none" ((T,) per token). The teacher's tensors receive gradients when they require
+grad (as kdfast's logit ops differentiate a teacher that requires grad); a frozen teacher,
+or hidden states computed under ``torch.no_grad()``, costs nothing.
 """
 
 from __future__ import annotations
@@ -101,8 +103,7 @@ def fused_linear_distill(
     """The loss from materialised logits; inputs validated, (T, H) hidden states, (T,)
     labels and mask. A scalar, or (T,) for "none", in the loss's compute dtype."""
     zs = head_logits(student_input, student_weight, student_bias)
-    with torch.no_grad():
-        zt = head_logits(teacher_input, teacher_weight, teacher_bias)
+    zt = head_logits(teacher_input, teacher_weight, teacher_bias)
     keep = kept_tokens(labels, mask, options.ignore_index)
     rows = combine_rows(soft_rows(zs, zt, keep, options), zs, labels, keep, options)
     return reduce_rows(rows, options.reduction, keep, 1)

@@ -167,12 +167,48 @@ def test_float32_and_bfloat16_close_to_float64_truth():
         assert rel(grads[1].double(), grads_truth[1]) <= tol
 
 
-def test_teacher_is_a_constant():
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("reduction", ("batchmean", "none"))
+def test_teacher_gradients_when_the_teacher_requires_grad(divergence, reduction):
+    """Teacher tensors that require grad get the reference's gradients (float64, chunked and
+    through the autograd fallback past the fused kernels' temperature limit)."""
+    args = make()
+    for a in args[3:6]:
+        a.requires_grad_(True)
+    teacher = args[3:6]
+    for temperature in (2.0, 30.0):  # 30: kd_loss's fused kernels hand over to the reference
+        kwargs = dict(divergence=divergence, labels=args[6], hard_loss_weight=0.3, beta=0.3,
+                      temperature=temperature, reduction=reduction, chunk_size=4)  # fmt: skip
+        got, want = [], []
+        for backend, out in ((None, got), ("reference", want)):
+            with kdfast.use_backend(backend):
+                loss = fused_linear_distill(*args[:2][:1], args[1], args[3], args[4],
+                                            student_bias=args[2], teacher_bias=args[5], **kwargs)  # fmt: skip
+            upstream = torch.linspace(0.5, 1.5, loss.numel(), dtype=F64).reshape(loss.shape)
+            out += torch.autograd.grad(loss, teacher, upstream)
+        for g, g_ref in zip(got, want, strict=True):
+            assert rel(g, g_ref) <= 1e-7
+
+
+def test_teacher_gradcheck():
+    xs, ws, bs, xt, wt, bt, labels, mask = make(tokens=5)
+
+    def f(xt, wt, bt):
+        return fused_linear_distill(
+            xs, ws, xt, wt, divergence="jsd", student_bias=bs, teacher_bias=bt,
+            labels=labels, mask=mask, beta=0.4, temperature=1.5, chunk_size=2,
+        )  # fmt: skip
+
+    assert torch.autograd.gradcheck(
+        f, (xt.requires_grad_(), wt.requires_grad_(), bt.requires_grad_())
+    )
+
+
+def test_frozen_teacher_gets_no_gradient():
     xs, ws, bs, xt, wt, bt, labels, _ = make()
-    wt.requires_grad_(True)
     loss = fused_linear_distill(xs, ws, xt, wt, divergence="kl", labels=labels, chunk_size=4)
     loss.backward()
-    assert wt.grad is None and ws.grad is not None
+    assert ws.grad is not None and not wt.requires_grad and wt.grad is None
 
 
 def test_no_grad_computes_no_gradient():
