@@ -352,8 +352,9 @@ def fused_linear_distill(
         student_input: (..., H) hidden states; the leading dims are the tokens.
         student_weight: (V, H) student lm_head weight; ``student_bias``: optional (V,).
         teacher_input: (..., Ht) teacher hidden states, same leading shape.
-        teacher_weight: (V, Ht); ``teacher_bias``: optional (V,). The teacher tensors are
-            constants: no gradient reaches them, even when they require grad.
+        teacher_weight: (V, Ht); ``teacher_bias``: optional (V,). Teacher tensors that
+            require grad receive gradients (two more GEMMs per chunk); freeze the teacher
+            or compute its hidden states under ``torch.no_grad()`` to skip them.
         divergence: "kl", "reverse_kl" or "jsd".
         labels: optional integer tokens (leading shape); ``ignore_index`` drops a token.
         mask: optional bool (leading shape); False drops a token.
@@ -366,7 +367,8 @@ def fused_linear_distill(
 
     Returns:
         A scalar (or (T,)) in promote_types(inputs, float32). Gradients reach
-        ``student_input``, ``student_weight`` and ``student_bias``.
+        ``student_input``, ``student_weight`` and ``student_bias`` (and the teacher's
+        tensors that require grad).
     """
     xs, xt, labels, mask = _fused_linear.check_inputs(
         student_input, student_weight, student_bias, teacher_input, teacher_weight,

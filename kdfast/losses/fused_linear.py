@@ -14,7 +14,8 @@ class FusedLinearDistillationLoss(nn.Module):
     See :func:`kdfast.functional.fused_linear_distill`.
 
     ``forward(student_input, student_weight, teacher_input, teacher_weight, labels=None,
-    student_bias=None, teacher_bias=None, mask=None)``; the teacher tensors are constants.
+    student_bias=None, teacher_bias=None, mask=None)``; teacher tensors get gradients only
+    when they require grad.
 
     Example (replacing Liger-Kernel's ``LigerFusedLinearJSDLoss(weight_hard_loss=a,
     weight_soft_loss=b, beta=beta, temperature=T)``)::
