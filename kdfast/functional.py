@@ -173,6 +173,34 @@ def jsd_loss(
     return _call("jsd_loss", s, t, beta, temperature, reduction, mask)
 
 
+def reverse_kl_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 1.0,
+    reduction: str = "batchmean",
+    mask: Tensor | None = None,
+) -> Tensor:
+    """Reverse KL ``KL(p_s || p_t)`` per row, ``p = softmax(z / T)`` (the mode-seeking
+    divergence of MiniLLM / GKD; TRL's and Liger-Kernel's JSD at beta = 1). No T^2 factor.
+
+    The ``jsd_loss`` op at beta = 1 (the same kernels on every backend); the gradients are
+    those of the reverse KL: ``p_s (log p_s - log p_t - KL) / T`` for the student.
+
+    Args:
+        student_logits: (B, C) or (N, C, *) logits, class dim 1 (token logits (B, L, V) as
+            (B * L, V)).
+        teacher_logits: same shape.
+        temperature: T > 0, finite.
+        reduction: "batchmean" (sum / rows, default), "sum", "mean" (sum / (rows * C)) or
+            "none" ((rows,) per-row divergences).
+        mask: optional bool (rows,) keeping rows; means are over kept rows.
+
+    Returns:
+        A scalar (or (rows,) for "none") in promote_types(student, teacher, float32).
+    """
+    return jsd_loss(student_logits, teacher_logits, 1.0, temperature, reduction, mask)
+
+
 @renamed_keywords(tau="temperature", tau_squared="temperature_squared")
 def dist_loss(
     student_logits: Tensor,

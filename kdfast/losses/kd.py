@@ -105,6 +105,33 @@ class JSDLoss(nn.Module):
         return f"beta={self.beta}, temperature={self.temperature}, reduction={self.reduction!r}"
 
 
+class ReverseKLLoss(nn.Module):
+    """Reverse KL ``KL(p_s || p_t)`` per row with ``p = softmax(z / T)``, no T^2 factor
+    (TRL's and Liger-Kernel's JSD at beta = 1). See :func:`kdfast.functional.reverse_kl_loss`.
+
+    Args:
+        temperature: T > 0, finite. Default 1.
+        reduction: "batchmean" (default), "sum", "mean" or "none" (as :class:`JSDLoss`).
+
+    Shapes: as :class:`JSDLoss`.
+
+    Example::
+
+        >>> loss = ReverseKLLoss()(student_logits.view(-1, V), teacher_logits.view(-1, V))
+    """
+
+    def __init__(self, temperature: float = 1.0, reduction: str = "batchmean") -> None:
+        super().__init__()
+        _, self.temperature = KF.check_jsd_options(1.0, temperature, reduction)
+        self.reduction = reduction
+
+    def forward(self, student: Tensor, teacher: Tensor, mask: Tensor | None = None) -> Tensor:
+        return KF.reverse_kl_loss(student, teacher, self.temperature, self.reduction, mask)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, reduction={self.reduction!r}"
+
+
 class DeiTDistillationLoss(nn.Module):
     """DeiT's distillation loss (Touvron et al., "Training data-efficient image transformers
     & distillation through attention", ICML 2021; facebookresearch/deit ``losses.py``).
@@ -231,4 +258,4 @@ def deit_inference_logits(outputs: Tensor | Sequence[Tensor]) -> Tensor:
     return (cls_logits + dist_logits) / 2
 
 
-__all__ = ["KDLoss", "JSDLoss", "DeiTDistillationLoss", "deit_inference_logits"]
+__all__ = ["KDLoss", "JSDLoss", "ReverseKLLoss", "DeiTDistillationLoss", "deit_inference_logits"]

@@ -182,8 +182,10 @@ def test_teacher_gradients_when_the_teacher_requires_grad(divergence, reduction)
         got, want = [], []
         for backend, out in ((None, got), ("reference", want)):
             with kdfast.use_backend(backend):
-                loss = fused_linear_distill(*args[:2][:1], args[1], args[3], args[4],
-                                            student_bias=args[2], teacher_bias=args[5], **kwargs)  # fmt: skip
+                loss = fused_linear_distill(
+                    args[0], args[1], args[3], args[4], student_bias=args[2],
+                    teacher_bias=args[5], **kwargs,
+                )  # fmt: skip
             upstream = torch.linspace(0.5, 1.5, loss.numel(), dtype=F64).reshape(loss.shape)
             out += torch.autograd.grad(loss, teacher, upstream)
         for g, g_ref in zip(got, want, strict=True):

@@ -11,7 +11,7 @@ import mpmath
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compiled_backends
+from conftest import backends_for, compiled_backends
 from worked_examples import F64, ZS, ZT, rand, reference_backend  # noqa: F401
 
 import kdfast
@@ -348,3 +348,33 @@ def test_compiled_float32_near_teacher_keeps_relative_accuracy(backend, beta):
     truth = KF.jsd_loss(s32.double(), t32.double(), beta)
     with kdfast.use_backend(backend):
         assert rel(KF.jsd_loss(s32, t32, beta), truth) <= 5e-5
+
+
+@pytest.mark.parametrize("backend", backends_for("jsd_loss"))
+@pytest.mark.parametrize("reduction", ("batchmean", "sum", "mean", "none"))
+def test_reverse_kl_is_kl_of_student_to_teacher(backend, reduction):
+    """reverse_kl_loss / ReverseKLLoss against KL(p_s || p_t) written out, loss and both
+    gradients, float64, with a mask."""
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(9, 17, generator=g, dtype=torch.float64, requires_grad=True)
+    t = (2 * torch.randn(9, 17, generator=g, dtype=torch.float64)).requires_grad_()
+    mask = torch.arange(9) % 3 != 1
+    temperature = 1.7
+
+    def written_out(s, t):
+        log_ps = torch.log_softmax(s / temperature, 1)
+        rows = (log_ps.exp() * (log_ps - torch.log_softmax(t / temperature, 1))).sum(1)
+        rows = torch.where(mask, rows, 0.0)
+        kept = mask.sum()
+        return {"batchmean": rows.sum() / kept, "sum": rows.sum(), "none": rows,
+                "mean": rows.sum() / (kept * s.shape[1])}[reduction]  # fmt: skip
+
+    want = written_out(s, t)
+    with kdfast.use_backend(backend):
+        got = kdfast.functional.reverse_kl_loss(s, t, temperature, reduction, mask)
+        module = kdfast.losses.ReverseKLLoss(temperature, reduction)(s, t, mask)
+    assert rel(got, want) <= 1e-12 and rel(module, want) <= 1e-12
+    upstream = torch.rand(want.shape, generator=g, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(got, (s, t), upstream),
+                    torch.autograd.grad(want, (s, t), upstream), strict=True):  # fmt: skip
+        assert rel(a, b) <= 1e-10
