@@ -13,9 +13,10 @@ does) and scaled by the upstream gradient in the backward. For "none" the forwar
 the losses only and the backward recomputes the chunks with the per-token upstream
 gradient (the GEMMs run twice).
 
-This op sits above the dispatcher rather than in it: it is a composition of dispatched
-logit ops and GEMMs, the same code on every device and backend, so registering it per
-backend would copy it under every name. Forcing the "reference" backend runs the
+The chunked path is a composition of dispatched logit ops and GEMMs, the same code on every
+device: :mod:`kdfast.ops.fused_linear_distill` registers it as the implementation of every
+compiled backend that has the logit kernels (so the contract suite runs it per backend, and
+a forced backend reaches the chunks' logit ops). Forcing the "reference" backend runs the
 materialised reference (:mod:`kdfast.reference.fused_linear_distill`) instead.
 """
 
@@ -25,7 +26,6 @@ import math
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from kdfast import _dispatch
 from kdfast._constants import FUSED_DIVERGENCES, FUSED_REDUCTIONS
@@ -37,8 +37,6 @@ from kdfast._validation import (
     check_unit_interval,
     compute_dtype,
 )
-from kdfast.ops._common import logits_for
-from kdfast.reference import fused_linear_distill as reference
 from kdfast.reference.fused_linear_distill import (
     DistillOptions,
     head_logits,
@@ -174,8 +172,8 @@ def _soft(zs, zt, keep, options, weight, need_s, need_t):
     impl = _dispatch.select(name, zs, zt, *args)[1]
     op = getattr(impl, "op", None)
     if op is not None:
-        s, t = logits_for(impl.layout, zs, zt)
-        loss, gs, gt = op(s, t, *raw_args, need_s, need_t)
+        # the chunk's logits are contiguous (rows, V): every op layout takes them as they are
+        loss, gs, gt = op(zs, zt, *raw_args, need_s, need_t)
         if not scalar and weight is not None:
             gs, gt = (g * weight.to(g.dtype)[:, None] if g.numel() else g for g in (gs, gt))
         return loss, gs if need_s else None, gt if need_t else None
@@ -237,6 +235,8 @@ def _fold(dz, alpha, x, w, grads, part, first):
     grad_bias) of its head: ``dZ W``, ``dZ^T X`` (accumulated in place; the first chunk
     overwrites the uninitialised buffer) and ``sum dZ``."""
     grad_x, grad_w, grad_b = grads
+    acc = grad_w.dtype if grad_w is not None else compute_dtype(dz)
+    dz = dz.to(acc)  # the kernels write half gradients for half logits
     if grad_x is not None:
         gx = dz @ w.to(dz.dtype)
         grad_x[part] = (gx.mul_(alpha) if alpha != 1 else gx).to(grad_x.dtype)
@@ -300,37 +300,48 @@ class _FusedLinearDistill(torch.autograd.Function):
     def forward(ctx, xs, ws, bs, xt, wt, bt, labels, keep, options, chunk, needs):
         inputs = (xs, ws, bs, xt, wt, bt)
         ctx.options, ctx.chunk, ctx.needs = options, chunk, needs
-        scalar = options.reduction != "none"
-        if scalar:
-            kept = xs.shape[0] if keep is None else int(keep.sum())
-            scale = 1.0 / kept if options.reduction == "batchmean" and kept else 1.0
-            total, grads = _sweep(inputs, labels, keep, options, chunk, scale, needs)
-            ctx.grads = grads
-            if options.reduction == "batchmean":
-                return total / kept if kept else total / 0.0
-            return total
-        rows, _ = _sweep(inputs, labels, keep, options, chunk, None, needs)
-        if any(needs):
-            ctx.save_for_backward(*inputs, labels, keep)
-        return rows
+        ctx.save_for_backward(*inputs, labels, keep)
+        if options.reduction == "none":
+            rows, _ = _sweep(inputs, labels, keep, options, chunk, None, needs)
+            return rows
+        kept = xs.shape[0] if keep is None else int(keep.sum())
+        scale = 1.0 / kept if options.reduction == "batchmean" and kept else 1.0
+        total, ctx.grads = _sweep(inputs, labels, keep, options, chunk, scale, needs)
+        if options.reduction == "batchmean":
+            return total / kept if kept else total / 0.0
+        return total
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):
+        *inputs, labels, keep = ctx.saved_tensors
         if ctx.options.reduction != "none":
-            grads = [None if g is None else g * grad.to(g.dtype) for g in ctx.grads]
+            grads = [None if g is None else _scaled(grad, g, x)
+                     for g, x in zip(ctx.grads, inputs, strict=True)]  # fmt: skip
         else:
-            *inputs, labels, keep = ctx.saved_tensors
             weight = grad if keep is None else torch.where(keep, grad, 0)
-            _, grads = _sweep(inputs, labels, keep, ctx.options, ctx.chunk, weight, ctx.needs)
+            with torch.no_grad():
+                _, grads = _sweep(inputs, labels, keep, ctx.options, ctx.chunk, weight, ctx.needs)
+            one = grad.new_ones(())
+            grads = [None if g is None else _scaled(one, g, x)
+                     for g, x in zip(grads, inputs, strict=True)]  # fmt: skip
         return (*grads, None, None, None, None, None)
 
 
-def fused_linear_distill(xs, ws, bs, xt, wt, bt, labels, mask, options, chunk_size):
-    """The loss of validated (T, H) inputs: the materialised reference when the reference
-    backend is forced, else the chunked path."""
-    if _dispatch.forced_backend() == "reference":
-        return reference.fused_linear_distill(xs, ws, bs, xt, wt, bt, labels, mask, options)
+def _scaled(grad: Tensor, saved: Tensor, x: Tensor) -> Tensor:
+    """``grad * saved`` as kdfast's logit ops return their saved gradients: the tensor itself
+    for the usual unit upstream gradient, else through ``kdfast::scale_saved_grad``, whose
+    own gradient raises (a double backward through the chunks is refused clearly)."""
+    from kdfast.ops._common import is_plain_unit_grad, scale_saved_grad
+
+    if not torch.is_grad_enabled() and is_plain_unit_grad(grad, saved, x):
+        return saved
+    return scale_saved_grad(grad, saved, x)
+
+
+def chunked(xs, ws, bs, xt, wt, bt, labels, mask, options, chunk_size):
+    """The chunked path on validated (T, H) inputs: the implementation of every compiled
+    backend (:mod:`kdfast.ops.fused_linear_distill`); each chunk's logit ops are dispatched
+    in turn, so a forced backend reaches them."""
     if chunk_size is None:
         chunk_size = auto_chunk_size(xs.shape[0], ws.shape[0], compute_dtype(xs, ws, xt, wt))
     enabled = torch.is_grad_enabled()
@@ -339,3 +350,15 @@ def fused_linear_distill(xs, ws, bs, xt, wt, bt, labels, mask, options, chunk_si
     return _FusedLinearDistill.apply(
         xs, ws, bs, xt, wt, bt, labels, keep, options, chunk_size, needs
     )
+
+
+def fused_linear_distill(xs, ws, bs, xt, wt, bt, labels, mask, options, chunk_size):
+    """The loss of validated (T, H) inputs, through the dispatcher. Where no compiled
+    backend can run (no extension built, no Triton on this device) the chunked path still
+    runs, its logit ops on their references: the reference implementation (materialised
+    logits) runs only when forced."""
+    args = (xs, ws, bs, xt, wt, bt, labels, mask, options, chunk_size)
+    backend, impl = _dispatch.select("fused_linear_distill", *args)
+    if backend == "reference" and _dispatch.forced_backend() != "reference":
+        impl = chunked
+    return impl(*args)

@@ -107,7 +107,7 @@ def saved_grad_backward(ctx, grad: torch.Tensor, saved_names=("student", "teache
                 f"the {saved_names[i]} gradient was not computed in the forward pass (it was "
                 f"called under no_grad or with compute_grad_{saved_names[i]}=False)"
             )
-        if _is_plain_unit_grad(grad, saved, x):
+        if is_plain_unit_grad(grad, saved, x):
             out.append(saved)  # the usual loss.backward(): no (rows, C) multiply and copy
         else:
             out.append(scale_saved_grad(grad, saved, x))
@@ -122,7 +122,7 @@ def _graph_is_kept() -> bool:
     return True if keep_graph is None else bool(keep_graph())
 
 
-def _is_plain_unit_grad(grad: torch.Tensor, saved: torch.Tensor, x: torch.Tensor) -> bool:
+def is_plain_unit_grad(grad: torch.Tensor, saved: torch.Tensor, x: torch.Tensor) -> bool:
     """Whether the saved gradient can be returned as it is: an upstream gradient of exactly 1
     on the CPU, in eager mode without create_graph (grad mode is off in such a backward, so
     no double backward can go through the returned tensor; otherwise scale_saved_grad keeps

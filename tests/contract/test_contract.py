@@ -168,6 +168,12 @@ def test_gradcheck(op, device, backend, sample):
     inputs = tuple(args[i].detach().requires_grad_(True) for i in contract.grad_args)
     fast = backend == "triton" and device == "cpu"  # the interpreter is slow
     with kdfast.use_backend(backend):
+        try:
+            call(*inputs)
+        except RuntimeError as exc:
+            if "was forced but cannot run" not in str(exc):
+                raise
+            pytest.skip(f"{backend} declares it cannot run this case: {exc}")
         assert torch.autograd.gradcheck(call, inputs, fast_mode=fast)
 
 
