@@ -338,6 +338,8 @@ def fused_linear_distill(
     hard_loss_weight: float = 0.0,
     ignore_index: int = -100,
     chunk_size: int | None = None,
+    inter_weight: float = 1.0,
+    intra_weight: float = 1.0,
 ) -> Tensor:
     """Distillation loss of two linear LM heads without materialising their logits
     (semantics 3.2): logits ``z = x W^T + b`` are formed in row chunks, never (T, V) at once.
@@ -374,7 +376,7 @@ def fused_linear_distill(
     )  # fmt: skip
     options = _fused_linear.check_options(
         divergence, beta, temperature, reduction, soft_loss_weight, hard_loss_weight,
-        ignore_index, labels,
+        ignore_index, labels, inter_weight, intra_weight,
     )  # fmt: skip
     _fused_linear.check_chunk_size(chunk_size)
     with _autocast_off(xs.device):
