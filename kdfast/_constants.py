@@ -19,6 +19,6 @@ VKD_NORMALIZATIONS = ("standardize", "batch_standardize", "whiten", None)
 #: ``distillation_type`` of DeiTDistillationLoss
 DEIT_DISTILLATION_TYPES = ("none", "soft", "hard")
 #: ``divergence`` of fused_linear_distill
-FUSED_DIVERGENCES = ("kl", "reverse_kl", "jsd")
+FUSED_DIVERGENCES = ("kl", "reverse_kl", "jsd", "dist")
 #: ``reduction`` of fused_linear_distill (over the kept tokens)
 FUSED_REDUCTIONS = ("batchmean", "sum", "none")

@@ -366,6 +366,8 @@ def fused_linear_distill(
     hard_loss_weight: float = 0.0,
     ignore_index: int = -100,
     chunk_size: int | None = None,
+    inter_weight: float = 1.0,
+    intra_weight: float = 1.0,
 ) -> Tensor:
     """Distillation loss of two linear LM heads without materialising their logits
     (semantics 3.2): logits ``z = x W^T + b`` are formed in row chunks, never (T, V) at once.
@@ -376,6 +378,15 @@ def fused_linear_distill(
     convention, no T^2; beta = 0 / 1 give the forward / reverse KL). The cross-entropy uses
     the student's logits at temperature 1 (Liger-Kernel's hard loss).
 
+    "dist" is not a per-token sum: it is DIST (:func:`dist_loss`, softmax, T^2) over the kept
+    tokens, ``soft_loss_weight * T^2 * (inter_weight * inter + intra_weight * intra) +
+    hard_loss_weight * mean CE``, with inter = 1 - mean over tokens of the Pearson
+    correlation across the vocabulary and intra = 1 - mean over the vocabulary of the
+    Pearson correlation across the kept tokens; dropped tokens are removed from both terms.
+    One kept token gives intra = 1 exactly (zero gradient), none gives NaN. The intra term
+    needs column statistics over every token, so the chunked path reads the chunks twice
+    (the head GEMMs run twice when a gradient is needed).
+
     Args:
         student_input: (..., H) hidden states; the leading dims are the tokens.
         student_weight: (V, H) student lm_head weight; ``student_bias``: optional (V,).
@@ -383,15 +394,17 @@ def fused_linear_distill(
         teacher_weight: (V, Ht); ``teacher_bias``: optional (V,). Teacher tensors that
             require grad receive gradients (two more GEMMs per chunk); freeze the teacher
             or compute its hidden states under ``torch.no_grad()`` to skip them.
-        divergence: "kl", "reverse_kl" or "jsd".
+        divergence: "kl", "reverse_kl", "jsd" or "dist".
         labels: optional integer tokens (leading shape); ``ignore_index`` drops a token.
         mask: optional bool (leading shape); False drops a token.
         beta: in [0, 1], the teacher's weight in the JSD mixture ("jsd" only).
         temperature: T > 0, finite.
         reduction: "batchmean" (sum / kept tokens), "sum" or "none" ((T,) per token, 0 on
-            dropped ones).
+            dropped ones). "dist" takes "batchmean" only (ValueError otherwise).
         soft_loss_weight, hard_loss_weight: weights of the two terms (hard needs labels).
         chunk_size: rows per chunk; None picks it from a memory budget.
+        inter_weight, intra_weight: finite reals, DIST's beta and gamma (official defaults
+            1 and 1); "dist" only.
 
     Returns:
         A scalar (or (T,)) in promote_types(inputs, float32). Gradients reach
@@ -404,7 +417,7 @@ def fused_linear_distill(
     )  # fmt: skip
     options = _fused_linear.check_options(
         divergence, beta, temperature, reduction, soft_loss_weight, hard_loss_weight,
-        ignore_index, labels,
+        ignore_index, labels, inter_weight, intra_weight,
     )  # fmt: skip
     _fused_linear.check_chunk_size(chunk_size)
     with _autocast_off(xs.device):

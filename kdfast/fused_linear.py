@@ -27,7 +27,7 @@ import math
 import torch
 from torch import Tensor
 
-from kdfast import _dispatch
+from kdfast import _dispatch, _fused_linear_dist
 from kdfast._constants import FUSED_DIVERGENCES, FUSED_REDUCTIONS
 from kdfast._validation import (
     check_choice,
@@ -50,9 +50,12 @@ CHUNK_MEMORY_BUDGET = 256 << 20
 CHUNK_BUFFERS = 6
 
 
-def auto_chunk_size(tokens: int, vocab: int, dtype: torch.dtype) -> int:
-    """Rows per chunk so that the chunk's temporaries fit :data:`CHUNK_MEMORY_BUDGET`."""
-    per_row = CHUNK_BUFFERS * vocab * compute_dtype(dtype).itemsize
+def auto_chunk_size(
+    tokens: int, vocab: int, dtype: torch.dtype, buffers: int = CHUNK_BUFFERS
+) -> int:
+    """Rows per chunk so that the chunk's ``buffers`` (chunk, V) temporaries fit
+    :data:`CHUNK_MEMORY_BUDGET`."""
+    per_row = buffers * vocab * compute_dtype(dtype).itemsize
     return max(1, min(tokens, CHUNK_MEMORY_BUDGET // per_row))
 
 
@@ -124,10 +127,25 @@ def check_chunk_size(chunk_size) -> None:
 
 
 def check_options(
-    divergence, beta, temperature, reduction, soft_weight, hard_weight, ignore_index, labels
+    divergence,
+    beta,
+    temperature,
+    reduction,
+    soft_weight,
+    hard_weight,
+    ignore_index,
+    labels,
+    inter_weight=1.0,
+    intra_weight=1.0,
 ) -> DistillOptions:
     check_choice("divergence", divergence, FUSED_DIVERGENCES)
     check_choice("reduction", reduction, FUSED_REDUCTIONS)
+    inter_weight, intra_weight = _fused_linear_dist.check_weights(inter_weight, intra_weight)
+    if divergence == "dist" and reduction != "batchmean":
+        raise ValueError(
+            f"reduction must be 'batchmean' with divergence 'dist' (DIST is not a per-token "
+            f"sum), got {reduction!r}"
+        )
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     options = DistillOptions(
@@ -138,6 +156,8 @@ def check_options(
         check_real("soft_loss_weight", soft_weight),
         check_real("hard_loss_weight", hard_weight),
         ignore_index,
+        inter_weight,
+        intra_weight,
     )
     if options.hard_loss_weight != 0 and labels is None:
         raise ValueError(f"hard_loss_weight={hard_weight} needs labels (got labels=None)")
@@ -301,6 +321,11 @@ class _FusedLinearDistill(torch.autograd.Function):
         inputs = (xs, ws, bs, xt, wt, bt)
         ctx.options, ctx.chunk, ctx.needs = options, chunk, needs
         ctx.save_for_backward(*inputs, labels, keep)
+        if options.divergence == "dist":  # two passes over the chunks, "batchmean" only
+            total, ctx.grads = _fused_linear_dist.dist_sweep(
+                inputs, labels, keep, options, chunk, needs
+            )
+            return total
         if options.reduction == "none":
             rows, _ = _sweep(inputs, labels, keep, options, chunk, None, needs)
             return rows
@@ -343,7 +368,10 @@ def chunked(xs, ws, bs, xt, wt, bt, labels, mask, options, chunk_size):
     backend (:mod:`kdfast.ops.fused_linear_distill`); each chunk's logit ops are dispatched
     in turn, so a forced backend reaches them."""
     if chunk_size is None:
-        chunk_size = auto_chunk_size(xs.shape[0], ws.shape[0], compute_dtype(xs, ws, xt, wt))
+        dist = options.divergence == "dist"  # two passes, more (chunk, V) temporaries
+        buffers = _fused_linear_dist.CHUNK_BUFFERS if dist else CHUNK_BUFFERS
+        dtype = compute_dtype(xs, ws, xt, wt)
+        chunk_size = auto_chunk_size(xs.shape[0], ws.shape[0], dtype, buffers)
     enabled = torch.is_grad_enabled()
     needs = tuple(enabled and x is not None and x.requires_grad for x in (xs, ws, bs, xt, wt, bt))
     keep = kept_tokens(labels, mask, options.ignore_index)

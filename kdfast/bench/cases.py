@@ -30,7 +30,8 @@ class Case:
     Attributes:
         name: short id used on the command line and in JSON.
         title: what is measured, with the meaning of the size tuple.
-        op: the dispatcher op whose backend is reported.
+        op: the dispatcher op whose backend is reported; None when kdfast's path is plain
+            PyTorch ops (reported as "pytorch").
         sizes: size tuples per suite ("smoke", "quick", "full").
         setup: (size, device, dtype) -> (forward, params).
         reference_bytes: size -> estimated peak bytes of the eager reference, used to skip
@@ -42,7 +43,7 @@ class Case:
 
     name: str
     title: str
-    op: str
+    op: str | None
     sizes: dict[str, list[tuple[int, ...]]]
     setup: Callable
     reference_bytes: Callable[[tuple[int, ...]], int] = field(default=lambda size: 0)
@@ -162,6 +163,12 @@ def _fused_linear(divergence: str, **options):
 def _fused_linear_bytes(size):
     tokens, hidden, vocab = size
     return 8 * tokens * vocab * 4  # materialised logits, log-softmaxes and gradients
+
+
+def _fused_linear_dist_bytes(size):
+    tokens, hidden, vocab = size
+    # logits, kept-row copies, softmaxes, row- and column-centred copies and their gradients
+    return 14 * tokens * vocab * 4
 
 
 def _logit_bytes(size):
@@ -290,22 +297,30 @@ CASES: list[Case] = [
     ),
 ]
 
-for _name, _title, _divergence, _options in (
-    ("fused_linear_kd", "kl T=2", "kl", {"temperature": 2.0}),
-    ("fused_linear_jsd", "jsd beta=0.5 + 0.5 CE", "jsd", {"beta": 0.5, "hard_loss_weight": 0.5}),
+for _name, _title, _op, _divergence, _options in (
+    ("fused_linear_kd", "kl T=2", "kd_loss", "kl", {"temperature": 2.0}),
+    (
+        "fused_linear_jsd",
+        "jsd beta=0.5 + 0.5 CE",
+        "jsd_loss",
+        "jsd",
+        {"beta": 0.5, "hard_loss_weight": 0.5},
+    ),
+    # two passes over the chunks, plain PyTorch ops (kdfast/_fused_linear_dist.py)
+    ("fused_linear_dist", "dist T=1 + 0.5 CE", None, "dist", {"hard_loss_weight": 0.5}),
 ):
     CASES.append(
         Case(
             _name,
             f"fused_linear_distill {_title} (T, H, V)",
-            "kd_loss" if _divergence == "kl" else "jsd_loss",
+            _op,
             {
                 "smoke": [(64, 32, 100)],
                 "quick": [(1024, 512, 32000)],
                 "full": [(8192, 2048, 128256)],
             },
             _fused_linear(_divergence, **_options),
-            _fused_linear_bytes,
+            _fused_linear_dist_bytes if _divergence == "dist" else _fused_linear_bytes,
             lambda size: 0,
         )
     )

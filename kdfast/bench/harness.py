@@ -60,6 +60,15 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _backend(case_name, impl, params) -> str:
+    """The backend an implementation's row reports: the dispatcher's choice for the case's
+    op, "pytorch" for a kdfast path of plain PyTorch ops."""
+    if impl != "kdfast":
+        return impl
+    op = BY_NAME[case_name].op
+    return "pytorch" if op is None else kdfast._dispatch.select(op, params[0])[0]
+
+
 def _build(case_name, size, impl, device, dtype):
     case = BY_NAME[case_name]
     backend = None if impl == "kdfast" else "reference"
@@ -142,9 +151,7 @@ def measure(case_name, size, impl, mode, repeats, device="cpu", dtype=torch.floa
         "times_s": times,
         "peak_bytes": peak,
         "conditions": window.result(),
-        "backend": kdfast._dispatch.select(BY_NAME[case_name].op, params[0])[0]
-        if impl == "kdfast"
-        else impl,
+        "backend": _backend(case_name, impl, params),
     }
 
 

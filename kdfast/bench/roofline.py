@@ -145,13 +145,16 @@ def vkd(size, e):
     return fwd, bwd
 
 
-def _fused_linear(per_elem_fwd, per_elem_bwd):
+def _fused_linear(per_elem_fwd, per_elem_bwd, passes=1):
+    """``passes``: reads of the row chunks in the forward; "dist" makes 2 (its second pass
+    recomputes both heads' logits, so each logit GEMM runs twice)."""
+
     def work(size, e):
         """Fused linear-head distillation (T, H, V): the two heads' logit GEMMs and the row
         math per logit (the logits stay in chunks); backward: the student's two GEMMs."""
         t, h, v = size
         io = (2 * t * h + 2 * v * h) * e
-        fwd = Work(io, 2 * (2 * t * h * v), per_elem_fwd * t * v)
+        fwd = Work(passes * io, passes * 2 * (2 * t * h * v), per_elem_fwd * t * v)
         bwd = Work(io + (t * h + v * h) * e, 2 * (2 * t * h * v), per_elem_bwd * t * v)
         return fwd, bwd
 
@@ -161,6 +164,7 @@ def _fused_linear(per_elem_fwd, per_elem_bwd):
 FORMULAS = {
     "fused_linear_kd": _fused_linear(12, 10),
     "fused_linear_jsd": _fused_linear(16, 14),
+    "fused_linear_dist": _fused_linear(20, 30, passes=2),
     "kd": kd,
     "jsd": jsd,
     "dist": dist,

@@ -20,7 +20,7 @@ from kdfast import _dispatch, fused_linear  # a partial module here: used at cal
 from kdfast.ops._samples import BadInput, Contract, Sample, declare, randn
 from kdfast.reference.fused_linear_distill import fused_linear_distill as reference
 
-#: the logit op each divergence runs per chunk
+#: the logit op each divergence runs per chunk ("dist": plain PyTorch, two passes)
 LOGIT_OPS = {"kl": "kd_loss", "reverse_kl": "jsd_loss", "jsd": "jsd_loss"}
 
 
@@ -29,7 +29,9 @@ def _logit_kernel_limit(backend: str):
     within that kernel's own limits (e.g. kd_loss's temperature limit)."""
 
     def limit(xs, ws, bs, xt, wt, bt, labels, mask, options, chunk_size) -> str | None:
-        op = LOGIT_OPS[options.divergence]
+        op = LOGIT_OPS.get(options.divergence)
+        if op is None:  # "dist": plain PyTorch per chunk, runs wherever the backend does
+            return None
         if op == "kd_loss":
             inner = (xs, xs, options.temperature, "sum", None, "logits")
         else:
@@ -131,6 +133,16 @@ declare(
             # past the fused KL kernels' temperature limit: the chunks' logit op is the
             # reference, differentiated by autograd inside the chunked path
             _sample("kl_high_temperature", divergence="kl", temperature=30.0, chunk_size=4),
+            _sample("dist", divergence="dist", temperature=2.0, chunk_size=4),
+            _sample(
+                "dist_hard_bias",
+                divergence="dist",
+                heads={"bias": True},
+                inter_weight=0.5,
+                intra_weight=2.0,
+                hard_loss_weight=0.3,
+                chunk_size=5,
+            ),  # fmt: skip
             _sample("leading_dims", divergence="jsd", heads={"tokens": (3, 5)}, chunk_size=4),
             # logits of +-40: at +-200 every row saturates and the teacher gradient is ~1e-22,
             # where the float64 reference's autograd errs by 1e-17 (measured against mpmath;

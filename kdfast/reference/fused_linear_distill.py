@@ -15,6 +15,14 @@ mask); dropped tokens contribute 0. Reductions over kept tokens: "batchmean" (su
 "sum", "none" ((T,) per token). The teacher's tensors receive gradients when they require
 grad (as kdfast's logit ops differentiate a teacher that requires grad); a frozen teacher,
 or hidden states computed under ``torch.no_grad()``, costs nothing.
+
+"dist" is not a per-token sum: DIST (dist_loss, ``temperature_squared=True``, softmax) runs
+on the materialised kept rows, ``inter_weight`` and ``intra_weight`` as its beta and gamma::
+
+    loss = soft_loss_weight * T^2 (inter_weight * inter + intra_weight * intra)
+           + hard_loss_weight * mean over kept tokens of hard_i
+
+("batchmean" only).
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdfast._validation import compute_dtype
+from kdfast.reference.dist_loss import dist_loss
 from kdfast.reference.jsd_loss import jsd_loss
 from kdfast.reference.kd_loss import kd_loss, reduce_rows
 
@@ -41,6 +50,8 @@ class DistillOptions:
     soft_loss_weight: float
     hard_loss_weight: float
     ignore_index: int
+    inter_weight: float = 1.0
+    intra_weight: float = 1.0
 
     @property
     def jsd_beta(self) -> float:
@@ -102,8 +113,30 @@ def fused_linear_distill(
 ) -> Tensor:
     """The loss from materialised logits; inputs validated, (T, H) hidden states, (T,)
     labels and mask. A scalar, or (T,) for "none", in the loss's compute dtype."""
+    if options.divergence == "dist":
+        inputs = (student_input, student_weight, student_bias)
+        return dist_distill(
+            *inputs, teacher_input, teacher_weight, teacher_bias, labels, mask, options
+        )
     zs = head_logits(student_input, student_weight, student_bias)
     zt = head_logits(teacher_input, teacher_weight, teacher_bias)
     keep = kept_tokens(labels, mask, options.ignore_index)
     rows = combine_rows(soft_rows(zs, zt, keep, options), zs, labels, keep, options)
     return reduce_rows(rows, options.reduction, keep, 1)
+
+
+def dist_distill(xs, ws, bs, xt, wt, bt, labels, mask, options: DistillOptions) -> Tensor:
+    """Divergence "dist": the reference dist_loss on the kept rows of the materialised
+    logits (teacher included in autograd), plus the mean hard cross-entropy."""
+    zs, zt = head_logits(xs, ws, bs), head_logits(xt, wt, bt)
+    keep = kept_tokens(labels, mask, options.ignore_index)
+    rows = slice(None) if keep is None else keep
+    soft = dist_loss(
+        zs[rows], zt[rows], options.inter_weight, options.intra_weight, options.temperature,
+        True, "softmax", None,
+    )  # fmt: skip
+    loss = options.soft_loss_weight * soft
+    if options.hard_loss_weight != 0:
+        hard = hard_rows(zs, labels, keep, options.ignore_index)
+        loss = loss + options.hard_loss_weight * reduce_rows(hard, "batchmean", keep, 1)
+    return loss

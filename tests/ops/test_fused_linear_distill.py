@@ -1,13 +1,15 @@
 """fused_linear_distill (kdfast/fused_linear.py, semantics 3.2): the chunked path against the
 materialised reference in float64 for every divergence, reduction, label / mask / bias
-combination and chunk size; gradcheck; TRL's and Liger-Kernel's formulas written out; clear
-errors; and a record of every tensor the chunked path creates (none is (T, V))."""
+combination and chunk size; gradcheck; TRL's, Liger-Kernel's and DIST's official formulas
+written out; clear errors; and a record of every tensor the chunked path creates (none is
+(T, V)). "dist" (kdfast/_fused_linear_dist.py) has its own tests at the end."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
+from test_dist_loss import official_dist
 from test_jsd_loss import trl_generalized_jsd
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -343,3 +345,217 @@ def test_readme_llm_example():
             labels,
         )  # fmt: skip
     assert rel(loss.detach(), expected.detach()) <= 1e-5
+
+
+# --- divergence "dist": two passes over the chunks, teacher gradients --------------------------
+
+DIST = dict(divergence="dist", inter_weight=0.6, intra_weight=1.3, temperature=2.0)
+
+
+def dist_args(seed=0, dtype=F64, teacher_grad=True, **kwargs):
+    """make()'s tensors with the teacher's requiring grad (online distillation)."""
+    args = make(seed, dtype, **kwargs)
+    for x in args[3:6]:
+        if x is not None:
+            x.requires_grad_(teacher_grad)
+    return args
+
+
+def run_dist(args, backend, **kwargs):
+    """(loss, gradients of every tensor of the six that requires grad)."""
+    xs, ws, bs, xt, wt, bt, *_ = args
+    with kdfast.use_backend(backend):
+        loss = fused_linear_distill(xs, ws, xt, wt, student_bias=bs, teacher_bias=bt, **kwargs)
+    params = [p for p in args[:6] if p is not None and p.requires_grad]
+    return loss, torch.autograd.grad(3.0 * loss, params)
+
+
+@pytest.mark.parametrize("chunk_size", (1, 3, T, None))
+@pytest.mark.parametrize("tokens", ("labels", "mask", "both", "all"))
+@pytest.mark.parametrize("teacher_grad", (True, False))
+def test_dist_matches_reference_float64(chunk_size, tokens, teacher_grad):
+    args = dist_args(bias=tokens != "all", teacher_grad=teacher_grad)
+    labels, mask = args[6], args[7]
+    kwargs = dict(
+        DIST,
+        chunk_size=chunk_size,
+        labels=labels if tokens in ("labels", "both") else None,
+        mask=mask if tokens in ("mask", "both") else None,
+        hard_loss_weight=0.4 if tokens in ("labels", "both") else 0.0,
+        soft_loss_weight=0.7,
+    )
+    loss_ref, grads_ref = run_dist(args, "reference", **kwargs)
+    loss, grads = run_dist(args, None, **kwargs)
+    assert loss.dtype == F64 and loss.shape == ()
+    assert rel(loss, loss_ref) <= 1e-9
+    assert len(grads) == (6 if tokens != "all" else 4) // (1 if teacher_grad else 2)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        assert rel(g, g_ref) <= 1e-7
+
+
+def test_dist_is_the_official_formula_on_the_kept_rows():
+    """hunto/DIST_KD on the materialised logits of the kept tokens, plus the mean CE."""
+    xs, ws, bs, xt, wt, bt, labels, mask = make(lead=(2, 7))
+    keep = (labels != -100) & mask
+    zs, zt = F.linear(xs, ws, bs), F.linear(xt, wt, bt)
+    official = official_dist(zs[keep], zt[keep], beta=0.6, gamma=1.3, tau=2.0)
+    ce = F.cross_entropy(zs[keep], labels[keep])
+    ours = fused_linear_distill(
+        xs, ws, xt, wt, student_bias=bs, teacher_bias=bt, labels=labels, mask=mask,
+        soft_loss_weight=0.7, hard_loss_weight=0.2, chunk_size=4, **DIST,
+    )  # fmt: skip
+    expected = 0.7 * official + 0.2 * ce
+    assert rel(ours, expected) <= 1e-12
+    assert rel(torch.autograd.grad(ours, ws)[0], torch.autograd.grad(expected, ws)[0]) <= 1e-10
+
+
+def test_dist_gradcheck():
+    """Student and teacher (all six tensors) at small sizes: 5 tokens, V = 4, H = 3, Ht = 2."""
+    g = torch.Generator().manual_seed(0)
+    shapes = ((5, 3), (4, 3), (4,), (5, 2), (4, 2), (4,))
+    inputs = [torch.randn(s, generator=g, dtype=F64, requires_grad=True) for s in shapes]
+    labels, mask = torch.tensor([0, -100, 3, 1, 2]), torch.tensor([1, 1, 1, 0, 1]).bool()
+
+    def f(xs, ws, bs, xt, wt, bt):
+        return fused_linear_distill(
+            xs, ws, xt, wt, student_bias=bs, teacher_bias=bt, labels=labels, mask=mask,
+            hard_loss_weight=0.5, chunk_size=2, **DIST,
+        )  # fmt: skip
+
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+def test_dist_one_kept_token_has_intra_one_and_none_gives_nan():
+    """As dist_loss with B = 1: intra = 1 exactly, with zero gradient; no kept token: NaN."""
+    xs, ws, bs, xt, wt, bt, labels, _ = dist_args()
+    one = torch.zeros(T, dtype=torch.bool)
+    one[5] = True
+    kwargs = dict(DIST, student_bias=bs, teacher_bias=bt, chunk_size=4)
+    for backend in ("reference", None):
+        with kdfast.use_backend(backend):
+            loss = fused_linear_distill(xs, ws, xt, wt, mask=one, **kwargs)
+            inter_only = fused_linear_distill(
+                xs, ws, xt, wt, mask=one, **{**kwargs, "intra_weight": 0.0}
+            )
+            none = fused_linear_distill(xs, ws, xt, wt, mask=one & False, **kwargs)
+        assert rel(loss - inter_only, torch.tensor(1.3 * 4.0, dtype=F64)) <= 1e-15
+        assert torch.isnan(none)
+    with kdfast.use_backend("reference"):
+        ref = fused_linear_distill(xs, ws, xt, wt, mask=one, **kwargs)
+    grads_ref = torch.autograd.grad(ref, (xs, ws, wt))
+    grads = torch.autograd.grad(
+        fused_linear_distill(xs, ws, xt, wt, mask=one, **kwargs), (xs, ws, wt)
+    )
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        assert rel(g, g_ref) <= 1e-7
+
+
+def test_dist_teacher_is_a_constant_unless_it_requires_grad():
+    xs, ws, bs, xt, wt, bt, labels, _ = dist_args(teacher_grad=False)
+    wt.requires_grad_(True)
+    fused_linear_distill(xs, ws, xt, wt, labels=labels, chunk_size=4, **DIST).backward()
+    assert wt.grad is not None and xt.grad is None and ws.grad is not None
+    with torch.no_grad():
+        a = fused_linear_distill(xs, ws, xt, wt, chunk_size=4, **DIST)
+    assert not a.requires_grad
+
+
+def _truth(args):
+    """The float64 copy of the (already rounded) inputs, same requires_grad."""
+    out = []
+    for a in args:
+        if a is not None and a.is_floating_point():
+            a = a.detach().to(F64).requires_grad_(a.requires_grad)
+        out.append(a)
+    return out
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_dist_float32_and_bfloat16_close_to_float64_truth(dtype):
+    """Semantics 7: within 1e-5 of the float64 truth, or 2x the error of the reference run in
+    the same dtype, whichever is larger."""
+    args = dist_args(dtype=dtype, tokens=40)
+    kwargs = dict(DIST, labels=args[6], mask=args[7], hard_loss_weight=0.5, chunk_size=7)
+    loss, grads = run_dist(args, None, **kwargs)
+    loss_ref, grads_ref = run_dist(args, "reference", **kwargs)
+    loss_truth, grads_truth = run_dist(_truth(args), "reference", **kwargs)
+    assert loss.dtype == torch.float32 and grads[1].dtype == dtype
+    assert rel(loss, loss_truth) <= max(1e-5, 2 * rel(loss_ref, loss_truth))
+    for g, g_ref, g_truth in zip(grads, grads_ref, grads_truth, strict=True):
+        assert rel(g, g_truth) <= max(1e-5, 2 * rel(g_ref, g_truth))
+
+
+@pytest.mark.parametrize("scale", (1e-3, 30.0))
+def test_dist_float32_near_uniform_and_peaked(scale):
+    """Adversarial float32: probabilities all near 1/V (the column moments are tiny next to
+    the means: raw moments would cancel) or peaked, merged over 32 one-row chunks."""
+    g = torch.Generator().manual_seed(1)
+    shapes = ((32, 8), (100, 8), (32, 8), (100, 8))
+    x64 = [torch.randn(s, generator=g, dtype=F64) for s in shapes]
+    x64[0], x64[2] = x64[0] * scale, x64[2] * scale
+    args32 = [x.float().requires_grad_() for x in x64]
+    args64 = [x.float().double().requires_grad_() for x in x64]
+
+    def run32(args, backend, chunk):
+        with kdfast.use_backend(backend):
+            loss = fused_linear_distill(*args, divergence="dist", chunk_size=chunk)
+        return loss, torch.autograd.grad(loss, args)
+
+    loss, grads = run32(args32, None, 1)
+    loss_ref, grads_ref = run32(args32, "reference", None)
+    loss_truth, grads_truth = run32(args64, "reference", None)
+    assert rel(loss, loss_truth) <= max(1e-5, 2 * rel(loss_ref, loss_truth))
+    for g, g_ref, g_truth in zip(grads, grads_ref, grads_truth, strict=True):
+        assert rel(g, g_truth) <= max(1e-5, 2 * rel(g_ref, g_truth))
+
+
+def test_dist_never_creates_a_tokens_by_vocab_tensor():
+    tokens, vocab, chunk = 64, 50, 8
+    g = torch.Generator().manual_seed(0)
+    xs = torch.randn(tokens, H, generator=g, requires_grad=True)
+    ws = torch.randn(vocab, H, generator=g, requires_grad=True)
+    xt = torch.randn(tokens, HT, generator=g, requires_grad=True)
+    wt = torch.randn(vocab, HT, generator=g, requires_grad=True)
+    labels = torch.randint(0, vocab, (tokens,), generator=g)
+    with _Shapes() as mode:
+        loss = fused_linear_distill(
+            xs, ws, xt, wt, labels=labels, hard_loss_weight=1.0, chunk_size=chunk, **DIST
+        )
+        loss.backward()
+    largest = max(s[0] * s[1] for s in mode.shapes if len(s) == 2 and vocab in s)
+    assert largest == chunk * vocab
+    assert xt.grad is not None and wt.grad is not None
+
+
+def test_dist_module():
+    xs, ws, bs, xt, wt, bt, labels, mask = make()
+    loss_fn = FusedLinearDistillationLoss(
+        "dist", temperature=2.0, inter_weight=0.6, intra_weight=1.3, hard_loss_weight=0.3,
+        chunk_size=5,
+    )  # fmt: skip
+    assert "inter_weight=0.6" in repr(loss_fn)
+    ours = loss_fn(xs, ws, xt, wt, labels, bs, bt, mask)
+    expected = fused_linear_distill(
+        xs, ws, xt, wt, student_bias=bs, teacher_bias=bt, labels=labels, mask=mask,
+        hard_loss_weight=0.3, chunk_size=3, **DIST,
+    )  # fmt: skip
+    assert rel(ours, expected) <= 1e-12
+    with pytest.raises(ValueError, match="reduction must be 'batchmean'"):
+        FusedLinearDistillationLoss("dist", reduction="sum")
+
+
+@pytest.mark.parametrize(
+    "overrides, error, message",
+    [
+        ({"reduction": "sum"}, ValueError, "reduction must be 'batchmean' with divergence 'dist'"),
+        ({"reduction": "none"}, ValueError, "reduction must be 'batchmean' with divergence 'dist'"),
+        ({"inter_weight": float("nan")}, ValueError, "inter_weight must be finite"),
+        ({"intra_weight": float("inf")}, ValueError, "intra_weight must be finite"),
+        ({"inter_weight": True}, TypeError, "inter_weight must be a real number"),
+        ({"intra_weight": "1"}, TypeError, "intra_weight must be a real number"),
+        ({"intra_weight": torch.tensor(1.0)}, TypeError, "intra_weight must be a real number"),
+    ],
+)
+def test_dist_bad_inputs(overrides, error, message):
+    with pytest.raises(error, match=message):
+        _call(**{"divergence": "dist", **overrides})
