@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from kdfast.bench.__main__ import COLUMNS, format_table, main
+from kdfast.testing import rel_error as rel
 
 
 def _row(**results):
@@ -130,3 +133,46 @@ def test_conditions_see_other_processes_and_flag_busy_rows(tmp_path):
     assert row["results"]["kdfast"]["conditions"]["others_cores"] >= 0.5
     assert "busy" in bench.row_flags(row)
     assert bench.table_cells(row)[-1].startswith("busy")
+
+
+def test_fused_linear_baselines_compute_the_same_loss_and_are_measured(tmp_path, monkeypatch):
+    """The fused linear-head cases' baselines: Liger-Kernel's LigerFusedLinearJSDLoss gives
+    kdfast's loss and student gradients on the case's inputs, within float32's tolerance
+    (Liger computes in float32 whatever the inputs: like is compared with like),
+    the four-GEMM floor runs, both land in the table's baselines cell with their ratio and
+    memory; a baseline whose library is missing is reported skipped."""
+    import torch
+
+    from kdfast.bench import __main__ as bench
+    from kdfast.bench.cases import BY_NAME, Case
+
+    case = BY_NAME["fused_linear_jsd"]
+    assert set(case.baselines) == {"liger", "gemms"}
+    pytest.importorskip("liger_kernel")  # CI installs it (.ci/run); the bench extra has it
+    size = case.sizes["smoke"][0]
+    results = []
+    for make in (case.setup, case.baselines["liger"]):
+        forward, params = make(size, "cpu", torch.float32)
+        loss = forward()
+        results.append((loss.detach(), *torch.autograd.grad(loss, params)))
+    for got, want in zip(*results, strict=True):
+        assert rel(got, want) <= 1e-5
+
+    out = tmp_path / "bench.json"
+    argv = ["--smoke", "--cases", "fused_linear_jsd", "--impls", "kdfast", "liger", "gemms"]
+    assert bench.main([*argv, "--in-process", "--no-plots", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    for name in ("kdfast", "liger", "gemms"):
+        assert row["results"][name]["median_s"] > 0, row["results"][name]
+    cell = bench.baseline_cell(row)
+    assert cell.startswith("liger x") and ", gemms x" in cell
+
+    def missing(size, device, dtype):
+        raise ImportError("No module named 'liger_kernel'")
+
+    broken = Case(**{**case.__dict__, "baselines": {"liger": missing}})
+    monkeypatch.setitem(BY_NAME, "fused_linear_jsd", broken)
+    skipped = bench.measure_in_process(case="fused_linear_jsd", size=list(size), impl="liger",
+                                       mode="forward", repeats=1)  # fmt: skip
+    assert skipped["skipped"].startswith("not installed")
+    assert bench.baseline_cell({"results": {"kdfast": {}, "liger": skipped}}) == "liger skip"

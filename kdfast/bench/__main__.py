@@ -25,6 +25,7 @@ import kdfast
 from kdfast.bench.cases import CASES
 from kdfast.bench.conditions import background_load, is_busy, is_noisy, load_average
 from kdfast.bench.harness import (
+    BASELINES,
     FAST_REPEATS,
     FAST_RUN_S,
     IMPLEMENTATIONS,
@@ -85,7 +86,8 @@ def _mb(nbytes):
 COLUMNS = (
     ("case", 36), ("size", 22), ("mode", 17), ("backend", 10), ("kdfast ms", 10),
     ("spread", 8), ("ref ms", 10), ("x ref", 7), ("comp ms", 10), ("x comp", 7), ("kd MB", 7),
-    ("ref MB", 8), ("comp MB", 8), ("loss err", 10), ("grad err", 10), ("flags", 12),
+    ("ref MB", 8), ("comp MB", 8), ("loss err", 10), ("grad err", 10),
+    ("baselines (x time, MB)", 36), ("flags", 12),
 )  # fmt: skip
 
 
@@ -138,8 +140,26 @@ def table_cells(row: dict) -> list[str]:
             "skip" if "skipped" in err else f"{err.get(key, float('nan')):.1e}"
             for key in ("loss_error", "grad_error")
         ),
+        baseline_cell(row),
         ",".join(row_flags(row)) or "-",
     ]
+
+
+def baseline_cell(row: dict) -> str:
+    """The case's further baselines: ``name xR MB`` (R = baseline time / kdfast's, as the
+    other ratio columns), or why it was skipped."""
+    ours = row["results"].get("kdfast", {}).get("median_s")
+    cells = []
+    for name in BASELINES:
+        result = row["results"].get(name)
+        if result is None:
+            continue
+        if "median_s" not in result:
+            cells.append(f"{name} skip" if "skipped" in result else f"{name} -")
+            continue
+        ratio = f"x{result['median_s'] / ours:.2f}" if ours else "-"
+        cells.append(f"{name} {ratio} {_mb(result.get('peak_bytes'))}")
+    return ", ".join(cells) or "-"
 
 
 def format_table(rows: list[dict], markdown: bool = False) -> str:
@@ -179,7 +199,9 @@ def run(
         row["results"] = {}
         predicted = case.reference_bytes(size)
         for impl in impls:
-            if impl != "kdfast" and predicted > RAM_FRACTION * _ram_bytes():
+            if impl in BASELINES and impl not in case.baselines:
+                continue
+            if impl in ("reference", "compiled") and predicted > RAM_FRACTION * _ram_bytes():
                 row["results"][impl] = {"skipped": f"predicted OOM ({predicted / 2**30:.1f} GB)"}
                 continue
             row["results"][impl] = measure_job(
@@ -237,7 +259,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", nargs="*", default=[], help="case names (default: all)")
     parser.add_argument("--modes", nargs="*", default=["forward+backward"], choices=MODES)
     parser.add_argument(
-        "--impls", nargs="*", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS
+        "--impls",
+        nargs="*",
+        default=[*IMPLEMENTATIONS, *BASELINES],
+        choices=[*IMPLEMENTATIONS, *BASELINES],
+        help="what to measure; the baselines only where a case declares them (default: all)",
     )
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement")
     parser.add_argument(

@@ -30,8 +30,7 @@ class Case:
     Attributes:
         name: short id used on the command line and in JSON.
         title: what is measured, with the meaning of the size tuple.
-        op: the dispatcher op whose backend is reported; None when kdfast's path is plain
-            PyTorch ops (reported as "pytorch").
+        op: the dispatcher op whose backend is reported.
         sizes: size tuples per suite ("smoke", "quick", "full").
         setup: (size, device, dtype) -> (forward, params).
         reference_bytes: size -> estimated peak bytes of the eager reference, used to skip
@@ -39,15 +38,19 @@ class Case:
         truth_bytes: size -> estimated peak bytes of the error measurement when kdfast's own
             float64 run is the truth (float32 and float64 inputs and gradients); the error
             columns are skipped above 60% of RAM.
+        baselines: further implementations measured in the same run, name -> setup of the
+            same signature (e.g. another library's loss, or the GEMMs alone as a floor); a
+            setup raising ImportError marks its baseline skipped.
     """
 
     name: str
     title: str
-    op: str | None
+    op: str
     sizes: dict[str, list[tuple[int, ...]]]
     setup: Callable
     reference_bytes: Callable[[tuple[int, ...]], int] = field(default=lambda size: 0)
     truth_bytes: Callable[[tuple[int, ...]], int] = field(default=lambda size: 0)
+    baselines: dict[str, Callable] = field(default_factory=dict)
 
 
 def _randn(*shape, device, dtype, seed, grad=False):
@@ -134,21 +137,25 @@ def setup_expm(size, device, dtype):
     return (lambda: kdfast.linalg.expm(a, skew=True)), [a]
 
 
+def _lm_heads(size, device, dtype):
+    """(xs, ws, xt, wt, labels) on (T, H, V): student and teacher heads of width H, labels
+    with a tenth of the tokens ignored; the student's tensors require grad."""
+    tokens, hidden, vocab = size
+    xs = _randn(tokens, hidden, device=device, dtype=dtype, seed=0, grad=True)
+    ws = (_randn(vocab, hidden, device=device, dtype=dtype, seed=1) / hidden**0.5).requires_grad_()
+    xt = _randn(tokens, hidden, device=device, dtype=dtype, seed=2)
+    wt = _randn(vocab, hidden, device=device, dtype=dtype, seed=3) / hidden**0.5
+    labels = torch.randint(0, vocab, (tokens,), generator=torch.Generator().manual_seed(4))
+    labels[::10] = -100
+    return xs, ws, xt, wt, labels.to(device)
+
+
 def _fused_linear(divergence: str, **options):
-    """fused_linear_distill on (T, H, V): student and teacher heads of width H, labels with
-    a tenth of the tokens ignored. The "reference" implementation materialises the logits."""
+    """fused_linear_distill on (T, H, V) (:func:`_lm_heads`). The "reference"
+    implementation materialises the logits."""
 
     def setup(size, device, dtype):
-        tokens, hidden, vocab = size
-        xs = _randn(tokens, hidden, device=device, dtype=dtype, seed=0, grad=True)
-        ws = (
-            _randn(vocab, hidden, device=device, dtype=dtype, seed=1) / hidden**0.5
-        ).requires_grad_()
-        xt = _randn(tokens, hidden, device=device, dtype=dtype, seed=2)
-        wt = _randn(vocab, hidden, device=device, dtype=dtype, seed=3) / hidden**0.5
-        labels = torch.randint(0, vocab, (tokens,), generator=torch.Generator().manual_seed(4))
-        labels[::10] = -100
-        labels = labels.to(device)
+        xs, ws, xt, wt, labels = _lm_heads(size, device, dtype)
 
         def forward():
             return kdfast.functional.fused_linear_distill(
@@ -156,6 +163,44 @@ def _fused_linear(divergence: str, **options):
             )
 
         return forward, [xs, ws]
+
+    return setup
+
+
+class _FourGemms(torch.autograd.Function):
+    """The floor of a fused linear-head loss: the two heads' logit GEMMs in the forward, the
+    student's two gradient GEMMs (``dZ W``, ``dZ^T X``) in the backward, with a fixed dZ."""
+
+    @staticmethod
+    def forward(ctx, xs, ws, xt, wt):
+        zs, zt = xs @ ws.T, xt @ wt.T
+        ctx.save_for_backward(xs, ws, zs)
+        return zs[0, 0] + zt[0, 0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        xs, ws, dz = ctx.saved_tensors
+        return dz @ ws, dz.T @ xs, None, None
+
+
+def setup_four_gemms(size, device, dtype):
+    """Baseline "gemms": the four (T, H) x (H, V) GEMMs alone, unchunked."""
+    xs, ws, xt, wt, _ = _lm_heads(size, device, dtype)
+    return (lambda: _FourGemms.apply(xs, ws, xt, wt)), [xs, ws]
+
+
+def setup_liger_jsd(beta: float, hard_loss_weight: float):
+    """Baseline "liger": Liger-Kernel's LigerFusedLinearJSDLoss (chunked, torch.compile'd
+    chunks; it runs on CPU too) with the case's options; ImportError where not installed."""
+
+    def setup(size, device, dtype):
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+        xs, ws, xt, wt, labels = _lm_heads(size, device, dtype)
+        loss = LigerFusedLinearJSDLoss(
+            weight_hard_loss=hard_loss_weight, weight_soft_loss=1.0, beta=beta
+        )
+        return (lambda: loss(xs, ws, xt, wt, labels)), [xs, ws]
 
     return setup
 
@@ -297,31 +342,29 @@ CASES: list[Case] = [
     ),
 ]
 
-for _name, _title, _op, _divergence, _options in (
-    ("fused_linear_kd", "kl T=2", "kd_loss", "kl", {"temperature": 2.0}),
-    (
-        "fused_linear_jsd",
-        "jsd beta=0.5 + 0.5 CE",
-        "jsd_loss",
-        "jsd",
-        {"beta": 0.5, "hard_loss_weight": 0.5},
-    ),
+_GEMMS = {"gemms": setup_four_gemms}
+for _name, _title, _divergence, _options, _baselines in (
+    ("fused_linear_kd", "kl T=2", "kl", {"temperature": 2.0}, _GEMMS),
+    # the issue's target case: Liger's JSD with the hard loss off
+    ("fused_linear_jsd", "jsd beta=0.5", "jsd", {"beta": 0.5},
+     {**_GEMMS, "liger": setup_liger_jsd(0.5, 0.0)}),
     # two passes over the chunks, plain PyTorch ops (kdfast/_fused_linear_dist.py)
-    ("fused_linear_dist", "dist T=1 + 0.5 CE", None, "dist", {"hard_loss_weight": 0.5}),
-):
+    ("fused_linear_dist", "dist T=1 + 0.5 CE", "dist", {"hard_loss_weight": 0.5}, _GEMMS),
+):  # fmt: skip
     CASES.append(
         Case(
             _name,
             f"fused_linear_distill {_title} (T, H, V)",
-            _op,
+            "fused_linear_distill",
             {
                 "smoke": [(64, 32, 100)],
                 "quick": [(1024, 512, 32000)],
-                "full": [(8192, 2048, 128256)],
+                "full": [(4096, 2048, 128256)],
             },
             _fused_linear(_divergence, **_options),
             _fused_linear_dist_bytes if _divergence == "dist" else _fused_linear_bytes,
             lambda size: 0,
+            _baselines,
         )
     )
 

@@ -27,6 +27,8 @@ from kdfast.bench.conditions import Window
 from kdfast.testing import rel_error
 
 IMPLEMENTATIONS = ("kdfast", "reference", "compiled")
+#: further implementations a case may declare (:attr:`Case.baselines`)
+BASELINES = ("liger", "gemms")
 #: runs slower than this get one warm-up and at most SLOW_REPEATS timed repeats
 SLOW_RUN_S = 1.0
 SLOW_REPEATS = 3
@@ -62,15 +64,17 @@ def _sync(device: str) -> None:
 
 def _backend(case_name, impl, params) -> str:
     """The backend an implementation's row reports: the dispatcher's choice for the case's
-    op, "pytorch" for a kdfast path of plain PyTorch ops."""
+    op (for kdfast), else the implementation's name."""
     if impl != "kdfast":
         return impl
-    op = BY_NAME[case_name].op
-    return "pytorch" if op is None else kdfast._dispatch.select(op, params[0])[0]
+    return kdfast._dispatch.select(BY_NAME[case_name].op, params[0])[0]
 
 
 def _build(case_name, size, impl, device, dtype):
     case = BY_NAME[case_name]
+    if impl in case.baselines:
+        forward, params = case.baselines[impl](tuple(size), device, dtype)
+        return forward, params, None
     backend = None if impl == "kdfast" else "reference"
     with kdfast.use_backend(backend):
         forward, params = case.setup(tuple(size), device, dtype)
@@ -97,7 +101,10 @@ def _grads(forward, params, backend):
 def measure(case_name, size, impl, mode, repeats, device="cpu", dtype=torch.float32) -> dict:
     """Run in the current process (call through :func:`measure_in_subprocess`)."""
     torch.manual_seed(0)
-    forward, params, backend = _build(case_name, size, impl, device, dtype)
+    try:
+        forward, params, backend = _build(case_name, size, impl, device, dtype)
+    except ImportError as exc:  # a baseline's library is not installed
+        return {"skipped": f"not installed ({exc})"}
 
     def run_once() -> float:
         for p in params:

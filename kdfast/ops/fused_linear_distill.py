@@ -28,7 +28,10 @@ def _logit_kernel_limit(backend: str):
     """The chunks' logit op on ``backend`` must run: a kernel for the divergence's op,
     within that kernel's own limits (e.g. kd_loss's temperature limit)."""
 
-    def limit(xs, ws, bs, xt, wt, bt, labels, mask, options, chunk_size) -> str | None:
+    def limit(*args, **kwargs) -> str | None:
+        if len(args) < 10:  # a backend query by tensors alone (e.g. the bench's) is not limited
+            return None
+        xs, options = args[0], args[8]
         op = LOGIT_OPS.get(options.divergence)
         if op is None:  # "dist": plain PyTorch per chunk, runs wherever the backend does
             return None
