@@ -11,6 +11,7 @@ a pair op missing from it. Backends: every one registered for the op
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -20,16 +21,27 @@ from conftest import backends_for
 import kdfast.ops  # noqa: F401  registers every op and declares its contract
 from kdfast.ops._samples import CONTRACTS
 
-#: the contracts whose public function takes a (student, teacher) pair
-PAIR_OPS = sorted(op for op, c in CONTRACTS.items() if c.public.startswith("kdfast.functional:"))
-#: ops without a (student, teacher) public loss: tested in ops/test_expm.py,
-#: test_hostile.py, and the sharded angle term in test_distributed.py
-NON_PAIR_OPS = sorted(set(CONTRACTS) - set(PAIR_OPS))
-
 
 def public_function(op: str) -> Callable:
     """The public function of ``op`` (its contract's)."""
     return CONTRACTS[op].function()
+
+
+def _takes_pair(op: str) -> bool:
+    """Whether ``op``'s public function is a loss of (student, teacher) tensors: a function of
+    ``kdfast.functional`` whose second parameter is the teacher's."""
+    if not CONTRACTS[op].public.startswith("kdfast.functional:"):
+        return False
+    params = list(inspect.signature(public_function(op)).parameters)
+    return len(params) >= 2 and params[1].startswith("teacher")
+
+
+#: the contracts whose public function takes a (student, teacher) pair
+PAIR_OPS = sorted(op for op in CONTRACTS if _takes_pair(op))
+#: ops without a (student, teacher) public loss: tested in ops/test_expm.py,
+#: ops/test_fused_linear_distill.py (hidden states and weights, not a pair), test_hostile.py,
+#: and the sharded angle term in test_distributed.py
+NON_PAIR_OPS = sorted(set(CONTRACTS) - set(PAIR_OPS))
 
 
 @dataclass(frozen=True)
