@@ -45,9 +45,22 @@ from kdfast.reference.fused_linear_distill import (
 
 #: bytes of (chunk, V) temporaries the automatic chunk size aims at
 CHUNK_MEMORY_BUDGET = 256 << 20
-#: (chunk, V) buffers alive at once per chunk: both logits, the kernel's saved gradient,
-#: the cross-entropy's log-softmax and gradient, the scaled logit gradient
+#: the most (chunk, V) buffers alive at once in a chunk of KD / JSD (:func:`chunk_buffers`)
 CHUNK_BUFFERS = 6
+
+
+def chunk_buffers(options: DistillOptions, needs: tuple[bool, ...]) -> int:
+    """(chunk, V) temporaries alive at once in one chunk of the sweep, the automatic chunk
+    size's divisor: both logits; the soft kernel's student gradient (or, without one, a
+    log-sum-exp temporary of the cross-entropy); the teacher's gradient when the teacher is
+    differentiated; the cross-entropy's gradient. DIST's two sweeps keep more
+    (:data:`kdfast._fused_linear_dist.CHUNK_BUFFERS`). ``needs``: which of (xs, ws, bs, xt,
+    wt, bt) get gradients. Checked against the live tensors by
+    tests/ops/test_fused_linear_distill.py."""
+    if options.divergence == "dist":
+        return _fused_linear_dist.CHUNK_BUFFERS
+    hard = options.hard_loss_weight != 0
+    return 3 + any(needs[3:]) + hard
 
 
 def auto_chunk_size(
@@ -195,7 +208,9 @@ def _soft(zs, zt, keep, options, weight, need_s, need_t):
         # the chunk's logits are contiguous (rows, V): every op layout takes them as they are
         loss, gs, gt = op(zs, zt, *raw_args, need_s, need_t)
         if not scalar and weight is not None:
-            gs, gt = (g * weight.to(g.dtype)[:, None] if g.numel() else g for g in (gs, gt))
+            for g in (gs, gt):  # the kernel's own outputs: scaled in place
+                if g.numel():
+                    g.mul_(weight.to(g.dtype)[:, None])
         return loss, gs if need_s else None, gt if need_t else None
     if not (need_s or need_t):
         with torch.no_grad():
@@ -312,6 +327,7 @@ def _sweep(inputs, labels, keep, options, chunk, weight, needs):
             _fold(dzs, alpha_s, xs, ws, grads[:3], part, start == 0)
         if dzt is not None:
             _fold(dzt, alpha_t, xt, wt, grads[3:], part, start == 0)
+        del dzs, dzt  # freed before the next chunk's kernel writes its own
     return total, [None if g is None else g.to(x.dtype) for g, x in zip(grads, inputs, strict=True)]
 
 
@@ -367,13 +383,12 @@ def chunked(xs, ws, bs, xt, wt, bt, labels, mask, options, chunk_size):
     """The chunked path on validated (T, H) inputs: the implementation of every compiled
     backend (:mod:`kdfast.ops.fused_linear_distill`); each chunk's logit ops are dispatched
     in turn, so a forced backend reaches them."""
-    if chunk_size is None:
-        dist = options.divergence == "dist"  # two passes, more (chunk, V) temporaries
-        buffers = _fused_linear_dist.CHUNK_BUFFERS if dist else CHUNK_BUFFERS
-        dtype = compute_dtype(xs, ws, xt, wt)
-        chunk_size = auto_chunk_size(xs.shape[0], ws.shape[0], dtype, buffers)
     enabled = torch.is_grad_enabled()
     needs = tuple(enabled and x is not None and x.requires_grad for x in (xs, ws, bs, xt, wt, bt))
+    if chunk_size is None:
+        dtype = compute_dtype(xs, ws, xt, wt)
+        buffers = chunk_buffers(options, needs)
+        chunk_size = auto_chunk_size(xs.shape[0], ws.shape[0], dtype, buffers)
     keep = kept_tokens(labels, mask, options.ignore_index)
     return _FusedLinearDistill.apply(
         xs, ws, bs, xt, wt, bt, labels, keep, options, chunk_size, needs

@@ -6,6 +6,8 @@ written out; clear errors; and a record of every tensor the chunked path creates
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -559,3 +561,51 @@ def test_dist_module():
 def test_dist_bad_inputs(overrides, error, message):
     with pytest.raises(error, match=message):
         _call(**{"divergence": "dist", **overrides})
+
+
+class _LiveBuffers(TorchDispatchMode):
+    """The most distinct storages of at least ``size`` elements alive at once among the
+    tensors the ops return (views of one buffer count once)."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size, self.alive, self.most = size, {}, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        flat = out if isinstance(out, (tuple, list)) else (out,)
+        for o in flat:
+            if isinstance(o, torch.Tensor) and o.numel() >= self.size:
+                key = o.untyped_storage().data_ptr()
+                self.alive.setdefault(key, []).append(weakref.ref(o))
+        alive = {k: [r for r in v if r() is not None] for k, v in self.alive.items()}
+        self.alive = {k: v for k, v in alive.items() if v}
+        self.most = max(self.most, len(self.alive))
+        return out
+
+
+@pytest.mark.parametrize("teacher_grad", (False, True))
+@pytest.mark.parametrize("hard", (0.0, 0.5))
+@pytest.mark.parametrize("reduction", ("batchmean", "none"))
+@pytest.mark.parametrize("divergence", ("jsd", "kl"))
+def test_chunk_buffers_bound_the_live_chunk_temporaries(divergence, reduction, hard, teacher_grad):
+    """The automatic chunk size divides the budget by chunk_buffers(): no more (chunk, V)
+    temporaries are alive at once, forward and backward."""
+    from kdfast.fused_linear import chunk_buffers
+    from kdfast.reference.fused_linear_distill import DistillOptions
+
+    tokens, vocab, chunk = 24, 300, 8
+    g = torch.Generator().manual_seed(0)
+    xs = torch.randn(tokens, H, generator=g, requires_grad=True)
+    ws = torch.randn(vocab, H, generator=g, requires_grad=True)
+    xt = torch.randn(tokens, HT, generator=g, requires_grad=teacher_grad)
+    wt = torch.randn(vocab, HT, generator=g, requires_grad=teacher_grad)
+    labels = torch.randint(0, vocab, (tokens,), generator=g)
+    options = DistillOptions(divergence, 0.5, 1.0, reduction, 1.0, hard, -100)
+    needs = (True, True, False, teacher_grad, teacher_grad, False)
+    kwargs = dict(divergence=divergence, reduction=reduction, hard_loss_weight=hard)
+    with _LiveBuffers(chunk * vocab) as mode:
+        loss = fused_linear_distill(xs, ws, xt, wt, labels=labels, chunk_size=chunk, **kwargs)
+        loss.sum().backward()
+    # the bound is tight: the divisor does not waste the budget either
+    assert mode.most == chunk_buffers(options, needs)
