@@ -1,5 +1,5 @@
-"""Triton generalised Jensen-Shannon divergence over logits (:mod:`kdfast.reference.jsd_loss`)
-and the custom op ``kdfast::jsd_loss_triton``.
+"""Triton generalised Jensen-Shannon divergence over logits (semantics 3.1,
+:mod:`kdfast.reference.jsd_loss`) and the custom op ``kdfast::jsd_loss_triton``.
 
 Same contract as ``kdfast::jsd_loss_cpp`` (csrc/cpu/jsd_loss.cpp, :mod:`kdfast.ops.jsd_loss`):
 the op returns ``(loss, grad_student, grad_teacher)``, the gradients (for a unit upstream
