@@ -109,6 +109,10 @@ class Impl:
     #: why this implementation runs only when its backend is forced (e.g. measured slower
     #: than the next backend); None: chosen automatically.
     opt_in: str | None = None
+    #: like :attr:`Backend.needs_gpu_record`, for this implementation alone: a GPU kernel of a
+    #: backend whose older kernels need no record (a new Triton kernel) is chosen
+    #: automatically on CUDA devices only once a recorded GPU run passed it.
+    needs_gpu_record: bool = False
 
 
 #: results of the contract suite on real GPUs, written by tools/gpu_check.sh: a list of
@@ -156,6 +160,7 @@ def implement(
     limit: Callable[..., str | None] | None = None,
     nondeterministic: bool = False,
     opt_in: str | None = None,
+    needs_gpu_record: bool = False,
 ) -> None:
     """Register ``fn`` as ``op`` on ``backend``.
 
@@ -163,6 +168,9 @@ def implement(
     ``nondeterministic=True`` marks a kernel whose results vary run to run (atomics): it is
     skipped under ``torch.use_deterministic_algorithms(True)``. ``opt_in="why"`` keeps the
     implementation out of the automatic choice: it runs only when its backend is forced.
+    ``needs_gpu_record=True`` keeps it out of the automatic choice on CUDA devices until a
+    recorded GPU run passed it (:data:`GPU_RESULTS`), as every implementation of a backend
+    declared with ``Backend.needs_gpu_record``.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; known: {list(BACKENDS)}")
@@ -173,12 +181,20 @@ def implement(
         limit,
         nondeterministic,
         opt_in,
+        needs_gpu_record,
     )
 
 
 def ops() -> list[str]:
     """Names of every registered op."""
     return sorted(_IMPLS)
+
+
+def needs_gpu_record(op: str, backend: str) -> bool:
+    """Whether ``op``'s ``backend`` implementation is automatic on CUDA only once a recorded
+    GPU run passed it (its backend's rule, or its own)."""
+    impl = _IMPLS.get(op, {}).get(backend)
+    return BACKENDS[backend].needs_gpu_record or (impl is not None and impl.needs_gpu_record)
 
 
 def implementations(op: str) -> dict[str, Impl]:
@@ -215,7 +231,7 @@ def _rejection(
     if (
         automatic
         and device == "cuda"
-        and backend.needs_gpu_record
+        and (backend.needs_gpu_record or impl.needs_gpu_record)
         and (op, name) not in gpu_passed()
     ):
         return f"opt-in only ({NOT_RUN_ON_GPU}): force it with kdfast.use_backend({name!r})"

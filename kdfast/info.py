@@ -113,7 +113,7 @@ def gpu_record_lines() -> list[str]:
     ]
     for op in _dispatch.ops():
         for name in _dispatch.implementations(op):
-            if not _dispatch.BACKENDS[name].needs_gpu_record:
+            if not _dispatch.needs_gpu_record(op, name):
                 continue
             state = (
                 "passed on a GPU"

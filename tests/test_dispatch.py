@@ -201,6 +201,21 @@ def test_gpu_only_implementation_is_opt_in_until_recorded(gpu_only_op, monkeypat
     assert dict(_dispatch.explain(gpu_only_op, "cuda", torch.float32))["cuda"] is None
 
 
+def test_one_implementation_can_need_a_gpu_record(gpu_only_op, monkeypatch):
+    """implement(needs_gpu_record=True): that implementation alone (a new Triton kernel, its
+    backend's older ones automatic) is opt-in on CUDA until recorded; forcing runs it."""
+    assert not _dispatch.needs_gpu_record(gpu_only_op, "triton")
+    _dispatch.implement(gpu_only_op, "triton", lambda x: x, needs_gpu_record=True)
+    assert _dispatch.needs_gpu_record(gpu_only_op, "triton")
+    verdicts = dict(_dispatch.explain(gpu_only_op, "cuda", torch.float32))
+    assert "not yet run on a GPU" in verdicts["triton"]
+    forced = _dispatch._rejection(gpu_only_op, "triton", "cuda", (torch.float32,), (), {}, False)
+    assert forced is None
+    recorded = frozenset({(gpu_only_op, "triton")})
+    monkeypatch.setattr(_dispatch, "gpu_passed", lambda: recorded)
+    assert dict(_dispatch.explain(gpu_only_op, "cuda", torch.float32))["triton"] is None
+
+
 def test_gpu_record_file(tmp_path, monkeypatch):
     """A run's "pass" lifts the opt-in; a failure in any run keeps it."""
     import json
@@ -239,5 +254,5 @@ def test_info_names_every_gpu_only_implementation():
     lines = "\n".join(info.gpu_record_lines())
     for op in _dispatch.ops():
         for name in _dispatch.implementations(op):
-            if _dispatch.BACKENDS[name].needs_gpu_record:
+            if _dispatch.needs_gpu_record(op, name):
                 assert f"{op}/{name}:" in lines

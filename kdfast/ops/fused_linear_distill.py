@@ -26,7 +26,10 @@ LOGIT_OPS = {"kl": "kd_loss", "reverse_kl": "jsd_loss", "jsd": "jsd_loss"}
 
 def _logit_kernel_limit(backend: str):
     """The chunks' logit op on ``backend`` must run: a kernel for the divergence's op,
-    within that kernel's own limits (e.g. kd_loss's temperature limit)."""
+    within that kernel's own limits (e.g. kd_loss's temperature limit), and, unless a
+    backend is forced, one the automatic choice takes (the chunks dispatch their logit op
+    as the call does: a kernel that is opt-in, e.g. not yet run on a GPU, runs only when
+    forced)."""
 
     def limit(*args, **kwargs) -> str | None:
         if len(args) < 10:  # a backend query by tensors alone (e.g. the bench's) is not limited
@@ -40,7 +43,8 @@ def _logit_kernel_limit(backend: str):
         else:
             inner = (xs, xs, options.jsd_beta, options.temperature, "sum", None)
         device, dtypes = xs.device.type, (xs.dtype,)
-        reason = _dispatch._rejection(op, backend, device, dtypes, inner, {}, automatic=False)
+        automatic = _dispatch.forced_backend() is None
+        reason = _dispatch._rejection(op, backend, device, dtypes, inner, {}, automatic)
         return None if reason is None else f"its {op} cannot run: {reason}"
 
     return limit

@@ -2,13 +2,18 @@
 implementation and its samples.
 
 * reference: :func:`kdfast.reference.jsd_loss.jsd_loss`;
-* cpp: ``kdfast::jsd_loss_cpp`` (csrc/cpu/jsd_loss.cpp, which also holds its schema).
+* cpp: ``kdfast::jsd_loss_cpp`` (csrc/cpu/jsd_loss.cpp, which also holds its schema);
+* triton: ``kdfast::jsd_loss_triton`` around :func:`kdfast.triton.jsd_loss.jsd_loss_triton`
+  (the same schema). Not yet run on a GPU: on CUDA devices it is opt-in
+  (``kdfast.use_backend("triton")``) until a recorded GPU run passes it
+  (kdfast/gpu_results.json, ``needs_gpu_record``).
 
 Same contract as :mod:`kdfast.ops.kd_loss`: ``(loss, grad_student, grad_teacher)``, the
 gradients (for a unit upstream gradient; per row for reduction "none") written in the
 forward pass only when the flags (from ``torch.is_grad_enabled()`` and ``requires_grad``)
-ask for them; once-differentiable. The kernel takes (rows, C) logits: (N, C, S) logits reach
-it as a permuted copy (the "rows" layout).
+ask for them; once-differentiable. The cpp kernel takes (rows, C) logits: (N, C, S) logits
+reach it as a permuted copy (the "rows" layout); the Triton kernel reads contiguous
+(N, C, S) logits in place (the "contiguous" layout).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from torch import Tensor
 from kdfast import _dispatch, _extension
 from kdfast._validation import compute_dtype, logit_rows
 from kdfast.ops._common import (
+    define_op,
     grad_flags,
     grad_or_empty,
     logits_for,
@@ -65,6 +71,13 @@ if _extension.unavailable_reason() is None:
     register_op("kdfast::jsd_loss_cpp")
     impl = make_impl(torch.ops.kdfast.jsd_loss_cpp.default)
     _dispatch.implement("jsd_loss", "cpp", impl, devices={"cpu"})
+if _dispatch.BACKENDS["triton"].unavailable is None:
+    from kdfast.triton import jsd_loss as _kernels
+
+    define_op("kdfast::jsd_loss_triton", _kernels.jsd_loss_triton)
+    register_op("kdfast::jsd_loss_triton")
+    impl = make_impl(torch.ops.kdfast.jsd_loss_triton.default, "contiguous")
+    _dispatch.implement("jsd_loss", "triton", impl, needs_gpu_record=True)
 
 
 # --- samples ---------------------------------------------------------------------------

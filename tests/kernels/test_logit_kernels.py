@@ -1,9 +1,10 @@
 """Kernel-specific tests of the fused logit-loss kernels (kd_loss, per_sample_kl, dist_loss):
 (N, C, *) logits read in place (no permuted copy), and of the Triton kernels (under
-TRITON_INTERPRET=1): chunking over tiny tiles, a large vocabulary, read counts and an LRU model
-of cache reuse taken from the interpreter's loads, input validation of the ops themselves;
-the cpp backend's gradient pool. The semantics every backend shares are tested from
-tests/ops/test_kd_loss.py and tests/ops/test_dist_loss.py (tests/fused_logits.py).
+TRITON_INTERPRET=1; jsd_loss's too): chunking over tiny tiles, a large vocabulary, read counts
+and an LRU model of cache reuse taken from the interpreter's loads, input validation of the ops
+themselves; the cpp backend's gradient pool. The semantics every backend shares are tested
+from tests/ops/test_kd_loss.py and tests/ops/test_dist_loss.py (tests/fused_logits.py), and
+jsd_loss's from the contract suite and tests/ops/test_jsd_loss.py.
 """
 
 from __future__ import annotations
@@ -322,13 +323,16 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("resident", [False, True])
-@pytest.mark.parametrize("op", triton_only(["kd_loss", "dist_loss"]))
+@pytest.mark.parametrize("op", triton_only(["kd_loss", "dist_loss", "jsd_loss"]))
 def test_triton_ops_read_nc_star_in_place(op, resident, monkeypatch):
     """The Triton ops on contiguous (N, C, S) inputs (rows r = n * S + s, read in place)
     against the 2-D op on the permuted (N * S, C) copy: loss (per row for "none"),
     gradients of shape (N, C, S), with and without a (N * S,) mask; tiny tiles."""
     require_backend("triton")
+    if op == "jsd_loss" and resident:
+        pytest.skip("RESIDENT rows are DIST's")
     tiny_tiles(monkeypatch, resident)
+    monkeypatch.setattr("kdfast.triton.jsd_loss.TILE", {4: 16, 8: 16})
     custom_op = _dispatch._IMPLS[op]["triton"].fn.op
     g = torch.Generator().manual_seed(3)
     n_cols = 37
@@ -341,6 +345,12 @@ def test_triton_ops_read_nc_star_in_place(op, resident, monkeypatch):
                 (2.0, 4.0, reduction, mask, "logits", True, True)
                 for reduction in ("batchmean", "none")
                 for mask in (None, keep)
+            ]
+        elif op == "jsd_loss":
+            calls = [
+                (0.3, 2.0, "batchmean", None, True, True),
+                (0.0, 2.0, "none", keep, True, True),
+                (1.0, 2.0, "sum", keep, True, True),
             ]
         else:
             calls = [
@@ -360,7 +370,7 @@ def test_triton_ops_read_nc_star_in_place(op, resident, monkeypatch):
                 assert rel_error(a, b) <= 1e-12, where
 
 
-@pytest.mark.parametrize("op", triton_only(["kd_loss", "dist_loss"]))
+@pytest.mark.parametrize("op", triton_only(["kd_loss", "dist_loss", "jsd_loss"]))
 def test_triton_opcheck_nc_star(op):
     """opcheck of the Triton ops on a contiguous (N, C, S) input (fake shapes, including
     kd's (N * S,) "none" loss)."""
@@ -371,6 +381,11 @@ def test_triton_opcheck_nc_star(op):
     t = torch.randn(2, 5, 3, generator=g, dtype=torch.float64)
     keep = torch.tensor([True, False, True, True, True, False])
     a = s.clone().requires_grad_(True)
+    if op == "jsd_loss":
+        b = t.clone().requires_grad_(True)
+        torch.library.opcheck(custom_op, (a, b, 0.3, 2.0, "batchmean", keep, True, True))
+        torch.library.opcheck(custom_op, (s, t, 1.0, 1.0, "none", keep, False, False))
+        return
     torch.library.opcheck(custom_op, op_args(op, a, t, keep, True, False))
     if op == "kd_loss":
         torch.library.opcheck(custom_op, (s, t, 1.0, 1.0, "none", keep, "logits", False, False))
@@ -404,6 +419,133 @@ def test_triton_ops_reject_bad_input():
         kd(s, t, 1.0, 1.0, "sum", None, "prob", False, False)
     with pytest.raises(ValueError, match="activation must be one of"):
         dist(s, t, 1.0, 1.0, 1.0, True, "relu", None, False, False)
+    if "jsd_loss" not in triton_only(["jsd_loss"]):
+        return
+    jsd = torch.ops.kdfast.jsd_loss_triton.default
+    with pytest.raises(ValueError, match="shapes"):
+        jsd(s, t[:, :4], 0.5, 1.0, "batchmean", None, False, False)
+    with pytest.raises(ValueError, match="contiguous"):
+        jsd(s3, s3, 0.5, 1.0, "sum", None, False, False)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        jsd(s, t, 0.5, 1.0, "avg", None, False, False)
+    with pytest.raises(ValueError, match="beta must be in"):
+        jsd(s, t, 1.5, 1.0, "sum", None, False, False)
+    for temperature in (0.0, float("inf")):
+        with pytest.raises(ValueError, match="temperature"):
+            jsd(s, t, 0.5, temperature, "sum", None, False, False)
+    for mask in (torch.ones(2, dtype=torch.bool), torch.ones(3)):
+        with pytest.raises(ValueError, match="mask must be bool with one entry per row"):
+            jsd(s, t, 0.5, 1.0, "sum", mask, False, False)
+
+
+# --- jsd_loss's Triton kernel -------------------------------------------------------------
+
+#: (beta, reduction) of the jsd_loss kernel tests: both end points (the KLs), near either end
+#: (log m's second log) and the mixture
+JSD_OPTIONS = [(0.0, "batchmean"), (1e-3, "none"), (0.5, "sum"), (0.95, "mean"), (1.0, "none")]
+
+
+def _jsd(backend, s, t, mask, beta, reduction, grad_teacher=True, temperature=2.0):
+    """(loss, gradients) of sum(loss * w) through jsd_loss on ``backend`` (w as ``call``)."""
+    s = s.detach().clone().requires_grad_(True)
+    t = t.detach().clone().requires_grad_(grad_teacher)
+    with kdfast.use_backend(backend):
+        loss = kdfast.functional.jsd_loss(s, t, beta, temperature, reduction, mask)
+    weights = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
+    grads = torch.autograd.grad((loss * weights).sum(), (s, t) if grad_teacher else (s,))
+    return loss.detach(), grads
+
+
+def _assert_jsd_parity(got, want, where) -> None:
+    assert rel_error(got[0], want[0]) <= PARITY_LOSS, (where, rel_error(got[0], want[0]))
+    for g, w in zip(got[1], want[1], strict=True):
+        assert g.shape == w.shape and rel_error(g, w) <= PARITY_GRAD, (where, rel_error(g, w))
+
+
+@pytest.mark.parametrize("op", triton_only(["jsd_loss"]))
+def test_triton_jsd_chunking(op, monkeypatch):
+    """Tiny tiles (16 elements: 3 column blocks of 16 per row of 37, one row per program):
+    the online max / sum across blocks and every pass, on random, extreme (80 * N(0, 1)),
+    uniform-row and masked inputs, every mode, with and without the teacher's gradient (in
+    turn: interpreter time); float64 parity with the reference."""
+    require_backend("triton")
+    monkeypatch.setattr("kdfast.triton.jsd_loss.TILE", {4: 16, 8: 16})
+    cases = inputs(torch.float64, 23, 37)
+    turn = 0
+    for name in ("random", "extreme", "uniform_rows", "masked"):
+        s, t, mask = cases[name]
+        for beta, reduction in JSD_OPTIONS:
+            grad_teacher = turn % 2 == 0
+            turn += 1
+            got = _jsd("triton", s, t, mask, beta, reduction, grad_teacher)
+            want = _jsd("reference", s, t, mask, beta, reduction, grad_teacher)
+            _assert_jsd_parity(got, want, (name, beta, reduction, grad_teacher))
+
+
+@pytest.mark.parametrize("op", triton_only(["jsd_loss"]))
+def test_triton_jsd_large_vocabulary(op):
+    """C = 262144 + 3 in float64 (512 column blocks of the real tile) and C = 20011 in
+    float32 against the float64 truth (semantics 7's rule)."""
+    require_backend("triton")
+    g = torch.Generator().manual_seed(1)
+    s = 4 * torch.randn(1, 262147, generator=g, dtype=torch.float64)
+    t = 4 * torch.randn(1, 262147, generator=g, dtype=torch.float64)
+    _assert_jsd_parity(
+        _jsd("triton", s, t, None, 0.5, "batchmean"),
+        _jsd("reference", s, t, None, 0.5, "batchmean"),
+        "float64",
+    )
+    s32 = (4 * torch.randn(2, 20011, generator=g)).float()
+    t32 = (4 * torch.randn(2, 20011, generator=g)).float()
+    for beta in (0.0, 0.3, 1.0):
+        got = _jsd("triton", s32, t32, None, beta, "batchmean", grad_teacher=False)
+        own = _jsd("reference", s32, t32, None, beta, "batchmean", grad_teacher=False)
+        truth = _jsd("reference", s32.double(), t32.double(), None, beta, "batchmean", False)
+        loss_tol = tolerance(torch.float32, "loss", rel_error(own[0], truth[0]))
+        grad_tol = tolerance(torch.float32, "grad", rel_error(own[1][0], truth[1][0]))
+        assert rel_error(got[0], truth[0]) <= loss_tol, beta
+        assert rel_error(got[1][0], truth[1][0]) <= grad_tol, beta
+
+
+@pytest.mark.parametrize("tiny", [False, True])
+def test_triton_jsd_read_count(tiny, monkeypatch):
+    """Reads of the student and teacher per jsd_loss call (elements loaded / numel), as the
+    module docstring of kdfast/triton/jsd_loss.py states: 2 each for the loss alone, 3 with
+    either gradient or both, in every mode. tiny: many column blocks per row."""
+    if "jsd_loss" not in triton_only(["jsd_loss"]):
+        pytest.skip("triton does not run on CPU tensors here (TRITON_INTERPRET unset)")
+    require_backend("triton")
+    if tiny:
+        monkeypatch.setattr("kdfast.triton.jsd_loss.TILE", {4: 16, 8: 16})
+    s, t, mask = inputs(torch.float64, 23, 37)["masked"]
+    jsd = torch.ops.kdfast.jsd_loss_triton.default
+    counts = _count_logit_reads(monkeypatch, {"zs": s, "zt": t})
+    for beta in (0.0, 0.01, 0.5, 1.0):
+        for grad_s, grad_t in ((False, False), (True, False), (False, True), (True, True)):
+            for name in counts:
+                counts[name] = 0
+            jsd(s, t, beta, 2.0, "batchmean", mask, grad_s, grad_t)
+            reads = 3 if grad_s or grad_t else 2
+            got = (counts["zs"] / s.numel(), counts["zt"] / t.numel())
+            assert got == (reads, reads), (beta, grad_s, grad_t, got)
+
+
+@pytest.mark.parametrize("op", triton_only(["jsd_loss"]))
+@pytest.mark.parametrize("beta", [1e-4, 0.05, 0.5, 1 - 1e-4])
+def test_triton_jsd_near_teacher_gradients_keep_relative_accuracy(op, beta):
+    """A teacher 0.01 away from the student (the loss second order in the difference, the
+    gradients first order): float32 loss and both gradients within 5e-5 of the float64
+    truth; float32 log m from log-probabilities would be off by 1e-3 and more (the loss:
+    tests/ops/test_jsd_loss.py)."""
+    require_backend("triton")
+    g = torch.Generator().manual_seed(32)
+    s = (3 * torch.randn(16, 300, generator=g, dtype=torch.float64)).float()
+    t = (s.double() + 0.01 * torch.randn(16, 300, generator=g, dtype=torch.float64)).float()
+    got = _jsd("triton", s, t, None, beta, "batchmean", temperature=1.0)
+    truth = _jsd("reference", s.double(), t.double(), None, beta, "batchmean", temperature=1.0)
+    assert rel_error(got[0], truth[0]) <= 5e-5, rel_error(got[0], truth[0])
+    for a, b in zip(got[1], truth[1], strict=True):
+        assert rel_error(a, b) <= 5e-5, rel_error(a, b)
 
 
 @pytest.mark.parametrize("op", ["kd_loss", "dist_loss"])

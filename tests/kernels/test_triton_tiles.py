@@ -43,6 +43,7 @@ KERNELS = {
     "rkd_distance": ("pair_forward_kernel", "pair_backward_kernel"),
     "rkd_angle": ("pair_kernel", "row_kernel", "column_kernel"),
     "kd_loss": ("kd_loss_kernel",),
+    "jsd_loss": ("jsd_loss_kernel",),
     "dist_loss": ("dist_stats_kernel", "dist_merge_kernel", "dist_grad_kernel"),
 }
 #: modules holding @triton.jit code with loops (kernels and their device helpers)
@@ -304,6 +305,61 @@ def test_kd_loss_chunked_past_the_tile(trace, monkeypatch):
     assert_grid(launch, (7,))
     assert_loops(launch, "_row_lse", 1, 3)
     assert_loops(launch, "kd_loss_kernel", 2, 3)
+
+
+#: jsd_loss: (beta, reduction): both end points (the KLs), near an end (the second log of
+#: log m) and the mixture
+JSD_CASES = [(0.0, "batchmean"), (0.03, "none"), (0.5, "sum"), (1.0, "mean")]
+
+
+@pytest.mark.parametrize("grad_teacher", [True, False], ids=["grad_t", "no_grad_t"])
+@pytest.mark.parametrize("beta,reduction", JSD_CASES, ids=[f"beta_{b}" for b, _ in JSD_CASES])
+@pytest.mark.parametrize("layout", ["rows_masked", "column_major", "ncs_masked"])
+def test_jsd_loss_tiles_and_column_blocks(
+    trace, monkeypatch, layout, beta, reduction, grad_teacher
+):
+    """Tiles of 4 rows x 8 columns: 3 row tiles over 11 rows (4 over the 15 of (3, 21, 5)),
+    each pass sweeping 3 column blocks, the last of 5 columns (pass 1 once per side, then
+    pass 2 and the gradients' pass 3); the mixture, near an end, and both end points."""
+    import kdfast.triton.jsd_loss as module
+
+    monkeypatch.setattr(module, "blocks", lambda n_cols, elem: (4, 8))
+    s, t, mask = _logit_layouts(11 if layout != "ncs_masked" else 15, seed=50)[layout]
+
+    def fn(s, t):
+        return functional.jsd_loss(s, t, beta, 2.0, reduction, mask)
+
+    assert_matches_reference(fn, s, t, grad_teacher)
+    (launch,) = trace.of("jsd_loss_kernel")
+    assert (launch.constexprs["BLOCK_R"], launch.constexprs["BLOCK_C"]) == (4, 8)
+    assert launch.constexprs["SPATIAL"] == (layout == "ncs_masked")
+    assert launch.constexprs["MODE"] == {0.0: 1, 1.0: 2}.get(beta, 0)
+    assert launch.constexprs["NEAR"] == (beta == 0.03)
+    assert_grid(launch, (3 if layout != "ncs_masked" else 4,))
+    assert_loops(launch, "_row_lse", 1, 3)  # pass 1, once per side
+    assert all(len(counts) == 2 * launch.grid[0] for counts in launch.trips("_row_lse").values())
+    assert_loops(launch, "jsd_loss_kernel", 2, 3)  # passes 2 and 3
+
+
+def test_jsd_loss_chunked_past_the_tile(trace, monkeypatch):
+    """The launcher's own block choice with a tile of 16 elements: C = 37 > 16 is chunked
+    into column blocks of 16 (the last of 5), one row per program (7 programs); without a
+    gradient, pass 3 does not run."""
+    import kdfast.triton.jsd_loss as module
+
+    monkeypatch.setattr(module, "TILE", {4: 16, 8: 16})
+    s, t = 3 * _randn(7, 37, seed=60), 3 * _randn(7, 37, seed=61)
+    assert_matches_reference(lambda s, t: functional.jsd_loss(s, t, 0.3, 2.0), s, t)
+    (launch,) = trace.of("jsd_loss_kernel")
+    assert (launch.constexprs["BLOCK_R"], launch.constexprs["BLOCK_C"]) == (1, 16)
+    assert_grid(launch, (7,))
+    assert_loops(launch, "_row_lse", 1, 3)
+    assert_loops(launch, "jsd_loss_kernel", 2, 3)
+    with torch.no_grad(), kdfast.use_backend("triton"):
+        functional.jsd_loss(s, t, 0.3, 2.0)
+    (_, no_grad) = trace.of("jsd_loss_kernel")
+    assert not no_grad.constexprs["GRAD_S"] and not no_grad.constexprs["GRAD_T"]
+    assert_loops(no_grad, "jsd_loss_kernel", 1, 3)  # pass 2 alone
 
 
 #: DIST: 50 rows in tiles of 4 (13 tiles, the last of 2) over 4 stats programs (4, 3, 3 and

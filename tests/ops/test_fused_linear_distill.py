@@ -6,16 +6,19 @@ written out; clear errors; and a record of every tensor the chunked path creates
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import compiled_backends
 from test_dist_loss import official_dist
 from test_jsd_loss import trl_generalized_jsd
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import kdfast
+from kdfast import _dispatch
 from kdfast.functional import fused_linear_distill
 from kdfast.losses import FusedLinearDistillationLoss
 from kdfast.testing import rel_error as rel
@@ -258,6 +261,43 @@ def test_chunked_path_never_creates_a_tokens_by_vocab_tensor(reduction):
     with _Shapes() as mode, kdfast.use_backend("reference"):
         fused_linear_distill(xs, ws, xt, wt, divergence="jsd").backward()
     assert (tokens, vocab) in mode.shapes  # the recorder sees the materialised logits
+
+
+@pytest.mark.parametrize("backend", ["triton"])
+def test_automatic_choice_passes_over_an_opt_in_logit_kernel(backend, monkeypatch):
+    """The chunks dispatch their logit op as the call does: automatically, a backend whose
+    kernel for the divergence is opt-in (as a new kernel not yet run on a GPU is on CUDA,
+    kdfast._dispatch.needs_gpu_record) is passed over for the whole op and its kernel never
+    runs; forced, the backend runs that kernel. (Triton on CPU tensors: the interpreter.)"""
+    if backend not in compiled_backends("cpu", op="jsd_loss"):
+        pytest.skip(f"{backend} does not run jsd_loss on CPU tensors here")
+    impl = _dispatch.implementations("jsd_loss")[backend]
+    opt_in = dataclasses.replace(impl, opt_in="a stand-in for a GPU record not yet made")
+    monkeypatch.setitem(_dispatch._IMPLS["jsd_loss"], backend, opt_in)
+    chosen = []
+    select = _dispatch.select
+
+    def spy(op, *args, **kwargs):
+        name, fn = select(op, *args, **kwargs)
+        chosen.append((op, name))
+        return name, fn
+
+    monkeypatch.setattr(_dispatch, "select", spy)
+    xs, ws, bs, xt, wt, bt, labels, _ = make()
+    want = fused_linear_distill(xs, ws, xt, wt, divergence="kl", chunk_size=4)
+    assert ("fused_linear_distill", backend) in chosen  # kd_loss's kernel is not opt-in
+    for divergence in ("jsd", "reverse_kl"):
+        chosen.clear()
+        got = fused_linear_distill(xs, ws, xt, wt, divergence=divergence, chunk_size=4)
+        assert ("fused_linear_distill", backend) not in chosen, chosen
+        inner = {name for op, name in chosen if op == "jsd_loss"}
+        assert inner and backend not in inner, chosen  # the next backend (cpp or reference)
+        chosen.clear()
+        with kdfast.use_backend(backend):
+            forced = fused_linear_distill(xs, ws, xt, wt, divergence=divergence, chunk_size=4)
+        assert ("fused_linear_distill", backend) in chosen and ("jsd_loss", backend) in chosen
+        assert rel(forced, got) <= 1e-12
+    assert want.isfinite()
 
 
 def test_auto_chunk_size_follows_the_memory_budget():
