@@ -354,7 +354,7 @@ double dist_rows(const at::Tensor& s, const at::Tensor& t, const bool* mask, con
                          acc_t(-o.gamma * o.scale / static_cast<double>(n)), inv_temperature};
   auto make_buffers = [&] { return std::vector<acc_t>((4 * run_cap + 2) * n); };
   tiles::for_each_range_with(
-      0, rows, rows::row_grain(n), make_buffers,
+      0, rows, tiles::row_tile(rows, rows::row_grain(n)), make_buffers,
       [&](std::vector<acc_t>& buffers, int64_t begin, int64_t end) {
     acc_t *u = buffers.data(), *v = u + run_cap * n, *gs = v + run_cap * n,
           *gt = gs + run_cap * n, *ys = gt + run_cap * n, *yt = ys + n;

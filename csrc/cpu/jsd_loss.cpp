@@ -259,7 +259,7 @@ void jsd_rows(const at::Tensor& s, const at::Tensor& t, const bool* mask, const 
   constexpr bool direct = std::is_same_v<scalar_t, acc_t>;
   auto make_buffers = [&] { return std::vector<acc_t>(4 * n); };
   tiles::for_each_range_with(
-      0, rows, rows::row_grain(n), make_buffers,
+      0, rows, tiles::row_tile(rows, rows::row_grain(n)), make_buffers,
       [&](std::vector<acc_t>& buffers, int64_t begin, int64_t end) {
     acc_t *u = buffers.data(), *v = u + n, *ps = v + n, *pt = ps + n;
     for (int64_t i = begin; i < end; ++i) {

@@ -163,7 +163,7 @@ void kl_rows(const at::Tensor& s, const at::Tensor& t, const bool* mask, const O
   const int64_t run_cap = rows::run_rows(sv, 0, rows, n);
   auto make_buffers = [&] { return std::vector<acc_t>(4 * run_cap * n); };
   tiles::for_each_range_with(
-      0, rows, rows::row_grain(n), make_buffers,
+      0, rows, tiles::row_tile(rows, rows::row_grain(n)), make_buffers,
       [&](std::vector<acc_t>& buffers, int64_t begin, int64_t end) {
     acc_t *u = buffers.data(), *v = u + run_cap * n, *es = v + run_cap * n,
           *et = es + run_cap * n;

@@ -17,7 +17,8 @@ void pair_forward_cpu(const at::Tensor& gram, at::Tensor& dist) {
   const int64_t n = gram.size(0);
   const double* g = gram.const_data_ptr<double>();
   double* d = dist.mutable_data_ptr<double>();
-  tiles::for_each_range(0, n, tiles::rows_per_tile(n, tiles::kPairsPerTile), [&](int64_t begin, int64_t end) {
+  const int64_t grain = tiles::rows_per_tile(n, tiles::kPairsPerTile);
+  tiles::for_each_range(0, n, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       for (int64_t j = 0; j < n; ++j) {
         bool active = false;
@@ -34,7 +35,8 @@ void pair_backward_cpu(const at::Tensor& gram, const at::Tensor& grad_dist, at::
   const double* g = gram.const_data_ptr<double>();
   const double* gd = grad_dist.const_data_ptr<double>();
   double* out = grad_d2.mutable_data_ptr<double>();
-  tiles::for_each_range(0, n, tiles::rows_per_tile(n, tiles::kPairsPerTile), [&](int64_t begin, int64_t end) {
+  const int64_t grain = tiles::rows_per_tile(n, tiles::kPairsPerTile);
+  tiles::for_each_range(0, n, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       for (int64_t j = 0; j < n; ++j) {
         if (i == j) {

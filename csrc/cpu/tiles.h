@@ -31,6 +31,17 @@ inline int64_t rows_per_tile(int64_t columns, int64_t elements) {
   return std::max<int64_t>(1, elements / std::max<int64_t>(columns, 1));
 }
 
+// Tiles per thread of a pass over many rows: enough that the others can take over a late
+// thread's share, few enough that each tile streams a long run of consecutive rows.
+constexpr int64_t kTilesPerThread = 8;
+
+// Rows per tile for `count` rows: at least `min_grain`, and about kTilesPerThread tiles per
+// thread when there are more rows than that.
+inline int64_t row_tile(int64_t count, int64_t min_grain) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  return std::max<int64_t>({1, min_grain, count / (kTilesPerThread * threads)});
+}
+
 // The tiles of one pass, handed out in order to whichever thread asks next.
 class TileQueue {
  public:
