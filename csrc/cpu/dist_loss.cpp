@@ -2,7 +2,9 @@
 // log-sum-exps, row correlation sums, column moments of 16-row tiles merged into per-block
 // moments and the blocks merged with Chan-Golub-LeVeque); pass 2 reads each row once more and, from a per-thread row
 // buffer, computes <g, y> and writes the gradient (passes 2 and 3 of semantics 2 share one
-// read). 2 reads of each input, 1 write per gradient, no (rows, C) temporaries.
+// read). 2 reads of each input, 1 write per gradient, no (rows, C) temporaries. Each pass is
+// one parallel region whose threads claim blocks / tiles of rows dynamically
+// (csrc/cpu/tiles.h).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -16,6 +18,7 @@
 
 #include "../dist_loss.h"
 #include "logit_rows.h"
+#include "tiles.h"
 
 namespace kdfast::dist {
 namespace {
@@ -234,6 +237,8 @@ struct Options {
   bool sigmoid, grad_s, grad_t;
 };
 
+constexpr int64_t kBlocksPerThread = 4;
+
 template <typename scalar_t>
 double dist_rows(const at::Tensor& s, const at::Tensor& t, const bool* mask, const Options& o,
                  at::Tensor& grad_s, at::Tensor& grad_t) {
@@ -245,10 +250,13 @@ double dist_rows(const at::Tensor& s, const at::Tensor& t, const bool* mask, con
   auto kept_row = [&](int64_t i) { return mask == nullptr || mask[i]; };
 
   // Pass 1: blocks of rows, each with its own column moments.
-  // A whole number of blocks per thread, at most 2 (with 3 blocks on 2 threads, one thread
-  // idles while the other runs its second block).
+  // A whole number of blocks per thread, at most kBlocksPerThread (with 3 blocks on 2
+  // threads of an idle machine, one thread idles while the other runs its last block). The
+  // threads claim blocks dynamically: on a busy machine the others take over the blocks of
+  // a descheduled thread, so there are several per thread.
   const int64_t threads = at::get_num_threads();
-  const int64_t max_blocks = std::max<int64_t>(1, std::min<int64_t>(rows, 2 * threads));
+  const int64_t max_blocks =
+      std::max<int64_t>(1, std::min<int64_t>(rows, kBlocksPerThread * threads));
   int64_t blocks = std::clamp<int64_t>(rows * n / rows::kTaskElements, 1, max_blocks);
   if (blocks > 1) blocks = std::min(max_blocks, (blocks + threads - 1) / threads * threads);
   const int64_t block_rows = (rows + blocks - 1) / blocks;
@@ -268,11 +276,11 @@ double dist_rows(const at::Tensor& s, const at::Tensor& t, const bool* mask, con
   // Rows are fetched in runs (rows::run_rows: up to kRunRows rows of one n for (N, C, S));
   // the first run is the longest.
   const int64_t run_cap = rows::run_rows(sv, 0, rows, n);
-  at::parallel_for(0, blocks, 1, [&](int64_t b_begin, int64_t b_end) {
+  tiles::run_workers(blocks, [&](tiles::TileQueue& queue) {
     std::vector<acc_t> buffers((2 * run_cap + 2 * kTileRows + 5) * n);
     acc_t *u = buffers.data(), *v = u + run_cap * n, *ys = v + run_cap * n,
           *yt = ys + kTileRows * n, *scratch = yt + kTileRows * n;
-    for (int64_t b = b_begin; b < b_end; ++b) {
+    for (int64_t b; queue.next(b);) {
       double* col_b = col.data() + b * kColFields * n;
       int64_t m = 0;  // rows in the tile
       auto flush = [&] {
@@ -344,8 +352,10 @@ double dist_rows(const at::Tensor& s, const at::Tensor& t, const bool* mask, con
   // Pass 2: gradients.
   const Weights<acc_t> w{acc_t(-o.beta * o.scale / kept_d),
                          acc_t(-o.gamma * o.scale / static_cast<double>(n)), inv_temperature};
-  at::parallel_for(0, rows, rows::row_grain(n), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buffers((4 * run_cap + 2) * n);
+  auto make_buffers = [&] { return std::vector<acc_t>((4 * run_cap + 2) * n); };
+  tiles::for_each_range_with(
+      0, rows, tiles::row_tile(rows, rows::row_grain(n)), make_buffers,
+      [&](std::vector<acc_t>& buffers, int64_t begin, int64_t end) {
     acc_t *u = buffers.data(), *v = u + run_cap * n, *gs = v + run_cap * n,
           *gt = gs + run_cap * n, *ys = gt + run_cap * n, *yt = ys + n;
     for (int64_t i0 = begin, run = 1; i0 < end; i0 += run) {

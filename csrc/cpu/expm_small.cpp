@@ -1,12 +1,13 @@
-// CPU kernel of the fused small-matrix exponential: csrc/expm_small.h per matrix under
-// at::parallel_for (one SerialTeam per matrix), and the CPU registration.
+// CPU kernel of the fused small-matrix exponential: csrc/expm_small.h per matrix (one
+// SerialTeam per matrix), tiles of matrices claimed dynamically (csrc/cpu/tiles.h), and the
+// CPU registration.
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <vector>
 
 #include "../expm_small_op.h"
+#include "tiles.h"
 
 namespace kdfast::expm::small {
 namespace {
@@ -22,8 +23,9 @@ void launch_cpu(const at::Tensor& A, const at::Tensor& E, at::Tensor& R, at::Ten
     scalar_t* r = R.mutable_data_ptr<scalar_t>();
     scalar_t* l = L.defined() ? L.mutable_data_ptr<scalar_t>() : nullptr;
     const int64_t nn = int64_t{n} * n;
-    at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> work(workspace_size(n));
+    auto make_work = [&] { return std::vector<scalar_t>(workspace_size(n)); };
+    tiles::for_each_range_with(0, batch, grain, make_work,
+                               [&](std::vector<scalar_t>& work, int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         expm_one(SerialTeam{}, n, skew, a + i * nn, e ? e + i * nn : nullptr, r + i * nn,
                  l ? l + i * nn : nullptr, work.data());

@@ -2,8 +2,9 @@
 // schema and its CPU registration. Per row: one read of each input into per-thread buffers,
 // one exp per element and side, and for 0 < beta < 1 an exp and two logs per element for
 // log m, in the first sweep; then the gradients (when the flags ask for them) in a second
-// sweep over the buffers, which needs the row's KL. Rows run in parallel. Takes (rows, C)
-// logits; kdfast/ops/jsd_loss.py passes (N, C, S) logits as a permuted copy.
+// sweep over the buffers, which needs the row's KL. Rows run in parallel, tiles of rows
+// claimed dynamically (csrc/cpu/tiles.h). Takes (rows, C) logits; kdfast/ops/jsd_loss.py
+// passes (N, C, S) logits as a permuted copy.
 //
 // Per row, with u = zs / T, v = zt / T, log ps = u - lse(u), log pt = v - lse(v):
 //   0 < beta < 1: m = beta pt + (1 - beta) ps, ds = log ps - log m, dt = log pt - log m,
@@ -14,7 +15,6 @@
 //   beta = 1:     the same with the sides swapped (J = KL(ps || pt)).
 // sum(p) is kept where autograd of the reference keeps it (it differs from 1 by rounding).
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -28,6 +28,7 @@
 
 #include "../kd_loss.h"
 #include "logit_rows.h"
+#include "tiles.h"
 
 TORCH_LIBRARY_FRAGMENT(kdfast, m) {
   // The gradients are computed in the forward pass when the flags ask for them (set from
@@ -256,8 +257,10 @@ void jsd_rows(const at::Tensor& s, const at::Tensor& t, const bool* mask, const 
   // float / double gradients are written in place (the outputs are contiguous); half ones
   // through the probability buffers
   constexpr bool direct = std::is_same_v<scalar_t, acc_t>;
-  at::parallel_for(0, rows, rows::row_grain(n), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buffers(4 * n);
+  auto make_buffers = [&] { return std::vector<acc_t>(4 * n); };
+  tiles::for_each_range_with(
+      0, rows, tiles::row_tile(rows, rows::row_grain(n)), make_buffers,
+      [&](std::vector<acc_t>& buffers, int64_t begin, int64_t end) {
     acc_t *u = buffers.data(), *v = u + n, *ps = v + n, *pt = ps + n;
     for (int64_t i = begin; i < end; ++i) {
       if (mask != nullptr && !mask[i]) {

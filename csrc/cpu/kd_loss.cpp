@@ -1,8 +1,8 @@
 // CPU fused softmax + KL (semantics 3): one read of each input row, one exp per element and
 // side, the gradient written in the same sweep when requested, per-thread row buffers only
-// (no (rows, C) temporaries, also for half inputs). Rows run in parallel.
+// (no (rows, C) temporaries, also for half inputs). Rows run in parallel: tiles of rows
+// claimed dynamically (csrc/cpu/tiles.h).
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <limits>
@@ -14,6 +14,7 @@
 
 #include "../kd_loss.h"
 #include "logit_rows.h"
+#include "tiles.h"
 
 namespace kdfast::kd {
 namespace {
@@ -160,8 +161,10 @@ void kl_rows(const at::Tensor& s, const at::Tensor& t, const bool* mask, const O
   // Rows are fetched in runs (rows::run_rows: up to kRunRows rows of one n for (N, C, S));
   // the first run is the longest.
   const int64_t run_cap = rows::run_rows(sv, 0, rows, n);
-  at::parallel_for(0, rows, rows::row_grain(n), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buffers(4 * run_cap * n);
+  auto make_buffers = [&] { return std::vector<acc_t>(4 * run_cap * n); };
+  tiles::for_each_range_with(
+      0, rows, tiles::row_tile(rows, rows::row_grain(n)), make_buffers,
+      [&](std::vector<acc_t>& buffers, int64_t begin, int64_t end) {
     acc_t *u = buffers.data(), *v = u + run_cap * n, *es = v + run_cap * n,
           *et = es + run_cap * n;
     for (int64_t i0 = begin, run = 1; i0 < end; i0 += run) {

@@ -2,8 +2,9 @@
 // loops, parallel over the middle index j (each task owns rows j of the accumulators, so no
 // per-thread copies), vertices i of the requested range [start, stop) in sequence and the
 // innermost k loop vectorisable. Blocks of j rows and tiles of k keep the working set in L1.
+// Each pass is one parallel region whose threads claim blocks dynamically (csrc/cpu/tiles.h):
+// a block's results do not depend on the thread that ran it.
 // And the CPU registration of rkd_angle_cpp (all vertices) and rkd_angle_vertices_cpp.
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -12,12 +13,12 @@
 #include "../rkd_angle.h"
 #include "../rkd_angle_op.h"
 #include "isa_dispatch.h"
+#include "tiles.h"
 
 namespace kdfast::rkd {
 namespace {
 
 constexpr double kUnitRoundoff = std::numeric_limits<double>::epsilon() / 2;
-constexpr int64_t kPairRowsPerTask = 16;
 // The triple loops run over blocks of kRowsPerBlock rows j and tiles of kTile columns k,
 // vertices i in between: the j rows' tiles (G, and the accumulators m) and the streamed row
 // i tiles (G, r) stay in L1.
@@ -31,7 +32,8 @@ void pairs_cpu(const at::Tensor& centred, AngleSideMatrices& side) {
   double* r = side.inv_norm.mutable_data_ptr<double>();
   double* active = side.norm_active.mutable_data_ptr<double>();
   double* fix = side.d2_fix.mutable_data_ptr<double>();
-  at::parallel_for(0, n, kPairRowsPerTask, [&](int64_t begin, int64_t end) {
+  tiles::for_each_range(0, n, tiles::rows_per_tile(n, tiles::kPairsPerTile),
+                        [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       for (int64_t j = 0; j < n; ++j) {
         const int64_t ij = i * n + j;
@@ -249,11 +251,9 @@ at::Tensor triplet_forward_cpu(const AngleSideMatrices& student, const AngleSide
   const SideView s = view(student), t = view(teacher);
   at::Tensor partial = at::empty({n}, student.gram.options());
   double* out = partial.mutable_data_ptr<double>();
-  at::parallel_for(0, num_blocks(n), 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t block = b0; block < b1; ++block) {
-      const int64_t j0 = block * kRowsPerBlock;
-      loss_block(n, s, t, start, stop, j0, std::min(n, j0 + kRowsPerBlock), out);
-    }
+  tiles::for_each_tile(num_blocks(n), [&](int64_t block) {
+    const int64_t j0 = block * kRowsPerBlock;
+    loss_block(n, s, t, start, stop, j0, std::min(n, j0 + kRowsPerBlock), out);
   });
   return partial;
 }
@@ -268,11 +268,9 @@ void triplet_backward_cpu(const AngleSideMatrices& student, const AngleSideMatri
   const AccView as_ = view(grad_student), at_ = view(grad_teacher);
   auto block_fn = as_.m != nullptr ? (at_.m != nullptr ? grad_block_both : grad_block_student)
                                    : grad_block_teacher;
-  at::parallel_for(0, num_blocks(n), 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t block = b0; block < b1; ++block) {
-      const int64_t j0 = block * kRowsPerBlock;
-      block_fn(n, s, t, as_, at_, start, stop, j0, std::min(n, j0 + kRowsPerBlock));
-    }
+  tiles::for_each_tile(num_blocks(n), [&](int64_t block) {
+    const int64_t j0 = block * kRowsPerBlock;
+    block_fn(n, s, t, as_, at_, start, stop, j0, std::min(n, j0 + kRowsPerBlock));
   });
 }
 

@@ -1,23 +1,24 @@
-// CPU per-pair passes of the RKD distance op, and its CPU registration.
-#include <ATen/Parallel.h>
+// CPU per-pair passes of the RKD distance op (tiles of rows claimed dynamically,
+// csrc/cpu/tiles.h), and its CPU registration.
 #include <torch/library.h>
 
 #include <limits>
 
 #include "../rkd_distance.h"
 #include "../rkd_distance_op.h"
+#include "tiles.h"
 
 namespace kdfast::rkd {
 namespace {
 
 constexpr double kUnitRoundoff = std::numeric_limits<double>::epsilon() / 2;
-constexpr int64_t kRowsPerTask = 16;
 
 void pair_forward_cpu(const at::Tensor& gram, at::Tensor& dist) {
   const int64_t n = gram.size(0);
   const double* g = gram.const_data_ptr<double>();
   double* d = dist.mutable_data_ptr<double>();
-  at::parallel_for(0, n, kRowsPerTask, [&](int64_t begin, int64_t end) {
+  const int64_t grain = tiles::rows_per_tile(n, tiles::kPairsPerTile);
+  tiles::for_each_range(0, n, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       for (int64_t j = 0; j < n; ++j) {
         bool active = false;
@@ -34,7 +35,8 @@ void pair_backward_cpu(const at::Tensor& gram, const at::Tensor& grad_dist, at::
   const double* g = gram.const_data_ptr<double>();
   const double* gd = grad_dist.const_data_ptr<double>();
   double* out = grad_d2.mutable_data_ptr<double>();
-  at::parallel_for(0, n, kRowsPerTask, [&](int64_t begin, int64_t end) {
+  const int64_t grain = tiles::rows_per_tile(n, tiles::kPairsPerTile);
+  tiles::for_each_range(0, n, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       for (int64_t j = 0; j < n; ++j) {
         if (i == j) {

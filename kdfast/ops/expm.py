@@ -104,7 +104,8 @@ _dispatch.implement("expm_frechet", "reference", _expm_frechet, dtypes=_FLOATS)
 # ``kdfast::expm_cpp`` / ``kdfast::expm_frechet_cpp``: the device-generic ATen port of the
 # reference (csrc/expm_op.cpp; CPU and, in the CUDA build, CUDA tensors), and
 # ``kdfast::expm_small_cpp`` / ``kdfast::expm_frechet_small_cpp``: the fused per-matrix
-# kernel (csrc/expm_small.h; CPU under at::parallel_for, CUDA one matrix per block).
+# kernel (csrc/expm_small.h; CPU: tiles of matrices claimed dynamically, csrc/cpu/tiles.h;
+# CUDA one matrix per block).
 #
 # Backward of the ATen path: save, not recompute (semantics 6). When a gradient will be needed
 # (grad mode on and A requires grad) the forward runs ``kdfast::expm_save_cpp``: the
