@@ -69,7 +69,10 @@ def auto_chunk_size(
     """Rows per chunk so that the chunk's ``buffers`` (chunk, V) temporaries fit
     :data:`CHUNK_MEMORY_BUDGET`."""
     per_row = buffers * vocab * compute_dtype(dtype).itemsize
-    return max(1, min(tokens, CHUNK_MEMORY_BUDGET // per_row))
+    most = max(1, min(tokens, CHUNK_MEMORY_BUDGET // per_row))
+    # as many chunks as the budget needs, of equal size (no short last chunk: at
+    # (1024, 512, 32000) JSD, 2 x 512 rows ran 10% faster than 699 + 325)
+    return -(-tokens // -(-tokens // most))
 
 
 def _check_optional(name: str, x, shape: tuple[int, ...], what: str) -> None:
@@ -358,6 +361,12 @@ class _FusedLinearDistill(torch.autograd.Function):
         if ctx.options.reduction != "none":
             grads = [None if g is None else _scaled(grad, g, x)
                      for g, x in zip(ctx.grads, inputs, strict=True)]  # fmt: skip
+            from kdfast.ops._common import _graph_is_kept
+
+            if not _graph_is_kept():
+                # the last use: without ctx's reference, AccumulateGrad adopts the returned
+                # gradients instead of copying them (a (V, H) copy of each weight's gradient)
+                ctx.grads = None
         else:
             weight = grad if keep is None else torch.where(keep, grad, 0)
             with torch.no_grad():
