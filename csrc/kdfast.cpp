@@ -33,6 +33,15 @@ TORCH_LIBRARY_FRAGMENT(kdfast, m) {
   m.def(
       "rkd_angle_vertices_cpp_backward(Tensor grad, Tensor student, Tensor teacher, int start, "
       "int stop, bool student_grad, bool teacher_grad) -> (Tensor, Tensor)");
+  // RKDLoss with both terms (csrc/rkd_loss_op.h): each side's Gram matrix formed once and,
+  // with save_gram, returned for the backward to reuse (empty (0,) tensors otherwise)
+  m.def(
+      "rkd_loss_cpp(Tensor student, Tensor teacher, float distance_weight, float angle_weight, "
+      "bool save_gram) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "rkd_loss_cpp_backward(Tensor grad, Tensor student, Tensor teacher, Tensor gram_s, "
+      "Tensor gram_t, float distance_weight, float angle_weight, bool student_grad, "
+      "bool teacher_grad) -> (Tensor, Tensor)");
   // Fused logit losses: the gradient is computed in the forward pass when the flags ask for
   // it (set from torch.is_grad_enabled() and requires_grad); empty tensors otherwise.
   m.def(

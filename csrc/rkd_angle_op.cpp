@@ -1,6 +1,7 @@
 #include "rkd_angle_op.h"
 
 #include "rkd_exact.h"
+#include "rkd_features.h"
 
 namespace kdfast::rkd {
 namespace {
@@ -17,6 +18,21 @@ AngleSide make_angle_side(const at::Tensor& x, const AngleKernels& kernels) {
   side.x64 = x.to(at::kDouble).contiguous();
   side.centred = (side.x64 - side.x64.mean(0, /*keepdim=*/true)).contiguous();
   side.m.gram = at::mm(side.centred, side.centred.t()).contiguous();
+  side.m.inv_norm = at::empty_like(side.m.gram);
+  side.m.norm_active = at::empty_like(side.m.gram);
+  side.m.d2_fix = at::empty_like(side.m.gram);
+  kernels.pairs(side.centred, side.m);
+  return side;
+}
+
+// The side of features formed by the caller (the combined op, csrc/rkd_loss_op.h): its Gram
+// matrix is shared, never written (the pair pass and the near vertices write only r,
+// norm_active and d2_fix).
+AngleSide angle_side_from(const RkdFeatures& f, const AngleKernels& kernels) {
+  AngleSide side;
+  side.x64 = f.x64;
+  side.centred = f.centred;
+  side.m.gram = f.gram;
   side.m.inv_norm = at::empty_like(side.m.gram);
   side.m.norm_active = at::empty_like(side.m.gram);
   side.m.d2_fix = at::empty_like(side.m.gram);
@@ -126,6 +142,43 @@ std::tuple<at::Tensor, at::Tensor> angle_loss_backward(const at::Tensor& grad,
   at::Tensor grad_t = teacher_grad
                           ? angle_side_backward(t, acc_t, exact_t, grad, teacher.scalar_type())
                           : at::empty({0}, teacher.options());
+  return {grad_s, grad_t};
+}
+
+at::Tensor angle_loss_from(const RkdFeatures& student, const RkdFeatures& teacher,
+                           const AngleKernels& kernels) {
+  const int64_t n = student.gram.size(0);
+  AngleSide s = angle_side_from(student, kernels);
+  AngleSide t = angle_side_from(teacher, kernels);
+  const at::Tensor exact = take_exact_vertices(s, t, 0, n);
+  at::Tensor total = kernels.forward(s.m, t.m, 0, n).sum();
+  if (exact.size(0) > 0) total = total + exact_vertex_loss(s.x64, t.x64, exact);
+  const double count = static_cast<double>(n) * static_cast<double>(n) * static_cast<double>(n);
+  return total / count;
+}
+
+std::tuple<at::Tensor, at::Tensor> angle_loss_backward_from(const at::Tensor& grad,
+                                                            const RkdFeatures& student,
+                                                            const RkdFeatures& teacher,
+                                                            bool student_grad, bool teacher_grad,
+                                                            const AngleKernels& kernels) {
+  if (!student_grad && !teacher_grad) return {at::Tensor(), at::Tensor()};
+  const int64_t n = student.gram.size(0);
+  AngleSide s = angle_side_from(student, kernels);
+  AngleSide t = angle_side_from(teacher, kernels);
+  const at::Tensor exact = take_exact_vertices(s, t, 0, n);
+  at::Tensor exact_s, exact_t;
+  if (exact.size(0) > 0) {
+    if (student_grad) exact_s = at::zeros_like(s.x64);
+    if (teacher_grad) exact_t = at::zeros_like(t.x64);
+    exact_vertex_backward(s.x64, t.x64, exact, exact_s, exact_t);
+  }
+  AngleGradAccumulators acc_s = make_accumulators(s.m.gram, student_grad);
+  AngleGradAccumulators acc_t = make_accumulators(t.m.gram, teacher_grad);
+  kernels.backward(s.m, t.m, acc_s, acc_t, 0, n);
+  at::Tensor grad_s, grad_t;
+  if (student_grad) grad_s = angle_side_backward(s, acc_s, exact_s, grad, at::kDouble);
+  if (teacher_grad) grad_t = angle_side_backward(t, acc_t, exact_t, grad, at::kDouble);
   return {grad_s, grad_t};
 }
 

@@ -8,6 +8,8 @@
 
 #include <tuple>
 
+#include "rkd_features.h"
+
 namespace kdfast::rkd {
 
 // One side's N x N float64 contiguous matrices: the Gram matrix of the centred rows; r_ij
@@ -65,5 +67,17 @@ std::tuple<at::Tensor, at::Tensor> angle_loss_backward(const at::Tensor& grad,
 
 // Raises ValueError (TORCH_CHECK_VALUE) unless 0 <= start <= stop <= n.
 void check_vertex_range(int64_t start, int64_t stop, int64_t n);
+
+// The whole angle loss (all vertices) and its gradients from features formed once by the
+// caller (the combined RKD op, csrc/rkd_loss_op.h), in float64: the loss is a float64 scalar,
+// the gradients float64 N x D (undefined for a side that needs none), times grad.
+at::Tensor angle_loss_from(const RkdFeatures& student, const RkdFeatures& teacher,
+                           const AngleKernels& kernels);
+
+std::tuple<at::Tensor, at::Tensor> angle_loss_backward_from(const at::Tensor& grad,
+                                                            const RkdFeatures& student,
+                                                            const RkdFeatures& teacher,
+                                                            bool student_grad, bool teacher_grad,
+                                                            const AngleKernels& kernels);
 
 }  // namespace kdfast::rkd

@@ -1,6 +1,7 @@
 #include "rkd_distance_op.h"
 
 #include "rkd_exact.h"
+#include "rkd_features.h"
 
 namespace kdfast::rkd {
 namespace {
@@ -38,6 +39,20 @@ Side make_side(const at::Tensor& x, PairForward forward) {
   side.dist = at::empty_like(side.gram);
   forward(side.gram, side.dist);
   resolve_near_pairs(x64, side);
+  side.mean = side.dist.sum() / static_cast<double>(n * (n - 1));
+  return side;
+}
+
+// The side of features formed by the caller (the combined op, csrc/rkd_loss_op.h): the same
+// pair pass and near pairs as make_side, on the caller's Gram matrix.
+Side side_from(const RkdFeatures& f, PairForward forward) {
+  const int64_t n = f.gram.size(0);
+  Side side;
+  side.centred = f.centred;
+  side.gram = f.gram;
+  side.dist = at::empty_like(side.gram);
+  forward(side.gram, side.dist);
+  resolve_near_pairs(f.x64, side);
   side.mean = side.dist.sum() / static_cast<double>(n * (n - 1));
   return side;
 }
@@ -104,6 +119,30 @@ std::tuple<at::Tensor, at::Tensor> distance_loss_backward(
                                    : at::empty({0}, student.options());
   at::Tensor grad_t = teacher_grad ? side_backward(t, -grad_psi, teacher.scalar_type(), backward)
                                    : at::empty({0}, teacher.options());
+  return {grad_s, grad_t};
+}
+
+at::Tensor distance_loss_from(const RkdFeatures& student, const RkdFeatures& teacher,
+                              PairForward forward) {
+  const Side s = side_from(student, forward);
+  const Side t = side_from(teacher, forward);
+  const at::Tensor diff = s.dist / s.mean - t.dist / t.mean;
+  const at::Tensor abs = diff.abs();
+  return at::where(abs < 1.0, 0.5 * diff * diff, abs - 0.5).mean();
+}
+
+std::tuple<at::Tensor, at::Tensor> distance_loss_backward_from(
+    const at::Tensor& grad, const RkdFeatures& student, const RkdFeatures& teacher,
+    bool student_grad, bool teacher_grad, PairForward forward, PairBackward backward) {
+  const int64_t n = student.gram.size(0);
+  const Side s = side_from(student, forward);
+  const Side t = side_from(teacher, forward);
+  const at::Tensor diff = s.dist / s.mean - t.dist / t.mean;
+  const at::Tensor grad_psi =
+      diff.clamp(-1.0, 1.0) * (grad.to(at::kDouble) / static_cast<double>(n * n));
+  at::Tensor grad_s, grad_t;
+  if (student_grad) grad_s = side_backward(s, grad_psi, at::kDouble, backward);
+  if (teacher_grad) grad_t = side_backward(t, -grad_psi, at::kDouble, backward);
   return {grad_s, grad_t};
 }
 

@@ -272,6 +272,18 @@ def select(op: str, *args, **kwargs) -> tuple[str, Callable]:
     raise RuntimeError(f"no kdfast backend can run {op} on {device}")  # reference always can
 
 
+def runnable(op: str, backend: str, *args, **kwargs) -> Callable | None:
+    """``op``'s implementation on ``backend`` when it can run these arguments (as if that
+    backend were forced), else None: for an op that is an alternative to another op's choice
+    (``rkd_loss`` runs where ``rkd_angle`` would run, :func:`kdfast.functional.rkd_loss`)."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    device = tensors[0].device.type if tensors else "cpu"
+    dtypes = tuple({t.dtype for t in tensors if t.is_floating_point()})
+    if _rejection(op, backend, device, dtypes, args, kwargs, automatic=False) is not None:
+        return None
+    return _IMPLS[op][backend].fn
+
+
 def call(op: str, *args, **kwargs):
     """Run ``op`` on the first backend that can (or the forced one)."""
     return select(op, *args, **kwargs)[1](*args, **kwargs)

@@ -175,6 +175,14 @@ def check_real(name: str, value: object) -> float:
     return float(value)
 
 
+def check_weight(name: str, value: object) -> float:
+    """A loss term's weight: a finite real number >= 0, as float; ValueError otherwise."""
+    value = check_real(name, value)
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+    return value
+
+
 def check_positive(name: str, value: object, finite: bool = False) -> float:
     """A real number > 0 (and finite when ``finite``), as float; ValueError otherwise."""
     if not is_real(value) or not value > 0:

@@ -36,6 +36,7 @@ from kdfast._validation import (
     check_same_device,
     check_tensor,
     check_unit_interval,
+    check_weight,
     logit_rows,
     rows_2d,
 )
@@ -285,6 +286,38 @@ def rkd_angle(
     return _call("rkd_angle", s, t)
 
 
+def rkd_loss(
+    student: Tensor, teacher: Tensor, distance_weight: float = 1.0, angle_weight: float = 2.0
+) -> Tensor:
+    """RKD (semantics 1.4): ``distance_weight * rkd_distance + angle_weight * rkd_angle``,
+    the function behind :class:`kdfast.losses.RKDLoss` (without ``gather``).
+
+    student (N, Ds, *), teacher (N, Dt, *), flattened; N >= 3 (N >= 2 when angle_weight is
+    0). Weights finite and >= 0, not both 0; a zero weight skips its term. The inputs are
+    validated once. With both weights > 0, a backend that implements the ``rkd_loss`` op
+    (cpp) forms each side's centred float64 Gram matrix once per step: both terms share it
+    and the backward reuses it (saved by the forward, O(N^2) memory, up to N = 4096; above,
+    the backward forms it again). Other backends (cuda, triton) add the two terms' ops.
+    """
+    distance_weight = check_weight("distance_weight", distance_weight)
+    angle_weight = check_weight("angle_weight", angle_weight)
+    if distance_weight == 0 and angle_weight == 0:
+        raise ValueError("rkd_loss needs distance_weight or angle_weight > 0, got both 0")
+    min_rows = 3 if angle_weight != 0 else 2
+    s, t = check_feature_pair(student, teacher, min_rows, "rkd_loss")
+    if distance_weight == 0:
+        return angle_weight * _call("rkd_angle", s, t)
+    if angle_weight == 0:
+        return distance_weight * _call("rkd_distance", s, t)
+    # the combined op where the backend that runs the angle term implements it
+    backend = _dispatch.select("rkd_angle", s, t)[0]
+    combined = _dispatch.runnable("rkd_loss", backend, s, t, distance_weight, angle_weight)
+    if combined is not None:
+        with _autocast_off(s.device):
+            return combined(s, t, distance_weight, angle_weight)
+    return distance_weight * _call("rkd_distance", s, t) + angle_weight * _call("rkd_angle", s, t)
+
+
 def gather_features(student: Tensor, teacher: Tensor, min_rows: int, what: str, group=None):
     """Validate local features and all-gather them: (s_all, t_all, start, stop).
 
@@ -435,5 +468,6 @@ __all__ = [
     "fused_linear_distill",
     "rkd_distance",
     "rkd_angle",
+    "rkd_loss",
     "vkd_loss",
 ]

@@ -14,6 +14,7 @@
 #include "../rkd_angle_op.h"
 #include "isa_dispatch.h"
 #include "tiles.h"
+#include "rkd_cpu.h"
 
 namespace kdfast::rkd {
 namespace {
@@ -302,6 +303,8 @@ std::tuple<at::Tensor, at::Tensor> vertices_backward_cpu(const at::Tensor& grad,
 }
 
 }  // namespace
+
+const AngleKernels& cpu_angle_kernels() { return kCpuKernels; }
 
 TORCH_LIBRARY_IMPL(kdfast, CPU, m) {
   m.impl("rkd_angle_cpp", &forward_cpu);

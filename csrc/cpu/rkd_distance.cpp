@@ -7,6 +7,7 @@
 #include "../rkd_distance.h"
 #include "../rkd_distance_op.h"
 #include "tiles.h"
+#include "rkd_cpu.h"
 
 namespace kdfast::rkd {
 namespace {
@@ -64,6 +65,9 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad, const at
 }
 
 }  // namespace
+
+PairForward cpu_distance_pair_forward() { return pair_forward_cpu; }
+PairBackward cpu_distance_pair_backward() { return pair_backward_cpu; }
 
 TORCH_LIBRARY_IMPL(kdfast, CPU, m) {
   m.impl("rkd_distance_cpp", &forward_cpu);

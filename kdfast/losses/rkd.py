@@ -8,12 +8,10 @@ penultimate pooled feature with weights 25 and 50, added to cross-entropy.
 
 from __future__ import annotations
 
-import math
-
 from torch import Tensor, nn
 
 from kdfast import distributed, functional
-from kdfast._validation import check_bool, check_real
+from kdfast._validation import check_bool, check_weight
 
 _GATHER_DOC = """
     gather: False (default) computes over the local batch. True, when torch.distributed is
@@ -68,13 +66,6 @@ class RKDAngleLoss(_Gathering):
         return functional.rkd_angle(student, teacher, **self._kwargs())
 
 
-def _check_weight(name: str, value: float) -> float:
-    value = check_real(name, value)
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
-    return float(value)
-
-
 class RKDLoss(_Gathering):
     """RKD: distance_weight * L_D + angle_weight * L_A (Park et al., CVPR 2019; semantics 1.4).
 
@@ -85,6 +76,11 @@ class RKDLoss(_Gathering):
             the term, and then a batch of N = 2 is accepted (an angle needs 3 points).
         gather, process_group: as for :class:`RKDDistanceLoss`; the features are gathered
             once for both terms.
+
+    Without gather, this is :func:`kdfast.functional.rkd_loss`: the inputs are validated once
+    and, on the cpp backend with both weights > 0, one op forms each side's float64 Gram
+    matrix once per step and shares it between the terms and with the backward
+    (docs/semantics.md 1.5); other backends add the two terms' ops.
 
     forward(student (N, Ds, *), teacher (N, Dt, *)) -> scalar in
     promote_types(student, teacher, float32). The teacher is differentiated when it
@@ -100,20 +96,15 @@ class RKDLoss(_Gathering):
         process_group=None,
     ) -> None:
         super().__init__(gather, process_group)
-        self.distance_weight = _check_weight("distance_weight", distance_weight)
-        self.angle_weight = _check_weight("angle_weight", angle_weight)
+        self.distance_weight = check_weight("distance_weight", distance_weight)
+        self.angle_weight = check_weight("angle_weight", angle_weight)
         if self.distance_weight == 0 and self.angle_weight == 0:
             raise ValueError("RKDLoss needs distance_weight or angle_weight > 0, got both 0")
 
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
         if self.gather and distributed.is_distributed(self.process_group):
             return self._forward_gathered(student, teacher)
-        terms = []
-        if self.distance_weight != 0:
-            terms.append(self.distance_weight * functional.rkd_distance(student, teacher))
-        if self.angle_weight != 0:
-            terms.append(self.angle_weight * functional.rkd_angle(student, teacher))
-        return terms[0] if len(terms) == 1 else terms[0] + terms[1]
+        return functional.rkd_loss(student, teacher, self.distance_weight, self.angle_weight)
 
     def _forward_gathered(self, student: Tensor, teacher: Tensor) -> Tensor:
         min_rows = 3 if self.angle_weight != 0 else 2

@@ -22,14 +22,16 @@ from kdfast import _dispatch, _extension
 
 #: custom ops reached through Python wrappers (not visible in the dispatcher table)
 EXTRA_OPS = {"kdfast::expm_reference": None, "kdfast::expm_frechet_reference": None}
-#: compiled ops reached through Python wrappers (kdfast/ops/expm.py), when the extension is
-#: built: the ATen path's matmuls and solves would otherwise run in autocast's half precision
+#: compiled ops reached through Python wrappers (kdfast/ops/expm.py, rkd_loss.py), when the
+#: extension is built: the ATen path's matmuls and solves would otherwise run in autocast's
+#: half precision
 EXTRA_COMPILED_OPS = (
     "kdfast::expm_cpp",
     "kdfast::expm_frechet_cpp",
     "kdfast::expm_save_cpp",
     "kdfast::expm_small_cpp",
     "kdfast::expm_frechet_small_cpp",
+    "kdfast::rkd_loss_cpp",
 )
 AUTOCAST_DEVICES = ("cpu", "cuda")
 

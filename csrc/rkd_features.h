@@ -1,0 +1,37 @@
+// One side's features as the RKD ops consume them (semantics 1.5): the uncentred float64
+// rows, the centred float64 rows and their Gram matrix. The combined RKD op
+// (csrc/rkd_loss_op.h) forms them once per side and hands them to both terms, and its
+// backward reuses the Gram matrix saved by the forward.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace kdfast::rkd {
+
+struct RkdFeatures {
+  at::Tensor x64;      // N x D float64, contiguous
+  at::Tensor centred;  // x64 minus its row mean, contiguous
+  at::Tensor gram;     // centred centred^T, N x N float64, contiguous
+};
+
+// The features of `x` (N x D, any floating dtype). `gram`, when defined and non-empty, is the
+// Gram matrix of these very features formed earlier (the combined op's saved one): it is
+// reused instead of forming the float64 GEMM again. float64 for every input dtype: products
+// of float32 values are exact in float64, and it is never TF32.
+inline RkdFeatures rkd_features(const at::Tensor& x, const at::Tensor& gram = at::Tensor()) {
+  RkdFeatures f;
+  f.x64 = x.to(at::kDouble).contiguous();
+  f.centred = (f.x64 - f.x64.mean(0, /*keepdim=*/true)).contiguous();
+  if (gram.defined() && gram.numel() > 0) {
+    TORCH_CHECK(gram.scalar_type() == at::kDouble && gram.dim() == 2 &&
+                    gram.size(0) == x.size(0) && gram.size(1) == x.size(0),
+                "kdfast rkd: a saved Gram matrix must be N x N float64, got ", gram.sizes(), " ",
+                gram.scalar_type(), " for N = ", x.size(0));
+    f.gram = gram.contiguous();
+  } else {
+    f.gram = at::mm(f.centred, f.centred.t()).contiguous();
+  }
+  return f;
+}
+
+}  // namespace kdfast::rkd
