@@ -4,7 +4,9 @@
 * cpp / cuda: ``kdfast::rkd_distance_{cpp,cuda}`` (csrc/cpu/rkd_distance.cpp,
   csrc/cuda/rkd_distance.cu): the loss from the float64 Gram matrix of the centred features
   (semantics 1.5); the backward op recomputes the Gram matrices (two GEMMs) instead of saving
-  N x N intermediates;
+  N x N intermediates. On cpp, when a gradient will be needed, the dispatcher runs the
+  combined op ``kdfast::rkd_loss_cpp`` with angle_weight 0 instead (:mod:`kdfast.ops.rkd_loss`):
+  it saves the two Gram matrices, so its backward needs only the GEMM to the features;
 * triton: ``kdfast::rkd_distance_triton`` around the launchers of
   :mod:`kdfast.triton.rkd_distance`.
 

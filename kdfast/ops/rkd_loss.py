@@ -8,7 +8,9 @@ angle_weight * L_A, and its samples.
   matrices (O(N^2) float64 each, up to N = :data:`SAVE_GRAM_MAX_ROWS`) and
   ``kdfast::rkd_loss_cpp_backward`` reuses them: one training step forms each side's Gram
   matrix once, where the separate ops form it four times (two terms, forward and backward).
-  Above that size the backward forms them again (twice per step).
+  Above that size the backward forms them again (twice per step). ``rkd_distance`` on cpp
+  runs this op too (angle_weight 0) when a gradient will be needed, so that its backward
+  needs one GEMM (to the features) instead of three.
 
 The cuda and triton backends have no combined op: :func:`kdfast.functional.rkd_loss` adds
 their ``rkd_distance`` and ``rkd_angle`` ops (it takes the combined op only when its backend
@@ -32,13 +34,28 @@ from kdfast.reference.rkd_loss import rkd_loss as reference
 SAVE_GRAM_MAX_ROWS = 4096
 
 
-def _cpp(student: Tensor, teacher: Tensor, distance_weight: float, angle_weight: float) -> Tensor:
-    save = (
+def _saves_gram(student: Tensor, teacher: Tensor) -> bool:
+    """Whether the forward should return the Gram matrices for the backward: a gradient
+    will be needed and they fit (N <= SAVE_GRAM_MAX_ROWS)."""
+    return (
         torch.is_grad_enabled()
         and (student.requires_grad or teacher.requires_grad)
         and student.shape[0] <= SAVE_GRAM_MAX_ROWS
     )
+
+
+def _cpp(student: Tensor, teacher: Tensor, distance_weight: float, angle_weight: float) -> Tensor:
+    save = _saves_gram(student, teacher)
     return torch.ops.kdfast.rkd_loss_cpp(student, teacher, distance_weight, angle_weight, save)[0]
+
+
+def _cpp_distance(student: Tensor, teacher: Tensor) -> Tensor:
+    """``rkd_distance`` on cpp: when a gradient will be needed, the combined op with
+    angle_weight 0, whose backward reuses the forward's Gram matrices (one GEMM instead of
+    three); otherwise ``kdfast::rkd_distance_cpp``, which saves nothing."""
+    if _saves_gram(student, teacher):
+        return torch.ops.kdfast.rkd_loss_cpp(student, teacher, 1.0, 0.0, True)[0]
+    return torch.ops.kdfast.rkd_distance_cpp(student, teacher)
 
 
 def _register_cpp() -> None:
@@ -75,6 +92,8 @@ def _register_cpp() -> None:
     torch.library.register_autograd("kdfast::rkd_loss_cpp", backward, setup_context=setup_context)
     forbid_double_backward("kdfast::rkd_loss_cpp_backward")
     _dispatch.implement("rkd_loss", "cpp", _cpp, devices={"cpu"})
+    # replaces kdfast/ops/rkd_distance.py's cpp entry (kdfast::rkd_distance_cpp alone)
+    _dispatch.implement("rkd_distance", "cpp", _cpp_distance, devices={"cpu"})
 
 
 _dispatch.implement("rkd_loss", "reference", reference)

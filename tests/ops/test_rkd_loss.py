@@ -80,11 +80,24 @@ def test_gram_formed_once_per_step():
     s.requires_grad_(True)
     with kdfast.use_backend("cpp"):
         combined = _gram_gemms(RKDLoss(), s, t)
-        separate = _gram_gemms(_separate(1.0, 2.0), s, t)
-    # the separate ops form each side's Gram matrix four times: two terms, forward and
-    # backward (this shows the count sees every one of them)
+    ops = torch.ops.kdfast
+    separate = _gram_gemms(lambda a, b: ops.rkd_distance_cpp(a, b) + ops.rkd_angle_cpp(a, b), s, t)
+    # the two ops that save nothing form each side's Gram matrix four times: two terms,
+    # forward and backward (this shows that the count sees every one of them)
     assert separate == {DS: 4, DT: 4}
     assert combined == {DS: 1, DT: 1}
+
+
+@needs_cpp
+def test_rkd_distance_reuses_its_gram_in_the_backward():
+    s, t = _inputs("random")
+    s.requires_grad_(True)
+    with kdfast.use_backend("cpp"):
+        assert _gram_gemms(functional.rkd_distance, s, t) == {DS: 1, DT: 1}
+        with torch.no_grad():  # forward only: the op that saves nothing
+            want = torch.ops.kdfast.rkd_distance_cpp(s, t)
+            assert rel_error(functional.rkd_distance(s, t), want) == 0
+        assert rel_error(functional.rkd_distance(s, t), want) <= 1e-15
 
 
 @needs_cpp
@@ -94,6 +107,7 @@ def test_gram_formed_twice_when_too_large_to_save(monkeypatch):
     s.requires_grad_(True)
     with kdfast.use_backend("cpp"):
         assert _gram_gemms(RKDLoss(), s, t) == {DS: 2, DT: 2}
+        assert _gram_gemms(functional.rkd_distance, s, t) == {DS: 2, DT: 2}
 
 
 @needs_cpp
