@@ -28,9 +28,16 @@ AngleSide make_angle_side(const at::Tensor& x, const AngleKernels& kernels) {
 // The side of features formed by the caller (the combined op, csrc/rkd_loss_op.h): its Gram
 // matrix is shared, never written (the pair pass and the near vertices write only r,
 // norm_active and d2_fix).
+// Sets both sides' uncentred float64 rows (for the exact pass) when there are exact vertices.
+void exact_rows(AngleSide& s, AngleSide& t, const RkdFeatures& student,
+                const RkdFeatures& teacher, const at::Tensor& exact) {
+  if (exact.size(0) == 0) return;
+  s.x64 = student.x64();
+  t.x64 = teacher.x64();
+}
+
 AngleSide angle_side_from(const RkdFeatures& f, const AngleKernels& kernels) {
-  AngleSide side;
-  side.x64 = f.x64;
+  AngleSide side;  // x64 is formed only for exact vertices (see exact_rows)
   side.centred = f.centred;
   side.m.gram = f.gram;
   side.m.inv_norm = at::empty_like(side.m.gram);
@@ -151,6 +158,7 @@ at::Tensor angle_loss_from(const RkdFeatures& student, const RkdFeatures& teache
   AngleSide s = angle_side_from(student, kernels);
   AngleSide t = angle_side_from(teacher, kernels);
   const at::Tensor exact = take_exact_vertices(s, t, 0, n);
+  exact_rows(s, t, student, teacher, exact);
   at::Tensor total = kernels.forward(s.m, t.m, 0, n).sum();
   if (exact.size(0) > 0) total = total + exact_vertex_loss(s.x64, t.x64, exact);
   const double count = static_cast<double>(n) * static_cast<double>(n) * static_cast<double>(n);
@@ -167,6 +175,7 @@ std::tuple<at::Tensor, at::Tensor> angle_loss_backward_from(const at::Tensor& gr
   AngleSide s = angle_side_from(student, kernels);
   AngleSide t = angle_side_from(teacher, kernels);
   const at::Tensor exact = take_exact_vertices(s, t, 0, n);
+  exact_rows(s, t, student, teacher, exact);
   at::Tensor exact_s, exact_t;
   if (exact.size(0) > 0) {
     if (student_grad) exact_s = at::zeros_like(s.x64);

@@ -19,12 +19,14 @@ struct Side {
 
 constexpr double kMinSquaredDistanceExact = 1e-12;
 
-void resolve_near_pairs(const at::Tensor& x64, Side& side) {
+// x: the uncentred rows in any floating dtype (their float64 values are exact).
+void resolve_near_pairs(const at::Tensor& x, Side& side) {
   const at::Tensor pairs = near_pairs(side.gram).nonzero();
   if (pairs.size(0) == 0) return;
   side.near_i = pairs.select(1, 0);
   side.near_j = pairs.select(1, 1);
-  side.near_diff = x64.index_select(0, side.near_i) - x64.index_select(0, side.near_j);
+  side.near_diff = x.index_select(0, side.near_i).to(at::kDouble) -
+                   x.index_select(0, side.near_j).to(at::kDouble);
   const at::Tensor d2 = (side.near_diff * side.near_diff).sum(1);
   side.near_active = (d2 > kMinSquaredDistanceExact).logical_or_(d2 != d2);
   side.dist.index_put_({side.near_i, side.near_j}, d2.clamp_min(kMinSquaredDistanceExact).sqrt());
@@ -52,7 +54,7 @@ Side side_from(const RkdFeatures& f, PairForward forward) {
   side.gram = f.gram;
   side.dist = at::empty_like(side.gram);
   forward(side.gram, side.dist);
-  resolve_near_pairs(f.x64, side);
+  resolve_near_pairs(f.x, side);
   side.mean = side.dist.sum() / static_cast<double>(n * (n - 1));
   return side;
 }
