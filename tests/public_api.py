@@ -73,6 +73,7 @@ PUBLIC_OPS: dict[str, PublicOp] = {
         PublicOp("dist_loss", 1, True, True, {"temperature": 2.0}),
         PublicOp("rkd_distance", 2, False, False),
         PublicOp("rkd_angle", 3, False, False),
+        PublicOp("rkd_loss", 3, False, False),
         PublicOp("vkd_loss", 1, False, True, {"normalize": "standardize"}),
     )
 }
