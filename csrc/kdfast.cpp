@@ -6,6 +6,7 @@
 
 #include "cpu/cuda_host.h"
 #include "cpu/output_pool.h"
+#include "cpu/tiles.h"
 
 #include <sstream>
 #include <string>
@@ -131,6 +132,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("torch_version") = KDFAST_TORCH_VERSION;
   m.def("built_with_cuda", &built_with_cuda, "whether CUDA sources were compiled");
   m.def("cuda_archs", &cuda_archs, "CUDA architectures compiled for (TORCH_CUDA_ARCH_LIST)");
+  m.def("mkl_thread_local", &kdfast::tiles::mkl_local_threads_available,
+        "whether the CPU passes can set MKL's thread-local thread count (csrc/cpu/tiles.h)");
   m.def("release_cached_outputs", [] { return kdfast::pool::OutputPool::instance().release(); },
         "free the idle recycled gradient buffers of the CPU logit kernels; returns bytes");
   m.def(

@@ -17,7 +17,7 @@ AngleSide make_angle_side(const at::Tensor& x, const AngleKernels& kernels) {
   AngleSide side;
   side.x64 = x.to(at::kDouble).contiguous();
   side.centred = (side.x64 - side.x64.mean(0, /*keepdim=*/true)).contiguous();
-  side.m.gram = at::mm(side.centred, side.centred.t()).contiguous();
+  side.m.gram = mm64(side.centred, side.centred.t());
   side.m.inv_norm = at::empty_like(side.m.gram);
   side.m.norm_active = at::empty_like(side.m.gram);
   side.m.d2_fix = at::empty_like(side.m.gram);
@@ -83,7 +83,7 @@ at::Tensor angle_side_backward(const AngleSide& side, const AngleGradAccumulator
   grad_gram -= 2.0 * h;
   grad_gram.diagonal().add_(acc.w.sum(1) + h.sum(1) + h.sum(0));
   // G = Xc Xc^T: dXc = (dG + dG^T) Xc; then the centring backward.
-  at::Tensor grad_centred = at::mm(grad_gram + grad_gram.t(), side.centred);
+  at::Tensor grad_centred = mm64(grad_gram + grad_gram.t(), side.centred);
   const double n = static_cast<double>(side.centred.size(0));
   grad_centred = grad_centred - grad_centred.mean(0, /*keepdim=*/true);
   if (exact.defined()) grad_centred += exact;

@@ -37,7 +37,7 @@ Side make_side(const at::Tensor& x, PairForward forward) {
   const at::Tensor x64 = x.to(at::kDouble);
   Side side;
   side.centred = x64 - x64.mean(0, /*keepdim=*/true);
-  side.gram = at::mm(side.centred, side.centred.t()).contiguous();
+  side.gram = mm64(side.centred, side.centred.t());
   side.dist = at::empty_like(side.gram);
   forward(side.gram, side.dist);
   resolve_near_pairs(x64, side);
@@ -86,7 +86,7 @@ at::Tensor side_backward(const Side& side, const at::Tensor& grad_psi, at::Scala
   }
   // D2_ij = G_ii + G_jj - 2 G_ij and G = Xc Xc^T give dXc = 4 (rowsum(h) Xc - h Xc).
   at::Tensor grad_centred =
-      4.0 * (grad_d2.sum(1, /*keepdim=*/true) * side.centred - at::mm(grad_d2, side.centred));
+      4.0 * (grad_d2.sum(1, /*keepdim=*/true) * side.centred - mm64(grad_d2, side.centred));
   if (near_grad.defined()) {
     // D2_ij = ||x_i - x_j||^2 of each ordered near pair: 2 h (x_i - x_j) to row i, minus to j.
     grad_centred.index_add_(0, side.near_i, near_grad);

@@ -6,7 +6,15 @@
 
 #include <ATen/ATen.h>
 
+#include "cpu/tiles.h"
+
 namespace kdfast::rkd {
+
+// a @ b for the RKD ops' float64 GEMMs: on CPU a tiled GEMM (csrc/cpu/tiles.h: its row blocks
+// shared with the helpers, no parallel region of MKL's own), elsewhere at::mm.
+inline at::Tensor mm64(const at::Tensor& a, const at::Tensor& b) {
+  return a.is_cpu() ? tiles::mm(a, b) : at::mm(a, b);
+}
 
 struct RkdFeatures {
   at::Tensor x;        // the input rows, N x D, any floating dtype
@@ -35,7 +43,7 @@ inline RkdFeatures rkd_features(const at::Tensor& x, const at::Tensor& gram = at
                 gram.scalar_type(), " for N = ", x.size(0));
     f.gram = gram.contiguous();
   } else {
-    f.gram = at::mm(f.centred, f.centred.t()).contiguous();
+    f.gram = mm64(f.centred, f.centred.t());
   }
   return f;
 }

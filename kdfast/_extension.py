@@ -89,6 +89,7 @@ def build_info() -> dict:
         "cuda": bool(_C.built_with_cuda()),
         "cuda_archs": list(_C.cuda_archs()),
         "torch_version": _C.torch_version,
+        "mkl_thread_local": bool(_C.mkl_thread_local()),
         "reason": None,
     }
 

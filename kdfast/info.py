@@ -79,6 +79,15 @@ def report() -> str:
             else "not compiled (CPU torch build or no nvcc at build time)"
         )
         lines.append(f"  CUDA sources: {cuda}")
+        blas = (
+            "MKL on one thread per tile"
+            if build["mkl_thread_local"]
+            else "no MKL thread-local setting: the BLAS's own threading"
+        )
+        lines.append(
+            f"  CPU passes: tiles shared by the calling thread and torch's inter-op pool, "
+            f"up to {torch.get_num_threads()} threads; GEMMs in tiles: {blas}"
+        )
     else:
         lines += [
             "  !!! C++ extension NOT LOADED: " + str(build["reason"]),

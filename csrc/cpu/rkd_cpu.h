@@ -11,4 +11,11 @@ PairForward cpu_distance_pair_forward();
 PairBackward cpu_distance_pair_backward();
 const AngleKernels& cpu_angle_kernels();
 
+// The size of the RKD ops' glue tensors (N x N) for tiles::OpScope; 0 for input the op will
+// reject with its own message.
+inline int64_t glue_elements(const at::Tensor& x) {
+  const int64_t n = x.dim() > 0 ? x.size(0) : 0;
+  return n * n;
+}
+
 }  // namespace kdfast::rkd

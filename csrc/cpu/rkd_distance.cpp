@@ -54,12 +54,14 @@ void pair_backward_cpu(const at::Tensor& gram, const at::Tensor& grad_dist, at::
 }
 
 at::Tensor forward_cpu(const at::Tensor& student, const at::Tensor& teacher) {
+  tiles::OpScope scope(glue_elements(student));
   return distance_loss(student, teacher, pair_forward_cpu);
 }
 
 std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad, const at::Tensor& student,
                                                 const at::Tensor& teacher, bool student_grad,
                                                 bool teacher_grad) {
+  tiles::OpScope scope(glue_elements(student));
   return distance_loss_backward(grad, student, teacher, student_grad, teacher_grad,
                                 pair_forward_cpu, pair_backward_cpu);
 }

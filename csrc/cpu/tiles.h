@@ -1,5 +1,5 @@
-// Dynamic work distribution for the CPU kernels: one parallel region per pass, tiles claimed
-// one at a time from a shared counter.
+// Dynamic work distribution for the CPU kernels: tiles claimed one at a time from a shared
+// counter by the calling thread and helpers that join when the scheduler runs them.
 //
 // at::parallel_for (OpenMP backend) splits its range into one fixed chunk per thread, so on a
 // busy machine a descheduled thread holds its whole chunk while the others wait for it at
@@ -8,15 +8,30 @@
 // the others, and the region's end waits at most for the tile a thread is running. A tile
 // must write only what it owns (its rows, its partial sums), so the results do not depend
 // on which thread ran which tile: they are bitwise the same for any thread count, timing or
-// load. The OpenMP settings (thread count, wait policy) are the user's and are left as they
-// are; the threads are torch's (at::get_num_threads()).
+// load. No OpenMP region is opened: its closing barrier waits for every thread of the team,
+// and on a busy machine a thread the scheduler has not run yet holds it while the others spin
+// (measured: 68x slower with one competing process on 2 cores). The thread count is the
+// user's (at::get_num_threads()); the OpenMP settings are left as they are.
 #pragma once
 
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__unix__) || defined(__APPLE__)
+#include <dlfcn.h>
+#define KDFAST_HAS_DLSYM 1
+#endif
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <optional>
 
 namespace kdfast::tiles {
 
@@ -42,36 +57,247 @@ inline int64_t row_tile(int64_t count, int64_t min_grain) {
   return std::max<int64_t>({1, min_grain, count / (kTilesPerThread * threads)});
 }
 
-// The tiles of one pass, handed out in order to whichever thread asks next.
+// The tiles of one pass, claimed from a shared counter by whichever thread asks next, and
+// the bookkeeping that lets the calling thread wait only for tiles being run.
+struct TileState {
+  explicit TileState(int64_t tiles) : tiles(tiles) {}
+  const int64_t tiles;
+  std::atomic<int64_t> next{0};
+  // Helpers inside the pass (registered before their first claim): the caller waits for
+  // these, never for a helper that has not started.
+  std::atomic<int64_t> running{0};
+  std::mutex mutex;
+  std::condition_variable idle;
+  std::exception_ptr error;  // the first exception a participant threw (under mutex)
+
+  bool claim(int64_t& tile) {
+    tile = next.fetch_add(1, std::memory_order_relaxed);
+    return tile < tiles;
+  }
+  // No tile is handed out after this (an exception ends the pass early).
+  void stop() { next.store(tiles, std::memory_order_relaxed); }
+  void fail(std::exception_ptr e) {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (!error) error = std::move(e);
+    stop();
+  }
+  void leave() {
+    if (running.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+      std::lock_guard<std::mutex> lock(mutex);
+      idle.notify_all();
+    }
+  }
+  void wait_for_helpers() {
+    std::unique_lock<std::mutex> lock(mutex);
+    idle.wait(lock, [&] { return running.load(std::memory_order_acquire) == 0; });
+  }
+};
+
+// One participant's view of a pass: next() hands out the tile claimed before the worker was
+// entered (a helper's first), then claims more from the shared counter.
 class TileQueue {
  public:
-  explicit TileQueue(int64_t tiles) : tiles_(tiles) {}
+  explicit TileQueue(TileState& state, int64_t first = -1) : state_(state), first_(first) {}
   // Claims the next tile into `tile`; false when every tile has been claimed.
   bool next(int64_t& tile) {
-    tile = next_.fetch_add(1, std::memory_order_relaxed);
-    return tile < tiles_;
+    if (first_ >= 0) {
+      tile = first_;
+      first_ = -1;
+      return true;
+    }
+    return state_.claim(tile);
   }
 
  private:
-  const int64_t tiles_;
-  std::atomic<int64_t> next_{0};
+  TileState& state_;
+  int64_t first_;
 };
 
-// Runs worker(queue) on up to min(tiles, at::get_num_threads()) threads in one parallel
-// region (inline when one thread suffices or when already inside a parallel region); each
-// worker claims tiles with queue.next() until it returns false. Per-thread scratch (row
-// buffers) is set up once per worker, not once per tile.
+// MKL_Set_Num_Threads_Local(n): sets this thread's MKL thread count (0: back to the global
+// one) and returns the previous setting; -1 where the process has no MKL (OpenBLAS builds).
+inline int set_mkl_local_threads(int n) {
+#ifdef KDFAST_HAS_DLSYM
+  using Setter = int (*)(int);
+  static const Setter setter = [] {
+    // torch's MKL is linked into libtorch_cpu, which Python loads with local symbols.
+    void* found = dlsym(RTLD_DEFAULT, "MKL_Set_Num_Threads_Local");
+    if (!found) {
+      if (void* lib = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD)) {
+        found = dlsym(lib, "MKL_Set_Num_Threads_Local");
+        dlclose(lib);  // NOLOAD took a reference to the loaded library: hand it back
+      }
+    }
+    return reinterpret_cast<Setter>(found);
+  }();
+  return setter ? setter(n) : -1;
+#else
+  return -1;
+#endif
+}
+
+// Whether MKL's thread-local thread count can be set here (python -m kdfast.info).
+inline bool mkl_local_threads_available() {
+  const int previous = set_mkl_local_threads(0);
+  if (previous > 0) set_mkl_local_threads(previous);
+  return previous >= 0;
+}
+
+namespace detail {
+// This thread runs a tile (nested passes run inline) / an op's serial glue (OpScope).
+inline thread_local int tile_depth = 0;
+inline thread_local int op_depth = 0;
+// The thread count of the caller of the innermost OpScope (inside it, ATen's is 1).
+inline thread_local int64_t op_threads = 0;
+
+// Nothing in the scope opens a parallel region of its own: this thread's OpenMP team size
+// (a per-thread setting, so ATen's parallel_for runs inline) and its MKL thread count (MKL's
+// thread-local setting, where the BLAS is MKL) are 1 inside, and restored on exit. The
+// global settings, and every other thread's, are untouched.
+class Serial {
+ public:
+  Serial() : threads_(at::get_num_threads()), mkl_previous_(set_mkl_local_threads(1)) {
+    // at::get_num_threads() above comes first: the first time a thread asks, ATen sizes its
+    // OpenMP team from MKL's thread count, which must not be the serial one.
+#ifdef _OPENMP
+    omp_set_num_threads(1);
+#endif
+  }
+  ~Serial() {
+#ifdef _OPENMP
+    omp_set_num_threads(static_cast<int>(threads_));
+#endif
+    if (mkl_previous_ >= 0) set_mkl_local_threads(mkl_previous_);
+  }
+  Serial(const Serial&) = delete;
+  Serial& operator=(const Serial&) = delete;
+
+  // The thread count outside the scope.
+  int64_t threads() const { return threads_; }
+
+ private:
+  const int64_t threads_;
+  const int mkl_previous_;
+};
+}  // namespace detail
+
+// A tile's scope, on the calling thread and on each helper: serial (detail::Serial), and a
+// pass started inside it runs inline.
+class TileScope {
+ public:
+  TileScope() { ++detail::tile_depth; }
+  ~TileScope() { --detail::tile_depth; }
+  TileScope(const TileScope&) = delete;
+  TileScope& operator=(const TileScope&) = delete;
+
+ private:
+  detail::Serial serial_;
+};
+
+// Elements of the largest glue tensor up to which an op's glue runs serially (OpScope):
+// N = 512 for the RKD ops' N x N float64 matrices (2 MB; a pass over it is ~0.1 ms).
+constexpr int64_t kSerialGlueElements = int64_t(512) * 512;
+
+// An op's CPU entry point: its ATen glue (elementwise ops on N x N tensors, reductions, small
+// GEMMs) runs serially on the calling thread, each of those calls being too short to be
+// worth a parallel region that a busy machine can stall (every OpenMP region ends in a
+// barrier), while the op's own passes (run_workers, mm below) still share their tiles with
+// the helpers, on the caller's thread count. Inside an enclosing parallel region it does
+// nothing: that region's thread runs everything inline.
+class OpScope {
+ public:
+  // `elements`: the largest tensor the glue works on (N * N for the RKD ops). Above
+  // kSerialGlueElements the glue keeps ATen's parallel regions: serial, it would cost more
+  // than a busy machine's stalls (measured: rkd_distance at N = 1024, 135 -> 211 ms idle).
+  explicit OpScope(int64_t elements)
+      : active_(elements <= kSerialGlueElements && !at::in_parallel_region() &&
+                detail::tile_depth == 0) {
+    if (!active_) return;
+    serial_.emplace();
+    outer_threads_ = detail::op_threads;
+    detail::op_threads = serial_->threads();
+    ++detail::op_depth;
+  }
+  ~OpScope() {
+    if (!active_) return;
+    --detail::op_depth;
+    detail::op_threads = outer_threads_;
+  }
+  OpScope(const OpScope&) = delete;
+  OpScope& operator=(const OpScope&) = delete;
+
+ private:
+  const bool active_;
+  int64_t outer_threads_ = 0;
+  std::optional<detail::Serial> serial_;
+};
+
+// Whether a pass started here must run inline: inside a tile or a parallel region.
+inline bool run_inline() { return detail::tile_depth > 0 || at::in_parallel_region(); }
+
+// Runs worker(queue) on up to min(tiles, the caller's thread count) threads; each worker
+// claims tiles with queue.next() until it returns false. Inline when one thread suffices or
+// when already inside a tile or a parallel region.
+//
+// Inside a serial-glue op (OpScope), the workers are the calling thread and helpers from
+// torch's inter-op thread pool (at::launch), which block rather than spin while idle. A
+// helper that starts after every tile is claimed leaves at once, without entering the
+// worker, and the calling thread waits (blocked, not spinning) only for helpers that hold a
+// tile: no barrier waits for a thread that the scheduler has not run, the failure mode of an
+// OpenMP region on a busy machine. Elsewhere the workers are one OpenMP region's threads
+// (at::parallel_for, one worker per thread): the tiles are still claimed dynamically.
+//
+// Per-thread scratch (row buffers) is set up once per worker, not once per tile; it must own
+// its memory (a helper may release it after the caller has returned). The first exception a
+// worker throws is rethrown here, after every helper has left.
 template <typename Worker>
 void run_workers(int64_t tiles, const Worker& worker) {
   if (tiles <= 0) return;
-  TileQueue queue(tiles);
-  const int64_t threads = std::min<int64_t>(tiles, at::get_num_threads());
-  if (threads <= 1 || at::in_parallel_region()) {
+  const int64_t threads = std::min<int64_t>(
+      tiles, detail::op_depth > 0 ? detail::op_threads : at::get_num_threads());
+  if (threads <= 1 || run_inline()) {
+    TileState state(tiles);
+    TileQueue queue(state);
+    TileScope scope;
     worker(queue);
     return;
   }
-  // One index per thread: at::parallel_for hands each thread one (begin, end) chunk.
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) { worker(queue); });
+  if (detail::op_depth == 0) {
+    // Outside a serial-glue op the surrounding ATen calls keep OpenMP's team busy (its idle
+    // threads spin for a while after each region): the tiles go to that team, one worker per
+    // thread, rather than to helpers that would compete with its spinning threads.
+    TileState state(tiles);
+    at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+      TileQueue queue(state);  // inside the region: nested passes inline, MKL serial
+      worker(queue);
+    });
+    return;
+  }
+  auto state = std::make_shared<TileState>(tiles);
+  for (int64_t h = 1; h < threads; ++h) {
+    at::launch([state, &worker] {
+      state->running.fetch_add(1, std::memory_order_acq_rel);
+      int64_t first;
+      if (state->claim(first)) {
+        try {
+          TileScope scope;
+          TileQueue queue(*state, first);
+          worker(queue);
+        } catch (...) {
+          state->fail(std::current_exception());
+        }
+      }
+      state->leave();
+    });
+  }
+  try {
+    TileScope scope;
+    TileQueue queue(*state);
+    worker(queue);
+  } catch (...) {
+    state->fail(std::current_exception());
+  }
+  state->wait_for_helpers();
+  if (state->error) std::rethrow_exception(state->error);
 }
 
 // Calls f(tile) once for every tile in [0, tiles), tiles claimed dynamically (run_workers).
@@ -115,6 +341,28 @@ void for_each_range_with(int64_t begin, int64_t end, int64_t grain, const Make& 
       f(scratch, b, std::min(end, b + grain));
     } while (queue.next(tile));
   });
+}
+
+// Rows per tile of a tiled GEMM (mm): each tile streams (packs) all of b, so fewer rows than
+// this make skinny GEMMs that cost more than they share. Measured on one MKL thread against
+// one full GEMM, float64: (1024 x 2048) (2048 x 1024) in 64 / 128 / 256-row tiles +36% /
+// +17% / +3%; (256 x 2048) (2048 x 256) in 64 / 128-row tiles +18% / +3%.
+inline int64_t gemm_rows_per_tile(int64_t b_elements) {
+  return b_elements >= (int64_t(1) << 21) ? 256 : b_elements >= (int64_t(1) << 18) ? 128 : 64;
+}
+
+// a @ b for 2-D CPU tensors a (m x k) and b (k x n): row blocks of a claimed as tiles, each an
+// at::mm_out on one MKL thread (TileScope), so the GEMM shares its work with the helpers
+// without opening MKL's own parallel region. The row blocks depend only on the shapes, so
+// the result does not depend on the thread count or timing.
+inline at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {
+  const int64_t m = a.size(0), n = b.size(1);
+  at::Tensor out = at::empty({m, n}, a.options());
+  for_each_range(0, m, gemm_rows_per_tile(a.size(1) * n), [&](int64_t begin, int64_t end) {
+    at::Tensor rows = out.narrow(0, begin, end - begin);
+    at::mm_out(rows, a.narrow(0, begin, end - begin), b);
+  });
+  return out;
 }
 
 }  // namespace kdfast::tiles

@@ -6,8 +6,9 @@ it owns and partial sums are reduced in a fixed order.
 Each cpp op runs on a tiny machine's worth of threads, on more threads than cores
 (oversubscribed: threads are descheduled mid-pass, so the claim order varies most), and
 while other processes spin on every core; losses and gradients must be bitwise the same.
-The RKD ops' float64 Gram GEMMs (MKL) may round differently for another thread count, so
-those are compared per thread count; the logit kernels and expm must agree across counts.
+They must also agree across thread counts, the RKD ops included: their float64 GEMMs are
+tiled in row blocks set by the shapes alone, each on one MKL thread. DIST's column moments
+are merged from a number of blocks set by the threads, so it is compared per thread count.
 """
 
 from __future__ import annotations
@@ -54,17 +55,23 @@ def _loss_and_grads(fn, *inputs):
 # logit kernels 50 tiles of rows.
 CASES = {
     "rkd_distance": (
-        False,
+        True,
         lambda: _loss_and_grads(
             functional.rkd_distance, _features(300, 24, 0), _features(300, 16, 1)
         ),
     ),
+    "rkd_loss": (
+        True,
+        lambda: _loss_and_grads(
+            functional.rkd_loss, _features(300, 24, 13), _features(300, 16, 14)
+        ),
+    ),
     "rkd_angle": (
-        False,
+        True,
         lambda: _loss_and_grads(functional.rkd_angle, _features(300, 24, 2), _features(300, 16, 3)),
     ),
     "rkd_angle_vertices": (
-        False,
+        True,
         lambda: _loss_and_grads(
             lambda s, t: functional._call("rkd_angle_vertices", s, t, 37, 251),
             _features(300, 24, 4),
@@ -148,3 +155,57 @@ def test_results_do_not_depend_on_the_load_of_the_machine():
             p.kill()
         for p in spinners:
             p.wait()
+
+
+# Run first thing in a fresh process (and first thing in a new thread): the first time a
+# thread asks for its thread count, ATen sizes its OpenMP team from MKL's thread count, so an
+# op that set MKL's thread-local count before that would leave the thread serial for good.
+_SETTINGS_SCRIPT = """
+import ctypes, os, threading, torch, kdfast
+from kdfast import functional, linalg
+path = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
+mkl = getattr(ctypes.CDLL(path), "MKL_Set_Num_Threads_Local", None)
+g = torch.Generator().manual_seed(0)
+s = torch.randn(300, 24, dtype=torch.float64, generator=g).requires_grad_(True)
+t = torch.randn(300, 16, dtype=torch.float64, generator=g)
+a = (0.1 * torch.randn(20, 6, 6, dtype=torch.float64, generator=g)).requires_grad_(True)
+def run():  # the op first, then the settings: 0 = no thread-local MKL count left behind
+    with kdfast.use_backend("cpp"):
+        {op}
+    return torch.get_num_threads(), mkl(0) if mkl else 0
+def control():  # a thread that never calls an op
+    return torch.get_num_threads(), mkl(0) if mkl else 0
+out = []
+for target in (run, control):
+    thread = threading.Thread(target=lambda: out.append(target()))
+    thread.start(); thread.join()
+out.append(run())
+print(out)
+"""
+
+_OPS = {
+    "rkd_loss": "functional.rkd_loss(s, t).backward()",
+    "rkd_distance": "functional.rkd_distance(s, t).backward()",
+    "rkd_angle": "functional.rkd_angle(s, t).backward()",
+    "kd_loss": "functional.kd_loss(s[:, :16], t).backward()",
+    "dist_loss": "functional.dist_loss(s[:, :16], t).backward()",
+    "expm": "linalg.expm(a).sum().backward()",
+}
+
+
+@pytest.mark.parametrize("name", list(_OPS))
+def test_an_op_leaves_the_callers_thread_settings_as_they_were(name):
+    """The ops run their glue with this thread's OpenMP team and MKL count set to 1 (csrc/cpu/
+    tiles.h, OpScope and TileScope): both are restored, even on a thread whose first call
+    into ATen is the op's."""
+    require_backend("cpp")
+    done = subprocess.run(
+        [sys.executable, "-c", _SETTINGS_SCRIPT.replace("{op}", _OPS[name])],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    in_thread, control, in_main = eval(done.stdout)  # (threads, MKL thread-local count) each
+    assert control[1] == 0
+    assert in_thread == control and in_main == control
