@@ -8,10 +8,11 @@
 // the others, and the region's end waits at most for the tile a thread is running. A tile
 // must write only what it owns (its rows, its partial sums), so the results do not depend
 // on which thread ran which tile: they are bitwise the same for any thread count, timing or
-// load. No OpenMP region is opened: its closing barrier waits for every thread of the team,
-// and on a busy machine a thread the scheduler has not run yet holds it while the others spin
-// (measured: 68x slower with one competing process on 2 cores). The thread count is the
-// user's (at::get_num_threads()); the OpenMP settings are left as they are.
+// load. Inside a serial-glue op (OpScope) no OpenMP region is opened: its closing barrier
+// waits for every thread of the team, and on a busy machine a thread the scheduler has not
+// run yet holds it while the others spin (measured: 68x slower with one competing process on
+// 2 cores). The thread count is the user's (at::get_num_threads()); the global OpenMP
+// settings are left as they are.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -146,7 +147,7 @@ namespace detail {
 // This thread runs a tile (nested passes run inline) / an op's serial glue (OpScope).
 inline thread_local int tile_depth = 0;
 inline thread_local int op_depth = 0;
-// The thread count of the caller of the innermost OpScope (inside it, ATen's is 1).
+// The thread count of the caller of the outermost OpScope (inside it, ATen's is 1).
 inline thread_local int64_t op_threads = 0;
 
 // Nothing in the scope opens a parallel region of its own: this thread's OpenMP team size
@@ -213,21 +214,17 @@ class OpScope {
                 detail::tile_depth == 0) {
     if (!active_) return;
     serial_.emplace();
-    outer_threads_ = detail::op_threads;
-    detail::op_threads = serial_->threads();
-    ++detail::op_depth;
+    // an enclosing OpScope keeps its caller's count (inside it, ATen's count reads 1)
+    if (detail::op_depth++ == 0) detail::op_threads = serial_->threads();
   }
   ~OpScope() {
-    if (!active_) return;
-    --detail::op_depth;
-    detail::op_threads = outer_threads_;
+    if (active_) --detail::op_depth;
   }
   OpScope(const OpScope&) = delete;
   OpScope& operator=(const OpScope&) = delete;
 
  private:
   const bool active_;
-  int64_t outer_threads_ = 0;
   std::optional<detail::Serial> serial_;
 };
 
