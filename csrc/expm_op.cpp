@@ -13,6 +13,7 @@
 
 #include <torch/library.h>
 
+#include "cpu/tile_gemm.h"
 #include "expm.h"
 
 namespace kdfast::expm {
@@ -37,15 +38,15 @@ std::pair<Tensor, Tensor> prescale(const Tensor& A) {
 Powers estimate_powers(const Tensor& A0, const Tensor& t, bool skew, bool frechet,
                        bool is_double, const std::vector<Tensor>& excess) {
   Powers P;
-  P[2] = at::matmul(A0, A0);
+  P[2] = tiles::bmm(A0, A0);
   const double log2_theta3 = std::log2(threshold(is_double, frechet, 0));
   Tensor small = (t + at::log2(onenorm(P[2])) / 2.0) <= log2_theta3;
   if (!excess.empty()) small = small & (excess[0] <= 0);
   if (small.all().item<bool>()) return P;
-  P[4] = at::matmul(P[2], P[2]);
-  P[6] = at::matmul(P[4], P[2]);
+  P[4] = tiles::bmm(P[2], P[2]);
+  P[6] = tiles::bmm(P[4], P[2]);
   if (!skew) {
-    P[8] = at::matmul(P[4], P[4]);
+    P[8] = tiles::bmm(P[4], P[4]);
     // d_10 only enters eta_13 = min(max(d6, d8), max(d8, d10)): when max(d6, d8) already
     // passes theta_13 for every matrix, s = 0 whatever d_10 is, and A0^10 is not formed
     // (choose() then puts max(d6, d8) in its place: the same eta_13, the same s = 0).
@@ -53,7 +54,7 @@ Powers estimate_powers(const Tensor& A0, const Tensor& t, bool skew, bool freche
       const Tensor eta68 = t + at::maximum(at::log2(onenorm(P[6])) / 6.0,
                                            at::log2(onenorm(P[8])) / 8.0);
       const double log2_theta13 = std::log2(threshold(is_double, frechet, 4));
-      if (!(eta68 <= log2_theta13).all().item<bool>()) P[10] = at::matmul(P[4], P[6]);
+      if (!(eta68 <= log2_theta13).all().item<bool>()) P[10] = tiles::bmm(P[4], P[6]);
     }
   }
   return P;
@@ -134,8 +135,8 @@ Tensor times_pow2(const Tensor& X, const Tensor& log2_c, int p, bool one_pass,
 
 // a b + c d for (N, n, n) batches, the second product accumulated by the GEMM.
 Tensor mm2(const Tensor& a, const Tensor& b, const Tensor& c, const Tensor& d) {
-  Tensor out = at::bmm(a, b);
-  out.baddbmm_(c, d);
+  Tensor out = tiles::bmm(a, b);
+  tiles::baddbmm_(out, c, d);
   return out;
 }
 
@@ -188,10 +189,10 @@ PadeTerms pade_terms(int m, const Tensor& X, const Powers& pw, const std::option
   if (m == 13) {  // Higham 2005: 6 matmuls in all (3 for A2, A4, A6; 3 here)
     const Tensor& A6 = pw[6];
     const Tensor W1 = comb(m, pw, {13, 11, 9}, 7), Z1 = comb(m, pw, {12, 10, 8}, 6);
-    r.W = values ? comb(m, pw, {7, 5, 3, 1}, 1, at::bmm(A6, W1)) : W_saved;
+    r.W = values ? comb(m, pw, {7, 5, 3, 1}, 1, tiles::bmm(A6, W1)) : W_saved;
     if (values) {
-      r.U = at::bmm(X, r.W);
-      r.V = comb(m, pw, {6, 4, 2, 0}, 0, at::bmm(A6, Z1));
+      r.U = tiles::bmm(X, r.W);
+      r.V = comb(m, pw, {6, 4, 2, 0}, 0, tiles::bmm(A6, Z1));
     }
     if (!F) return r;
     const Tensor Lw =
@@ -204,11 +205,11 @@ PadeTerms pade_terms(int m, const Tensor& X, const Powers& pw, const std::option
   r.W = comb(m, pw, every_other(m, 1), 1);
   if (values) {
     r.V = comb(m, pw, every_other(m - 1, 0), 0);
-    r.U = at::bmm(X, r.W);
+    r.U = tiles::bmm(X, r.W);
   }
   if (!F) return r;
   const Tensor Lw = comb(m, M, every_other(m, 3), 1, Tensor(), false);
-  r.Lu = Lw.defined() ? mm2(X, Lw, *F, r.W) : at::bmm(*F, r.W);
+  r.Lu = Lw.defined() ? mm2(X, Lw, *F, r.W) : tiles::bmm(*F, r.W);
   const Tensor Lv = comb(m, M, every_other(m - 1, 2), 0, Tensor(), false);
   r.Lv = Lv.defined() ? Lv : at::zeros_like(X);
   return r;
@@ -289,7 +290,7 @@ std::pair<Tensor, Tensor> scaling_and_squaring_flat(const Tensor& A_in,
       if (powers[p].defined()) pw[p] = times_pow2(take(powers[p]), c, p, one_pass, slot(p / 2));
     }
     if (deg == 9 && !pw[8].defined()) {  // skew estimates
-      pw[8] = at::bmm(pw[4], pw[4]);
+      pw[8] = tiles::bmm(pw[4], pw[4]);
     }
     const Tensor X = times_pow2(take(A0), c, 1, one_pass, slot(0));
     std::optional<Tensor> F;
@@ -303,7 +304,7 @@ std::pair<Tensor, Tensor> scaling_and_squaring_flat(const Tensor& A_in,
     R = all ? Rg : R.index_copy(0, idx, Rg);
     if (E) {  // differentiate (V - U) R = V + U
       Tensor rhs = terms.Lu + terms.Lv;
-      rhs.baddbmm_(terms.Lu - terms.Lv, Rg);
+      tiles::baddbmm_(rhs, terms.Lu - terms.Lv, Rg);
       const Tensor Lg = at::linalg_lu_solve(LU, pivots, rhs, true, true);
       L = all ? Lg : L.index_copy(0, idx, Lg);
     }
@@ -342,12 +343,12 @@ std::pair<Tensor, Tensor> scaling_and_squaring_flat(const Tensor& A_in,
   for (int64_t k = 0; k < s_max; ++k) {
     if (k < s_min) {  // every matrix squares
       if (L.defined()) L = mm2(R, L, L, R);
-      R = at::bmm(R, R);
+      R = tiles::bmm(R, R);
       continue;
     }
     const Tensor square = s_dev > k;  // matrices with s <= k are left as they are
     if (L.defined()) L = at::where(square, mm2(R, L, L, R), L);
-    R = at::where(square, at::bmm(R, R), R);
+    R = at::where(square, tiles::bmm(R, R), R);
   }
   return {R, L};
 }
@@ -424,7 +425,7 @@ at::Tensor expm_backward(const at::Tensor& grad, const at::Tensor& pw, const at:
     const PadeTerms terms =
         pade_terms(deg, X, pws, F, false, deg == 13 ? P.select(1, 4) : Tensor());
     Tensor rhs = terms.Lu + terms.Lv;  // differentiate (V - U) R = V + U
-    rhs.baddbmm_(terms.Lu - terms.Lv, take(R0t).mT());
+    tiles::baddbmm_(rhs, terms.Lu - terms.Lv, take(R0t).mT());
     const Tensor Lg = at::linalg_lu_solve(take(LUt).mT(), take(pivots), rhs, true, true);
     L = all ? Lg : L.index_copy(0, idx, Lg);
   }
@@ -435,12 +436,12 @@ at::Tensor expm_backward(const at::Tensor& grad, const at::Tensor& pw, const at:
   for (int64_t k = 0; k < s_max; ++k) {
     if (k < s_min) {
       L = mm2(R, L, L, R);
-      if (k + 1 < s_max) R = at::bmm(R, R);
+      if (k + 1 < s_max) R = tiles::bmm(R, R);
       continue;
     }
     const Tensor square = s_dev > k;
     L = at::where(square, mm2(R, L, L, R), L);
-    if (k + 1 < s_max) R = at::where(square, at::bmm(R, R), R);
+    if (k + 1 < s_max) R = at::where(square, tiles::bmm(R, R), R);
   }
   return L.mT().reshape(grad.sizes()).contiguous();
 }
@@ -464,11 +465,14 @@ std::tuple<at::Tensor, at::Tensor> expm_frechet(const at::Tensor& A, const at::T
 }  // namespace kdfast::expm
 
 // The ATen body is device-generic: the same functions serve both dispatch keys.
+// On CPU the glue is serial (csrc/cpu/tiles.h, OpScope): one MKL/LAPACK thread per call, no
+// OpenMP region for a busy machine to stall.
 TORCH_LIBRARY_IMPL(kdfast, CPU, m) {
-  m.impl("expm_cpp", &kdfast::expm::expm);
-  m.impl("expm_frechet_cpp", &kdfast::expm::expm_frechet);
-  m.impl("expm_save_cpp", &kdfast::expm::expm_save);
-  m.impl("expm_backward_cpp", &kdfast::expm::expm_backward);
+  using kdfast::tiles::serial_glue;
+  m.impl("expm_cpp", serial_glue<&kdfast::expm::expm>);
+  m.impl("expm_frechet_cpp", serial_glue<&kdfast::expm::expm_frechet>);
+  m.impl("expm_save_cpp", serial_glue<&kdfast::expm::expm_save>);
+  m.impl("expm_backward_cpp", serial_glue<&kdfast::expm::expm_backward>);
 }
 
 #ifdef WITH_CUDA

@@ -6,7 +6,7 @@
 
 #include <ATen/ATen.h>
 
-#include "cpu/tiles.h"
+#include "cpu/tile_gemm.h"
 
 namespace kdfast::rkd {
 

@@ -85,7 +85,7 @@ def report() -> str:
             else "no MKL thread-local setting: the BLAS's own threading"
         )
         lines.append(
-            f"  CPU passes: tiles shared by the calling thread and torch's inter-op pool, "
+            f"  CPU passes: tiles shared by the calling thread and kdfast's helper threads, "
             f"up to {torch.get_num_threads()} threads; GEMMs in tiles: {blas}"
         )
     else:

@@ -424,6 +424,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dist_loss_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(kdfast, CPU, m) { m.impl("dist_loss_cpp", &dist_loss_cpu); }
+// Up to 512^2 logits the glue is serial and the passes go to the helpers (tiles::OpScope).
+TORCH_LIBRARY_IMPL(kdfast, CPU, m) { m.impl("dist_loss_cpp", tiles::serial_glue<&dist_loss_cpu>); }
 
 }  // namespace kdfast::dist

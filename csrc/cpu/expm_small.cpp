@@ -46,8 +46,8 @@ std::tuple<at::Tensor, at::Tensor> expm_frechet_cpu(const at::Tensor& A, const a
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kdfast, CPU, m) {
-  m.impl("expm_small_cpp", &expm_cpu);
-  m.impl("expm_frechet_small_cpp", &expm_frechet_cpu);
+  m.impl("expm_small_cpp", tiles::serial_glue<&expm_cpu>);
+  m.impl("expm_frechet_small_cpp", tiles::serial_glue<&expm_frechet_cpu>);
 }
 
 }  // namespace kdfast::expm::small

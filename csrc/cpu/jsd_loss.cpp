@@ -348,6 +348,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jsd_loss_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(kdfast, CPU, m) { m.impl("jsd_loss_cpp", &jsd_loss_cpu); }
+// Up to 512^2 logits the glue is serial and the passes go to the helpers (tiles::OpScope).
+TORCH_LIBRARY_IMPL(kdfast, CPU, m) { m.impl("jsd_loss_cpp", tiles::serial_glue<&jsd_loss_cpu>); }
 
 }  // namespace kdfast::jsd

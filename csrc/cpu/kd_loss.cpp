@@ -252,6 +252,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(kdfast, CPU, m) { m.impl("kd_loss_cpp", &kd_loss_cpu); }
+// Up to 512^2 logits the glue is serial and the passes go to the helpers (tiles::OpScope).
+TORCH_LIBRARY_IMPL(kdfast, CPU, m) { m.impl("kd_loss_cpp", tiles::serial_glue<&kd_loss_cpu>); }
 
 }  // namespace kdfast::kd

@@ -17,7 +17,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& stu
                                                            const at::Tensor& teacher,
                                                            double distance_weight,
                                                            double angle_weight, bool save_gram) {
-  tiles::OpScope scope(glue_elements(student));
+  tiles::OpScope scope(glue_elements(student), angle_weight != 0.0 ? angle_work(student) : 0);
   return rkd_loss(student, teacher, distance_weight, angle_weight, save_gram, cpu_kernels());
 }
 
@@ -26,7 +26,7 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad, const at
                                                 const at::Tensor& gram_s, const at::Tensor& gram_t,
                                                 double distance_weight, double angle_weight,
                                                 bool student_grad, bool teacher_grad) {
-  tiles::OpScope scope(glue_elements(student));
+  tiles::OpScope scope(glue_elements(student), angle_weight != 0.0 ? angle_work(student) : 0);
   return rkd_loss_backward(grad, student, teacher, gram_s, gram_t, distance_weight, angle_weight,
                            student_grad, teacher_grad, cpu_kernels());
 }

@@ -17,6 +17,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -25,14 +26,21 @@
 #define KDFAST_HAS_DLSYM 1
 #endif
 
+#if defined(__unix__) || defined(__APPLE__)
+#include <unistd.h>
+#endif
+
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <deque>
 #include <exception>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <thread>
 
 namespace kdfast::tiles {
 
@@ -72,7 +80,7 @@ struct TileState {
   std::exception_ptr error;  // the first exception a participant threw (under mutex)
 
   bool claim(int64_t& tile) {
-    tile = next.fetch_add(1, std::memory_order_relaxed);
+    tile = next.fetch_add(1, std::memory_order_acq_rel);
     return tile < tiles;
   }
   // No tile is handed out after this (an exception ends the pass early).
@@ -112,6 +120,84 @@ class TileQueue {
  private:
   TileState& state_;
   int64_t first_;
+};
+
+// The helper threads of the CPU passes: each blocks on a condition variable while idle (it
+// never spins) and runs one queued task at a time; a thread is added when a task finds none
+// idle. kdfast's own threads rather than torch's inter-op pool: at::launch hands each task
+// the caller's ThreadLocalState, whose Python objects the helper then releases under the GIL
+// (during interpreter shutdown that aborted the process, and a helper waiting for the GIL is
+// a helper lost to the next pass). A task runs below autograd, as the op that queued it.
+// The pool is never destroyed (its idle threads end with the process); a forked child
+// starts a pool of its own.
+class HelperPool {
+ public:
+  static HelperPool& get() {
+    static std::atomic<HelperPool*> pool{nullptr};
+    HelperPool* p = pool.load(std::memory_order_acquire);
+    if (p == nullptr || p->pid_ != process_id()) {
+      static std::mutex create;
+      std::lock_guard<std::mutex> lock(create);
+      p = pool.load(std::memory_order_acquire);
+      if (p == nullptr || p->pid_ != process_id()) {
+        p = new HelperPool();  // leaked on purpose, like the parent's pool in a forked child
+        pool.store(p, std::memory_order_release);
+      }
+    }
+    return *p;
+  }
+
+  void run(std::function<void()> task) {
+    bool spawn = false;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      tasks_.push_back(std::move(task));
+      if (idle_ < static_cast<int64_t>(tasks_.size())) {
+        ++idle_;  // the new thread counts as idle until it takes a task
+        spawn = true;
+      }
+    }
+    if (spawn) {
+      std::thread([this] { loop(); }).detach();
+    } else {
+      ready_.notify_one();
+    }
+  }
+
+ private:
+  HelperPool() : pid_(process_id()) {}
+
+  static int64_t process_id() {
+#if defined(__unix__) || defined(__APPLE__)
+    return static_cast<int64_t>(getpid());
+#else
+    return 0;
+#endif
+  }
+
+  void loop() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    for (;;) {
+      ready_.wait(lock, [&] { return !tasks_.empty(); });
+      std::function<void()> task = std::move(tasks_.front());
+      tasks_.pop_front();
+      --idle_;
+      lock.unlock();
+      {
+        at::AutoDispatchBelowADInplaceOrView below_autograd;
+        task();
+      }
+      task = nullptr;  // its captures go before this thread counts as idle again
+      lock.lock();
+      ++idle_;
+    }
+  }
+
+  const int64_t pid_;
+  std::mutex mutex_;
+  std::condition_variable ready_;
+  std::deque<std::function<void()>> tasks_;
+  int64_t idle_ = 0;  // threads waiting for a task (or starting)
 };
 
 // MKL_Set_Num_Threads_Local(n): sets this thread's MKL thread count (0: back to the global
@@ -195,8 +281,17 @@ class TileScope {
 };
 
 // Elements of the largest glue tensor up to which an op's glue runs serially (OpScope):
-// N = 512 for the RKD ops' N x N float64 matrices (2 MB; a pass over it is ~0.1 ms).
+// N = 512 for the RKD ops' N x N float64 matrices (2 MB; a pass over it is ~0.1 ms), the
+// logit kernels up to 512^2 logits, expm up to 512^2 matrix entries. Above it the ops keep
+// ATen's (and MKL's) parallel regions and run their passes in one OpenMP region.
 constexpr int64_t kSerialGlueElements = int64_t(512) * 512;
+
+// Above that, the glue still runs serially when the op's own passes do at least this many
+// times as much work (entries visited) as it has glue elements: the angle ops' triplet pass
+// (N^2 entries per vertex) next to their N x N glue. Measured at rkd_angle_vertices
+// (768, 128, 128, 4), 192 vertices per window: serial glue costs nothing idle, and on a
+// busy machine it removes the ATen regions that stalled.
+constexpr int64_t kSerialGlueWorkRatio = 64;
 
 // An op's CPU entry point: its ATen glue (elementwise ops on N x N tensors, reductions, small
 // GEMMs) runs serially on the calling thread, each of those calls being too short to be
@@ -206,12 +301,15 @@ constexpr int64_t kSerialGlueElements = int64_t(512) * 512;
 // nothing: that region's thread runs everything inline.
 class OpScope {
  public:
-  // `elements`: the largest tensor the glue works on (N * N for the RKD ops). Above
-  // kSerialGlueElements the glue keeps ATen's parallel regions: serial, it would cost more
-  // than a busy machine's stalls (measured: rkd_distance at N = 1024, 135 -> 211 ms idle).
-  explicit OpScope(int64_t elements)
-      : active_(elements <= kSerialGlueElements && !at::in_parallel_region() &&
-                detail::tile_depth == 0) {
+  // `elements`: the largest tensor the glue works on (N * N for the RKD ops); `work`: the
+  // entries the op's own passes visit (N^2 per vertex for the angle ops). Above
+  // kSerialGlueElements, unless the passes outweigh the glue kSerialGlueWorkRatio times, the
+  // glue keeps ATen's parallel regions: serial, it would cost more than a busy machine's
+  // stalls (measured: rkd_distance at N = 1024, 135 -> 211 ms idle).
+  explicit OpScope(int64_t elements, int64_t work = 0)
+      : active_((elements <= kSerialGlueElements ||
+                 work / kSerialGlueWorkRatio >= elements) &&
+                !at::in_parallel_region() && detail::tile_depth == 0) {
     if (!active_) return;
     serial_.emplace();
     // an enclosing OpScope keeps its caller's count (inside it, ATen's count reads 1)
@@ -228,6 +326,21 @@ class OpScope {
   std::optional<detail::Serial> serial_;
 };
 
+// A CPU kernel `Fn` in an OpScope sized by its first argument (its glue serial up to
+// kSerialGlueElements), for registering ops whose ATen glue works on tensors of that size:
+// m.impl("op", serial_glue<&op_cpu>).
+template <auto Fn>
+struct SerialGlue;
+template <typename R, typename... Args, R (*Fn)(const at::Tensor&, Args...)>
+struct SerialGlue<Fn> {
+  static R call(const at::Tensor& x, Args... args) {
+    OpScope scope(x.numel());
+    return Fn(x, args...);
+  }
+};
+template <auto Fn>
+constexpr auto serial_glue = &SerialGlue<Fn>::call;
+
 // Whether a pass started here must run inline: inside a tile or a parallel region.
 inline bool run_inline() { return detail::tile_depth > 0 || at::in_parallel_region(); }
 
@@ -236,9 +349,8 @@ inline bool run_inline() { return detail::tile_depth > 0 || at::in_parallel_regi
 // when already inside a tile or a parallel region.
 //
 // Inside a serial-glue op (OpScope), the workers are the calling thread and helpers from
-// torch's inter-op thread pool (at::launch), which block rather than spin while idle. A
-// helper that starts after every tile is claimed leaves at once, without entering the
-// worker, and the calling thread waits (blocked, not spinning) only for helpers that hold a
+// HelperPool, which block rather than spin while idle. A helper that starts after every
+// tile is claimed leaves at once, without entering the worker, and the calling thread waits (blocked, not spinning) only for helpers that hold a
 // tile: no barrier waits for a thread that the scheduler has not run, the failure mode of an
 // OpenMP region on a busy machine. Elsewhere the workers are one OpenMP region's threads
 // (at::parallel_for, one worker per thread): the tiles are still claimed dynamically.
@@ -271,7 +383,7 @@ void run_workers(int64_t tiles, const Worker& worker) {
   }
   auto state = std::make_shared<TileState>(tiles);
   for (int64_t h = 1; h < threads; ++h) {
-    at::launch([state, &worker] {
+    HelperPool::get().run([state, &worker] {
       state->running.fetch_add(1, std::memory_order_acq_rel);
       int64_t first;
       if (state->claim(first)) {
@@ -338,28 +450,6 @@ void for_each_range_with(int64_t begin, int64_t end, int64_t grain, const Make& 
       f(scratch, b, std::min(end, b + grain));
     } while (queue.next(tile));
   });
-}
-
-// Rows per tile of a tiled GEMM (mm): each tile streams (packs) all of b, so fewer rows than
-// this make skinny GEMMs that cost more than they share. Measured on one MKL thread against
-// one full GEMM, float64: (1024 x 2048) (2048 x 1024) in 64 / 128 / 256-row tiles +36% /
-// +17% / +3%; (256 x 2048) (2048 x 256) in 64 / 128-row tiles +18% / +3%.
-inline int64_t gemm_rows_per_tile(int64_t b_elements) {
-  return b_elements >= (int64_t(1) << 21) ? 256 : b_elements >= (int64_t(1) << 18) ? 128 : 64;
-}
-
-// a @ b for 2-D CPU tensors a (m x k) and b (k x n): row blocks of a claimed as tiles, each an
-// at::mm_out on one MKL thread (TileScope), so the GEMM shares its work with the helpers
-// without opening MKL's own parallel region. The row blocks depend only on the shapes, so
-// the result does not depend on the thread count or timing.
-inline at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {
-  const int64_t m = a.size(0), n = b.size(1);
-  at::Tensor out = at::empty({m, n}, a.options());
-  for_each_range(0, m, gemm_rows_per_tile(a.size(1) * n), [&](int64_t begin, int64_t end) {
-    at::Tensor rows = out.narrow(0, begin, end - begin);
-    at::mm_out(rows, a.narrow(0, begin, end - begin), b);
-  });
-  return out;
 }
 
 }  // namespace kdfast::tiles

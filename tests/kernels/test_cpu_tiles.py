@@ -43,6 +43,11 @@ def _logits(rows, c, seed):
     return 3 * torch.randn(rows, c, generator=g)
 
 
+def _skew(n, seed):
+    a = torch.randn(n, n, generator=torch.Generator().manual_seed(seed)) / n
+    return a - a.mT
+
+
 def _loss_and_grads(fn, *inputs):
     leaves = [x.clone().requires_grad_(True) for x in inputs]
     loss = fn(*leaves)
@@ -52,7 +57,7 @@ def _loss_and_grads(fn, *inputs):
 
 # name -> (thread-count invariant, thunk returning tensors); sizes give every kernel several
 # tiles: N = 300 pair passes have 3 tiles of rows, the triple loops 38 blocks of j rows, the
-# logit kernels 50 tiles of rows.
+# logit kernels 50 tiles of rows, expm's GEMMs several groups of matrices or row blocks.
 CASES = {
     "rkd_distance": (
         True,
@@ -96,11 +101,31 @@ CASES = {
             functional.dist_loss, _logits(100, 1500, 10), _logits(100, 1500, 11)
         ),
     ),
+    # N = 600 > 512: the glue is serial because the triplet pass outweighs it (OpScope's
+    # work ratio); 100 vertices.
+    "rkd_angle_vertices_large": (
+        True,
+        lambda: _loss_and_grads(
+            lambda s, t: functional._call("rkd_angle_vertices", s, t, 0, 100),
+            _features(600, 12, 15),
+            _features(600, 8, 16),
+        ),
+    ),
+    # the batched GEMMs in groups of whole matrices (2000 x 8 x 8: 4 tiles)
     "expm": (
         True,
         lambda: _loss_and_grads(
             lambda a: linalg.expm(a).square().sum(),
-            0.3 * torch.randn(200, 6, 6, generator=torch.Generator().manual_seed(12)),
+            0.3 * torch.randn(2000, 8, 8, generator=torch.Generator().manual_seed(12)),
+        ),
+    ),
+    # one matrix, its GEMMs in row blocks (448 rows: 6 blocks of 84)
+    "expm_one_matrix": (
+        True,
+        lambda: _loss_and_grads(
+            # (the sum of all 448^2 entries would itself depend on the thread count)
+            lambda a: linalg.expm(a, skew=True)[:, :8].square().sum(),
+            _skew(448, 17),
         ),
     ),
 }
@@ -169,6 +194,9 @@ g = torch.Generator().manual_seed(0)
 s = torch.randn(300, 24, dtype=torch.float64, generator=g).requires_grad_(True)
 t = torch.randn(300, 16, dtype=torch.float64, generator=g)
 a = (0.1 * torch.randn(20, 6, 6, dtype=torch.float64, generator=g)).requires_grad_(True)
+b = (0.002 * torch.randn(448, 448, generator=g)).requires_grad_(True)
+u = torch.randn(600, 12, generator=g).requires_grad_(True)
+v = torch.randn(600, 8, generator=g)
 def run():  # the op first, then the settings: 0 = no thread-local MKL count left behind
     with kdfast.use_backend("cpp"):
         {op}
@@ -190,6 +218,8 @@ _OPS = {
     "kd_loss": "functional.kd_loss(s[:, :16], t).backward()",
     "dist_loss": "functional.dist_loss(s[:, :16], t).backward()",
     "expm": "linalg.expm(a).sum().backward()",
+    "expm_one_matrix": "linalg.expm(b).sum().backward()",
+    "rkd_angle_vertices_large": "functional._call('rkd_angle_vertices', u, v, 0, 100).backward()",
 }
 
 
