@@ -32,6 +32,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -122,9 +123,11 @@ class TileQueue {
   int64_t first_;
 };
 
-// The helper threads of the CPU passes: each blocks on a condition variable while idle (it
-// never spins) and runs one queued task at a time; a thread is added when a task finds none
-// idle. kdfast's own threads rather than torch's inter-op pool: at::launch hands each task
+// The helper threads of the CPU passes: each runs one queued task at a time and, idle,
+// watches for the next one for kWatch (an op's passes come in quick succession), then blocks
+// on a condition variable; a thread is added when a task finds none idle. A watching helper
+// holds up no one: the caller waits only for helpers that hold a tile. kdfast's own threads
+// rather than torch's inter-op pool: at::launch hands each task
 // the caller's ThreadLocalState, whose Python objects the helper then releases under the GIL
 // (during interpreter shutdown that aborted the process, and a helper waiting for the GIL is
 // a helper lost to the next pass). A task runs below autograd, as the op that queued it.
@@ -152,6 +155,7 @@ class HelperPool {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       tasks_.push_back(std::move(task));
+      queued_.fetch_add(1, std::memory_order_release);
       if (idle_ < static_cast<int64_t>(tasks_.size())) {
         ++idle_;  // the new thread counts as idle until it takes a task
         spawn = true;
@@ -178,9 +182,21 @@ class HelperPool {
   void loop() {
     std::unique_lock<std::mutex> lock(mutex_);
     for (;;) {
+      if (tasks_.empty()) {
+        // An op's passes come in quick succession: watch for the next task for a short
+        // while before blocking, without the lock (a blocked thread takes a wake-up to start).
+        lock.unlock();
+        const auto until = std::chrono::steady_clock::now() + kWatch;
+        while (queued_.load(std::memory_order_acquire) == 0 &&
+               std::chrono::steady_clock::now() < until) {
+          pause();
+        }
+        lock.lock();
+      }
       ready_.wait(lock, [&] { return !tasks_.empty(); });
       std::function<void()> task = std::move(tasks_.front());
       tasks_.pop_front();
+      queued_.fetch_sub(1, std::memory_order_relaxed);
       --idle_;
       lock.unlock();
       {
@@ -193,7 +209,17 @@ class HelperPool {
     }
   }
 
+  static void pause() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+  }
+
+  // How long an idle helper watches for the next task before it blocks.
+  static constexpr std::chrono::microseconds kWatch{1000};
+
   const int64_t pid_;
+  std::atomic<int64_t> queued_{0};  // tasks_.size(), read without the lock
   std::mutex mutex_;
   std::condition_variable ready_;
   std::deque<std::function<void()>> tasks_;
