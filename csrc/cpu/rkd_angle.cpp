@@ -278,14 +278,14 @@ void triplet_backward_cpu(const AngleSideMatrices& student, const AngleSideMatri
 constexpr AngleKernels kCpuKernels{pairs_cpu, triplet_forward_cpu, triplet_backward_cpu};
 
 at::Tensor forward_cpu(const at::Tensor& student, const at::Tensor& teacher) {
-  tiles::OpScope scope(glue_elements(student), angle_work(student, 0, student.size(0)));
+  tiles::OpScope scope(glue_elements(student), angle_work(student));
   return angle_loss(student, teacher, kCpuKernels, 0, student.size(0));
 }
 
 std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad, const at::Tensor& student,
                                                 const at::Tensor& teacher, bool student_grad,
                                                 bool teacher_grad) {
-  tiles::OpScope scope(glue_elements(student), angle_work(student, 0, student.size(0)));
+  tiles::OpScope scope(glue_elements(student), angle_work(student));
   return angle_loss_backward(grad, student, teacher, student_grad, teacher_grad, kCpuKernels, 0,
                              student.size(0));
 }

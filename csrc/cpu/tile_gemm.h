@@ -62,12 +62,18 @@ inline void bmm_tiles(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
     accumulate ? o.baddbmm_(ai, bi) : at::bmm_out(o, ai, bi);
   });
 }
+
+// Whether a batched GEMM on `a` goes to tiles: on CPU, inside an OpScope, not already in a
+// tile or a parallel region.
+inline bool tiled_bmm(const at::Tensor& a) {
+  return a.is_cpu() && op_depth > 0 && !run_inline();
+}
 }  // namespace detail
 
 // at::bmm(a, b) for the ATen glue of a CPU op: inside an OpScope, on CPU, in shape-only tiles
 // shared with the helpers (each on one MKL thread); elsewhere at::bmm itself.
 inline at::Tensor bmm(const at::Tensor& a, const at::Tensor& b) {
-  if (!a.is_cpu() || detail::op_depth == 0 || run_inline()) return at::bmm(a, b);
+  if (!detail::tiled_bmm(a)) return at::bmm(a, b);
   at::Tensor out = at::empty({a.size(0), a.size(1), b.size(2)}, a.options());
   detail::bmm_tiles(out, a, b, /*accumulate=*/false);
   return out;
@@ -75,7 +81,7 @@ inline at::Tensor bmm(const at::Tensor& a, const at::Tensor& b) {
 
 // c.baddbmm_(a, b) (c += a @ b), tiled like bmm.
 inline at::Tensor& baddbmm_(at::Tensor& c, const at::Tensor& a, const at::Tensor& b) {
-  if (!a.is_cpu() || detail::op_depth == 0 || run_inline()) return c.baddbmm_(a, b);
+  if (!detail::tiled_bmm(a)) return c.baddbmm_(a, b);
   detail::bmm_tiles(c, a, b, /*accumulate=*/true);
   return c;
 }

@@ -127,10 +127,10 @@ class TileQueue {
 // watches for the next one for kWatch (an op's passes come in quick succession), then blocks
 // on a condition variable; a thread is added when a task finds none idle. A watching helper
 // holds up no one: the caller waits only for helpers that hold a tile. kdfast's own threads
-// rather than torch's inter-op pool: at::launch hands each task
-// the caller's ThreadLocalState, whose Python objects the helper then releases under the GIL
-// (during interpreter shutdown that aborted the process, and a helper waiting for the GIL is
-// a helper lost to the next pass). A task runs below autograd, as the op that queued it.
+// rather than torch's inter-op pool: at::launch hands each task the caller's
+// ThreadLocalState, whose Python objects the helper then releases under the GIL (during
+// interpreter shutdown that aborted the process, and a helper waiting for the GIL is a
+// helper lost to the next pass). A task runs below autograd, as the op that queued it.
 // The pool is never destroyed (its idle threads end with the process); a forked child
 // starts a pool of its own.
 class HelperPool {
@@ -375,11 +375,12 @@ inline bool run_inline() { return detail::tile_depth > 0 || at::in_parallel_regi
 // when already inside a tile or a parallel region.
 //
 // Inside a serial-glue op (OpScope), the workers are the calling thread and helpers from
-// HelperPool, which block rather than spin while idle. A helper that starts after every
-// tile is claimed leaves at once, without entering the worker, and the calling thread waits (blocked, not spinning) only for helpers that hold a
-// tile: no barrier waits for a thread that the scheduler has not run, the failure mode of an
-// OpenMP region on a busy machine. Elsewhere the workers are one OpenMP region's threads
-// (at::parallel_for, one worker per thread): the tiles are still claimed dynamically.
+// HelperPool, which block rather than spin on a barrier. A helper that starts after every
+// tile is claimed leaves at once, without entering the worker, and the calling thread waits
+// (blocked, not spinning) only for helpers that hold a tile: no barrier waits for a thread
+// that the scheduler has not run, the failure mode of an OpenMP region on a busy machine.
+// Elsewhere the workers are one OpenMP region's threads (at::parallel_for, one worker per
+// thread): the tiles are still claimed dynamically.
 //
 // Per-thread scratch (row buffers) is set up once per worker, not once per tile; it must own
 // its memory (a helper may release it after the caller has returned). The first exception a
