@@ -422,3 +422,17 @@ def test_skew_beyond_float64_raises(norm, dtype):
     with pytest.raises(ValueError, match=r"skew=True.*2\^30"):
         linalg.expm(_skew_of_norm(norm, dtype=dtype), skew=True)
     assert linalg.expm(torch.full((2, 2), float("nan"), dtype=dtype), skew=True).isnan().all()
+
+
+def test_batch_above_the_serial_glue_size():
+    # 260 x 32 x 32 > 512^2 entries: the cpp ops keep ATen's parallel regions, the ATen
+    # port's batched GEMMs falling back from kdfast's tiles to at::bmm / baddbmm_
+    # (csrc/cpu/tile_gemm.h), the fused kernel ("cpp-fused") running in one OpenMP region
+    g = torch.Generator().manual_seed(31)
+    A = (0.3 * torch.randn(260, 32, 32, dtype=F64, generator=g)).requires_grad_(True)
+    G = torch.randn(260, 32, 32, dtype=F64, generator=g)
+    X = linalg.expm(A)
+    (grad,) = torch.autograd.grad(X, A, G)
+    assert rel_error(X, torch.linalg.matrix_exp(A.detach())) <= EXPM_TARGETS[F64] * 10.0
+    _, L = expm_frechet_reference(A.detach().mT, G)  # the adjoint: L(A^T, G)
+    assert rel_error(grad, L) <= EXPM_FRECHET_TARGET * 10.0
